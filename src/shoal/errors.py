@@ -1,0 +1,53 @@
+"""shoal's own error hierarchy.
+
+Each class maps to one HTTP status in the server and one exit code in the CLI, so callers never have to
+inspect messages to decide what went wrong.
+"""
+
+from __future__ import annotations
+
+
+class ShoalError(Exception):
+    """Base class of every error shoal raises on purpose."""
+
+    http_status = 500
+    exit_code = 1
+    code = "internal_error"
+
+
+class BadRequest(ShoalError):
+    """The caller asked for something invalid: empty text, unreadable audio, out-of-range values."""
+
+    http_status = 400
+    exit_code = 2
+    code = "bad_request"
+
+
+class NotFound(ShoalError):
+    """A named thing (voice, checkpoint file, model) does not exist."""
+
+    http_status = 404
+    exit_code = 3
+    code = "not_found"
+
+
+class CheckpointError(NotFound):
+    """A checkpoint directory is missing, incomplete, or its weights do not match the architecture."""
+
+    code = "checkpoint_error"
+
+
+class Busy(ShoalError):
+    """Too much work in flight; retry later."""
+
+    http_status = 503
+    exit_code = 4
+    code = "busy"
+
+
+class EngineFailure(ShoalError):
+    """Generation or decoding failed inside the engine."""
+
+    http_status = 500
+    exit_code = 5
+    code = "engine_failure"
