@@ -17,6 +17,7 @@ import soundfile as sf
 import soxr
 
 from shoal.errors import BadRequest, NotFound
+from shoal.files import atomic_write
 
 AudioSource = Union[bytes, bytearray, memoryview, str, os.PathLike]
 
@@ -117,3 +118,23 @@ def resample(audio: np.ndarray, from_sr: int, to_sr: int) -> np.ndarray:
     rounding), so resampled audio is close to, but not bit-identical with, the reference's."""
     out = soxr.resample(audio, from_sr, to_sr, quality="VHQ")
     return np.ascontiguousarray(out, dtype=np.float32)
+
+
+# Output containers soundfile writes, by file extension.
+WRITE_FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".ogg": ("OGG", "VORBIS")}
+
+
+def output_format(path: str | os.PathLike) -> tuple[str, str]:
+    """(container, subtype) for an output file name, or BadRequest naming the extensions that work."""
+    target = os.fspath(path)
+    ext = os.path.splitext(target)[1].lower()
+    if ext not in WRITE_FORMATS:
+        raise BadRequest(f"cannot write {target}: use one of {', '.join(WRITE_FORMATS)}")
+    return WRITE_FORMATS[ext]
+
+
+def write_audio(path: str | os.PathLike, audio: np.ndarray, sample_rate: int) -> None:
+    """Write float32 audio to `path`, its format chosen by extension (.wav, .flac, .ogg), atomically."""
+    container, subtype = output_format(path)
+    with atomic_write(path) as f:
+        sf.write(f, np.clip(audio, -1.0, 1.0), sample_rate, format=container, subtype=subtype)

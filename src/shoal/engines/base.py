@@ -1,0 +1,139 @@
+"""What every engine takes and gives: the request, the reference clips, the engine interface."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Protocol
+
+import numpy as np
+
+from shoal.errors import BadRequest, NotFound
+
+# Seeds as the reference normalises them: negative seeds are mirrored, large ones capped at 2**31.
+SEED_CAP = 1 << 31
+
+#: Called as progress(done, total) while frames are generated; total is an upper bound.
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A voice to clone: a clip (encoded audio bytes or a path) and what is said in it."""
+
+    audio: bytes | str | os.PathLike
+    text: str
+
+    def read_bytes(self) -> bytes:
+        if isinstance(self.audio, (bytes, bytearray, memoryview)):
+            return bytes(self.audio)
+        path = Path(self.audio)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError as exc:
+            raise NotFound(f"reference audio file {path} does not exist") from exc
+        except OSError as exc:
+            raise BadRequest(f"cannot read reference audio {path}: {exc.strerror or exc}") from exc
+
+
+@dataclass(frozen=True)
+class SynthesisRequest:
+    """One text-to-speech request. Defaults are those of Fish Speech's `ServeTTSRequest`.
+
+    - `seed`: same seed and request give the same audio; None draws a fresh seed.
+    - `max_new_tokens`: cap on generated frames (about 21.5 per second of audio); 0 means as many as fit.
+    - `chunk_length`: texts longer than this many characters are generated in segments split at sentence
+      boundaries; 0 never splits (the reference never does).
+    """
+
+    text: str
+    references: tuple[Reference, ...] = ()
+    seed: int | None = None
+    temperature: float = 0.8
+    top_p: float = 0.8
+    repetition_penalty: float = 1.1
+    max_new_tokens: int = 1024
+    chunk_length: int = 200
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "references", tuple(self.references))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise BadRequest for anything the engine cannot honour, with the field's name and range."""
+        if not isinstance(self.text, str) or not self.text.strip():
+            raise BadRequest("text is empty")
+        _check_range("temperature", self.temperature, 0.0, 2.0, low_open=True, high_open=True)
+        _check_range("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        _check_range("repetition_penalty", self.repetition_penalty, 0.0, 2.0, low_open=True, high_open=True)
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0 or self.max_new_tokens == 1:
+            raise BadRequest("max_new_tokens must be 0 (as many as fit) or an integer >= 2: the last generated "
+                             "frame is never decoded")
+        if not _is_int(self.chunk_length) or self.chunk_length < 0:
+            raise BadRequest("chunk_length must be 0 (never split) or a positive number of characters")
+        if self.seed is not None and not _is_int(self.seed):
+            raise BadRequest("seed must be an integer")
+        for ref in self.references:
+            if not isinstance(ref, Reference):
+                raise BadRequest("references must be Reference(audio, text) items")
+            if not isinstance(ref.text, str) or not ref.text.strip():
+                raise BadRequest("a reference needs the transcript of its clip (reference text is empty)")
+
+    def effective_seed(self) -> int:
+        """The seed generation runs with: the caller's, normalised like the reference, or a fresh one."""
+        if self.seed is None:
+            return int.from_bytes(os.urandom(4), "little") % SEED_CAP
+        seed = -self.seed if self.seed < 0 else self.seed
+        return min(seed, SEED_CAP)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_range(name: str, value, low: float, high: float, low_open=False, high_open=False) -> None:
+    ok = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+        raise BadRequest(f"{name} must be a number in {lo}{low:g}, {high:g}{hi}, got {value!r}")
+
+
+@dataclass
+class Synthesis:
+    """Everything one request produced, for callers that want more than audio (CLI stats, tests, server)."""
+
+    sample_rate: int
+    audio: np.ndarray
+    codes: np.ndarray  # int64 [num_codebooks, T]: what the codec decoded, all segments concatenated
+    seed: int
+    frames_generated: int
+    stopped_by_im_end: list[bool]
+    seconds: float
+
+    @property
+    def duration(self) -> float:
+        return len(self.audio) / self.sample_rate
+
+    @property
+    def real_time_factor(self) -> float:
+        """Wall time over audio time: below 1 is faster than real time."""
+        return self.seconds / self.duration if self.duration else float("inf")
+
+
+class Engine(Protocol):
+    """What the service layer, the CLI and the UI rely on."""
+
+    name: str
+    sample_rate: int
+
+    def synthesize(self, request: SynthesisRequest, progress: Progress | None = None) -> Iterator[np.ndarray]:
+        """Yield float32 mono audio chunks at `sample_rate` as they become available."""
+        ...
+
+    def run(self, request: SynthesisRequest, progress: Progress | None = None) -> Synthesis:
+        """Synthesize the whole request and return it with its codes and statistics."""
+        ...

@@ -1,0 +1,238 @@
+"""The Fish Speech S1 engine: loads a checkpoint once and turns requests into audio.
+
+It owns the model, the codec and the tokenizer from `shoal.fish`, a bounded cache of encoded reference clips,
+and a lock: the model's KV caches are single-tenant until the scheduler of the performance work lands.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from dataclasses import replace
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from shoal.audio import load_audio
+from shoal.errors import BadRequest, EngineFailure
+from shoal.fish.checkpoint import CODEC_CONFIG_FILE, check_checkpoint_dir, load_dual_ar
+from shoal.fish.codec import Codec, CodecConfig, load_codec
+from shoal.fish.dual_ar import DualARTransformer
+from shoal.fish.generate import generate
+from shoal.fish.prompt import build_prompt, check_prompt_length
+from shoal.fish.sampling import SamplingParams
+from shoal.fish.tokenizer import FishTokenizer
+from shoal.text import split_text
+
+from .base import Progress, Reference, Synthesis, SynthesisRequest
+
+PRECISIONS = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+# KV caches grow in steps of this many positions, so memory follows the longest request seen, not max_seq_len.
+CACHE_STEP = 1024
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """'auto' picks cuda, then mps, then cpu. An explicit device that is not available is a BadRequest."""
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise BadRequest(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BadRequest("device cuda was asked for, but this torch build sees no CUDA GPU")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise BadRequest("device mps was asked for, but it is not available")
+    return dev
+
+
+def resolve_precision(precision: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """'auto' is bfloat16 on CUDA and float32 elsewhere (CPU bf16 matmuls are slow and lose parity)."""
+    if isinstance(precision, torch.dtype):
+        return precision
+    if precision in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return PRECISIONS[str(precision).lower()]
+    except KeyError:
+        raise BadRequest(f"unknown precision {precision!r}: use auto, float32, bfloat16 or float16") from None
+
+
+class FishEngine:
+    """Text (plus optional reference clips) to audio with an S1 checkpoint."""
+
+    name = "fish"
+
+    def __init__(self, model: DualARTransformer, codec: Codec, tokenizer: FishTokenizer, *,
+                 checkpoint_dir: Path | None = None, reference_cache_size: int = 16):
+        self.model = model
+        self.codec = codec
+        self.tokenizer = tokenizer
+        self.checkpoint_dir = checkpoint_dir
+        self.device = model.embeddings.weight.device
+        self.precision = model.embeddings.weight.dtype
+        self.sample_rate = codec.config.sample_rate
+        self.frame_length = codec.config.frame_length
+        self.reference_cache_size = reference_cache_size
+        self._references: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+        #: How many times a reference clip went through the codec encoder (cache misses).
+        self.encode_count = 0
+
+    @classmethod
+    def load(cls, checkpoint_dir: str | Path, device: str | torch.device | None = "auto",
+             precision: str | torch.dtype | None = "auto", compile: bool = False,
+             reference_cache_size: int = 16) -> "FishEngine":
+        """Load a checkpoint directory once. Raises CheckpointError naming a missing or mismatched file."""
+        if compile:
+            raise BadRequest("compile=True is not supported yet: torch.compile of the decode step arrives with "
+                             "the CUDA fast paths; run without it")
+        path = check_checkpoint_dir(checkpoint_dir)
+        dev = resolve_device(device)
+        dtype = resolve_precision(precision, dev)
+        tokenizer = FishTokenizer.from_dir(path)
+        model = load_dual_ar(path, tokenizer, dev, dtype)
+        codec_yaml = path / CODEC_CONFIG_FILE
+        codec_config = CodecConfig.from_yaml(codec_yaml) if codec_yaml.is_file() else CodecConfig()
+        # The codec stays float32: it is a small share of the time and bf16 audibly degrades decoding.
+        codec = load_codec(path / "codec.pth", codec_config, device=dev, dtype=torch.float32)
+        return cls(model, codec, tokenizer, checkpoint_dir=path, reference_cache_size=reference_cache_size)
+
+    # -- references --------------------------------------------------------------------------------------------
+    def encode_reference(self, reference: Reference) -> torch.Tensor:
+        """Codes `[num_codebooks, F]` of a reference clip, from a bounded LRU keyed by the clip's sha256."""
+        data = reference.read_bytes()
+        key = hashlib.sha256(data).hexdigest()
+        codes = self._references.get(key)
+        if codes is not None:
+            self._references.move_to_end(key)
+            return codes
+        audio = load_audio(data, target_sr=self.sample_rate)
+        with torch.inference_mode():
+            codes = self.codec.encode(torch.from_numpy(audio).to(self.device)).cpu()
+        self.encode_count += 1
+        if self.reference_cache_size > 0:
+            self._references[key] = codes
+            while len(self._references) > self.reference_cache_size:
+                self._references.popitem(last=False)
+        return codes
+
+    # -- synthesis ---------------------------------------------------------------------------------------------
+    def synthesize(self, request: SynthesisRequest, progress: Progress | None = None) -> Iterator[np.ndarray]:
+        """Yield float32 audio, one chunk per text segment (frame-level streaming comes with the scheduler)."""
+        for _, audio in self._segments(request, progress):
+            yield audio
+
+    def run(self, request: SynthesisRequest, progress: Progress | None = None) -> Synthesis:
+        start = time.perf_counter()
+        seed = request.effective_seed()
+        request = replace(request, seed=seed)
+        audios, codes, stops, frames = [], [], [], 0
+        for segment, audio in self._segments(request, progress):
+            audios.append(audio)
+            codes.append(segment.codes)
+            stops.append(segment.stopped_by_im_end)
+            frames += segment.frames
+        return Synthesis(
+            sample_rate=self.sample_rate,
+            audio=np.concatenate(audios) if audios else np.zeros(0, np.float32),
+            codes=np.concatenate(codes, axis=1),
+            seed=seed,
+            frames_generated=frames,
+            stopped_by_im_end=stops,
+            seconds=time.perf_counter() - start,
+        )
+
+    def tts(self, text: str, **kwargs) -> tuple[int, np.ndarray]:
+        """Convenience: `(sample_rate, float32 audio)` for a text; kwargs are SynthesisRequest fields."""
+        result = self.run(SynthesisRequest(text=text, **kwargs))
+        return result.sample_rate, result.audio
+
+    def _segments(self, request: SynthesisRequest, progress: Progress | None):
+        """Generate and decode each text segment in turn, yielding (SegmentCodes, audio).
+
+        From the second segment on, the previous segment's text and codes follow the references in the prompt,
+        as the reference's iterative prompt did, so the voice carries over from segment to segment.
+        """
+        references = [(ref.text.strip(), self.encode_reference(ref)) for ref in request.references]
+        segments = split_text(request.text, request.chunk_length)
+        # One generator for the whole request, seeded after the references are encoded (as the reference does).
+        generator = torch.Generator(device=self.device).manual_seed(request.effective_seed())
+        params = SamplingParams(request.temperature, request.top_p, request.repetition_penalty)
+        previous: list[tuple[str, torch.Tensor]] = []
+        done = 0
+        for index, text in enumerate(segments):
+            prompt, max_new = self._prompt(text, references + previous, request.max_new_tokens)
+            if previous and prompt is None:  # the carried segment made it too long: go without it
+                prompt, max_new = self._prompt(text, references, request.max_new_tokens)
+            if prompt is None:
+                self._prompt(text, references, request.max_new_tokens, strict=True)
+            total = done + max_new * (len(segments) - index)
+            with self._lock:
+                self._ensure_cache(prompt.shape[1] + max_new)
+                frames = []
+                try:
+                    for frame in generate(self.model, prompt, params, generator, max_new,
+                                          self.tokenizer.im_end_id):
+                        frames.append(frame)
+                        done += 1
+                        if progress:
+                            progress(done, total)
+                except torch.cuda.OutOfMemoryError:
+                    raise
+                except RuntimeError as exc:
+                    raise EngineFailure(f"generation failed: {exc}") from exc
+                seg = SegmentCodes(torch.stack(frames, dim=1).cpu(), self.tokenizer.im_end_id)
+                audio = self._decode(seg.codes)
+            if seg.codes.shape[1]:
+                previous = [(text, torch.from_numpy(seg.codes))]
+            yield seg, audio
+
+    def _prompt(self, text: str, references: list[tuple[str, torch.Tensor]], max_new_tokens: int,
+                strict: bool = False) -> tuple[torch.Tensor | None, int]:
+        """The prompt and its generation budget, or (None, 0) if it does not fit (BadRequest if strict)."""
+        prompt = build_prompt(self.tokenizer, text, references, num_codebooks=self.model.config.num_codebooks)
+        try:
+            return prompt, check_prompt_length(prompt.shape[1], self.model.config.max_seq_len, max_new_tokens)
+        except BadRequest:
+            if strict:
+                raise
+            return None, 0
+
+    def _decode(self, codes: np.ndarray) -> np.ndarray:
+        if codes.shape[1] == 0:
+            return np.zeros(0, np.float32)
+        with torch.inference_mode():
+            audio = self.codec.decode(torch.from_numpy(codes).to(self.device))
+        return audio.float().cpu().numpy()
+
+    def _ensure_cache(self, positions: int) -> None:
+        model = self.model
+        if model.cache_batch >= 1 and model.cache_seq_len >= positions:
+            return
+        size = min(-(-positions // CACHE_STEP) * CACHE_STEP, model.config.max_seq_len)
+        model.setup_caches(batch=1, seq_len=size)
+
+
+class SegmentCodes:
+    """The frames one segment generated, and the codes the codec gets: all frames but the last."""
+
+    def __init__(self, frames: torch.Tensor, im_end_id: int):
+        self.frames = frames.shape[1]
+        self.generated = frames.numpy().astype(np.int64)  # [1 + num_codebooks, frames]
+        self.codes = self.generated[1:, :-1]
+        self.stopped_by_im_end = bool(frames.shape[1] and int(frames[0, -1]) == im_end_id)
+
+

@@ -1,0 +1,219 @@
+"""Helpers for tests: tiny configurations and random-but-sane checkpoints that build in milliseconds.
+
+Everything random here draws from a seeded `torch.Generator`, never the global RNG, so a (config, seed) pair
+always gives the same bytes and tests cannot disturb each other.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from pathlib import Path
+
+import torch
+import yaml
+from torch import Tensor, nn
+
+from shoal.fish.codec import Codec, CodecConfig, RMSNorm, TransformerConfig, rope_table
+from shoal.fish.dual_ar import DualARConfig, DualARTransformer
+
+# ----------------------------------------------------------------------------------------------------------------
+# Codec
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def tiny_codec_config() -> CodecConfig:
+    """The codec of the fish-s1-tiny fixture (its codec_config.yaml): the real structure, small widths, and a
+    16-frame attention window so the window limit matters even on short clips."""
+    return CodecConfig(
+        encoder_dim=8,
+        decoder_dim=64,
+        encoder_transformer_layers=(0, 0, 0, 1),
+        decoder_transformer_layers=(1, 0, 0, 0),
+        transformer_block_size=1024,
+        quantizer_dim=128,
+        quantizer_transformer=TransformerConfig(
+            n_layer=1, n_head=2, dim=128, intermediate_size=384, head_dim=64, block_size=512, window_size=16
+        ),
+    )
+
+
+def _uniform(shape: torch.Size, low: float, high: float, gen: torch.Generator) -> Tensor:
+    return torch.rand(shape, generator=gen) * (high - low) + low
+
+
+def _normal(shape: torch.Size, std: float, gen: torch.Generator) -> Tensor:
+    return torch.randn(shape, generator=gen) * std
+
+
+def _final_decoder_gain_key(model: Codec) -> str:
+    """The weight-norm gain of the conv right before the decoder's tanh."""
+    return f"decoder.model.{len(model.decoder.model) - 2}.conv.parametrizations.weight.original0"
+
+
+def _random_codec_tensor(model: Codec, key: str, like: Tensor, gen: torch.Generator) -> Tensor:
+    """One tensor of a random codec. The ranges keep every component visibly active (no near-zero gains, no
+    dead Snakes, non-zero biases) while activations stay O(1), so the codes spread over the codebooks and the
+    decoder's tanh is not saturated."""
+    owner_path, _, name = key.rpartition(".")
+    owner = model.get_submodule(owner_path)
+    shape = like.shape
+    if name == "freqs_cis":
+        c = owner.config
+        return rope_table(c.block_size, c.head_dim, c.rope_base)
+    if name == "causal_mask":
+        return torch.ones(shape, dtype=torch.bool).tril()
+    if key == _final_decoder_gain_key(model):  # keeps the pre-tanh signal around std 0.1 to 0.3
+        return _uniform(shape, 0.1, 0.2, gen)
+    if name in ("original0", "weight_g"):  # weight-norm gain = the norm of each output row of the weight
+        return _uniform(shape, 0.5, 1.0, gen)
+    if name in ("original1", "weight_v"):  # weight-norm direction; its scale cancels out
+        return _normal(shape, 1.0, gen)
+    if name == "alpha":  # Snake
+        return _uniform(shape, 0.5, 1.5, gen)
+    if name == "gamma":  # LayerScale / ConvNeXt
+        return _uniform(shape, 0.2, 0.5, gen)
+    if isinstance(owner, (RMSNorm, nn.LayerNorm)):
+        return _uniform(shape, 0.7, 1.3, gen) if name == "weight" else _normal(shape, 0.1, gen)
+    if isinstance(owner, nn.Embedding):  # VQ codebooks
+        return _normal(shape, 1.0, gen)
+    if name == "bias":
+        return _normal(shape, 0.05, gen)
+    if isinstance(owner, nn.Linear):
+        return _normal(shape, shape[1] ** -0.5, gen)
+    if isinstance(owner, nn.ConvTranspose1d):  # weight [in, out, k]; each output sees in * k / stride taps
+        return _normal(shape, (shape[0] * shape[2] / owner.stride[0]) ** -0.5, gen)
+    if isinstance(owner, nn.Conv1d):  # weight [out, in / groups, k]
+        return _normal(shape, (shape[1] * shape[2]) ** -0.5, gen)
+    raise AssertionError(f"no random rule for codec tensor {key}")  # a new module type needs a rule
+
+
+def random_codec_state_dict(config: CodecConfig | None = None, seed: int = 0) -> dict[str, Tensor]:
+    """A random codec state dict in fish's on-disk format: exactly the keys and order of
+    `DAC.state_dict()`, float32 weights, bf16 `freqs_cis` and bool `causal_mask` buffers, torch's `_metadata`.
+
+    `config` defaults to `tiny_codec_config()`; a full-size config works too but takes seconds and ~2 GB.
+    """
+    config = config or tiny_codec_config()
+    with torch.device("meta"):
+        model = Codec(config)
+    gen = torch.Generator().manual_seed(seed)
+    state = model.state_dict()  # an OrderedDict carrying `_metadata`, like the one fish saved
+    for key, like in state.items():
+        state[key] = _random_codec_tensor(model, key, like, gen)
+    return state
+
+
+def write_tiny_codec(path: str | Path, config: CodecConfig | None = None, seed: int = 0) -> Path:
+    """torch.save a random codec (tiny unless `config` says otherwise) to `path`, as fish saves codec.pth."""
+    path = Path(path)
+    torch.save(random_codec_state_dict(config, seed), path)
+    return path
+
+
+def write_codec_config_yaml(path: str | Path, config: CodecConfig) -> Path:
+    """Write `config` as a fish-style `codec_config.yaml` (what `CodecConfig.from_yaml` reads)."""
+    path = Path(path)
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny text-to-semantic checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+
+#: fish-speech 0.1.0's control tokens, in order; the semantic tokens follow them.
+CONTROL_TOKENS = (
+    "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<|im_start|>", "<|im_end|>", "<|phoneme_start|>",
+    "<|phoneme_end|>", "<|tool_call_start|>", "<|tool_call_end|>", "<|text|>", "<|voice|>", "<|interleave|>",
+    "<|audio_start|>", "<|audio_end|>", "<|audio|>",
+)
+SEMANTIC_TOKENS = 4096  # one per entry of the codec's semantic codebook
+
+#: The published openaudio-s1-mini `config.json` (0.5 B parameters + embeddings).
+S1_MINI_CONFIG = {
+    "model_type": "dual_ar", "vocab_size": 155776, "n_layer": 28, "n_head": 16, "n_local_heads": 8,
+    "dim": 1024, "head_dim": 128, "intermediate_size": 3072, "rope_base": 1000000.0, "norm_eps": 1e-6,
+    "max_seq_len": 8192, "tie_word_embeddings": True, "attention_qkv_bias": False, "attention_o_bias": False,
+    "attention_qk_norm": True, "codebook_size": 4096, "num_codebooks": 10, "scale_codebook_embeddings": True,
+    "n_fast_layer": 4, "fast_dim": 1024, "fast_n_head": 16, "fast_n_local_heads": 8, "fast_head_dim": 64,
+    "fast_intermediate_size": 3072, "fast_attention_qkv_bias": False, "fast_attention_qk_norm": False,
+    "fast_attention_o_bias": False, "dropout": 0.0, "use_gradient_checkpointing": True,
+    "initializer_range": 0.02, "is_reward_model": False,
+}
+
+TINY_DIMS = {
+    "n_layer": 2, "dim": 32, "n_head": 4, "n_local_heads": 2, "head_dim": 8, "intermediate_size": 64,
+    "n_fast_layer": 1, "fast_dim": 32, "fast_n_head": 2, "fast_n_local_heads": 1, "fast_head_dim": 16,
+    "fast_intermediate_size": 64, "max_seq_len": 2560, "rope_base": 1000000.0, "norm_eps": 1e-6,
+    "attention_qk_norm": True, "fast_attention_qk_norm": True, "scale_codebook_embeddings": True,
+    "tie_word_embeddings": False, "codebook_size": 4096, "num_codebooks": 10,
+}
+
+# A few byte-pair merges so that tiny tokenizers exercise real BPE, each buildable from earlier entries.
+_MERGES = (b"th", b"he", b" t", b"in", b"er", b"an", b" a", b"on", b"re", b"at", b"en", b"es", b"or", b"is",
+           b" the", b"ing", b" s", b" w", b"ll", b"ou")
+
+
+def write_tiny_tokenizer(directory: str | Path) -> int:
+    """Write `tokenizer.tiktoken` (256 bytes + a few merges) and `special_tokens.json`; return vocab size."""
+    directory = Path(directory)
+    ranks = [bytes([b]) for b in range(256)] + list(_MERGES)
+    with open(directory / "tokenizer.tiktoken", "w", encoding="ascii") as f:
+        for rank, token in enumerate(ranks):
+            f.write(f"{base64.b64encode(token).decode()} {rank}\n")
+    specials = list(CONTROL_TOKENS) + [f"<|semantic:{i}|>" for i in range(SEMANTIC_TOKENS)]
+    table = {token: len(ranks) + i for i, token in enumerate(specials)}
+    (directory / "special_tokens.json").write_text(json.dumps(table, indent=2, ensure_ascii=False))
+    return len(ranks) + len(specials)
+
+
+def random_model_state_dict(config: DualARConfig, seed: int, im_end_id: int) -> dict[str, torch.Tensor]:
+    """Random but non-degenerate weights in bfloat16, like the released checkpoints.
+
+    Norm weights in [0.7, 1.3], linear layers ~N(0, 1/fan_in), embeddings ~N(0, 1), output layers scaled so
+    logits have a std of about 2.5, and the `<|im_end|>` row boosted so that some requests stop on their own.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        model = DualARTransformer(config, 0, 0)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        shape = tuple(tensor.shape)
+        if name.endswith("norm.weight"):
+            value = torch.rand(shape, generator=gen) * 0.6 + 0.7
+        elif name.endswith(".bias"):
+            value = torch.randn(shape, generator=gen) * 0.02
+        elif "embeddings" in name:
+            value = torch.randn(shape, generator=gen)
+        else:
+            value = torch.randn(shape, generator=gen) / math.sqrt(shape[-1])
+            if name in ("output.weight", "fast_output.weight"):
+                value = value * 2.5
+        state[name] = value.to(torch.bfloat16)
+    head = "embeddings.weight" if config.tie_word_embeddings else "output.weight"
+    if im_end_id < state[head].shape[0] and not config.tie_word_embeddings:
+        state[head][im_end_id] *= 1.25
+    return state
+
+
+def write_tiny_checkpoint(directory: str | Path, seed: int = 0, **dims) -> Path:
+    """Write a random tiny S1 checkpoint in the official on-disk layout and return its directory.
+
+    `dims` override `TINY_DIMS` (any `config.json` key). The tokenizer has 256 byte tokens, a few merges, the
+    control tokens and 4096 semantic tokens; the codec is `tiny_codec_config()` (written as
+    `codec_config.yaml`). Deterministic for a seed; takes milliseconds.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab_size = write_tiny_tokenizer(directory)
+    values = {**TINY_DIMS, **dims, "model_type": "dual_ar", "vocab_size": vocab_size}
+    config = DualARConfig.from_dict(values)
+    (directory / "config.json").write_text(json.dumps(config.to_dict(), indent=4, sort_keys=True))
+    im_end_id = 256 + len(_MERGES) + CONTROL_TOKENS.index("<|im_end|>")
+    torch.save(random_model_state_dict(config, seed, im_end_id), directory / "model.pth")
+    codec_config = tiny_codec_config()
+    write_codec_config_yaml(directory / "codec_config.yaml", codec_config)
+    write_tiny_codec(directory / "codec.pth", codec_config, seed=seed)
+    return directory

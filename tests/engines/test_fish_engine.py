@@ -1,0 +1,231 @@
+"""The fish engine end to end: golden requests through the public API, errors, caching, segmentation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from shoal.engines.base import Reference, SynthesisRequest
+from shoal.engines.fish import FishEngine
+from shoal.errors import BadRequest, CheckpointError, NotFound
+from shoal.testing import S1_MINI_CONFIG, write_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def engine(fixture_dir):
+    return FishEngine.load(fixture_dir, device="cpu", precision="float32")
+
+
+@pytest.fixture(scope="module")
+def golden_requests(fixture_dir):
+    return json.loads((fixture_dir / "requests.json").read_text())["requests"]
+
+
+def as_request(fixture_dir, req) -> SynthesisRequest:
+    refs = ()
+    if req["reference"]:
+        refs = (Reference((fixture_dir / req["reference"]).read_bytes(), req["reference_text"]),)
+    return SynthesisRequest(text=req["text"], references=refs, seed=req["seed"], temperature=req["temperature"],
+                            top_p=req["top_p"], repetition_penalty=req["repetition_penalty"],
+                            max_new_tokens=req["max_new_tokens"], chunk_length=req["chunk_length"])
+
+
+def test_every_golden_request_gives_the_golden_codes_and_audio(engine, fixture_dir, golden_requests):
+    for req in golden_requests:
+        g = np.load(fixture_dir / req["file"])
+        result = engine.run(as_request(fixture_dir, req))
+        np.testing.assert_array_equal(result.codes, g["codes"], err_msg=req["name"])
+        assert result.codes.dtype == np.int64
+        assert result.sample_rate == 44100 and result.audio.dtype == np.float32
+        assert result.audio.shape == g["audio"].shape
+        np.testing.assert_allclose(result.audio, g["audio"], atol=1e-4, rtol=0, err_msg=req["name"])
+        assert result.stopped_by_im_end == [req["stopped_by_im_end"]]
+
+
+def test_saved_reference_is_encoded_once(engine, fixture_dir, golden_requests):
+    refs = [r for r in golden_requests if r["reference"]]
+    before = engine.encode_count
+    for req in refs[:2]:
+        engine.run(as_request(fixture_dir, {**req, "max_new_tokens": 4}))
+    assert engine.encode_count - before <= 1  # same clip bytes: one encode at most (zero if cached already)
+
+
+def test_encode_reference_matches_golden_codes(engine, fixture_dir):
+    codes = engine.encode_reference(Reference(fixture_dir / "reference.wav", "x"))
+    np.testing.assert_array_equal(codes.numpy(), np.load(fixture_dir / "codec.npz")["codes"])
+
+
+def test_synthesize_streams_the_same_audio_as_run(engine):
+    request = SynthesisRequest(text="Streaming, chunk by chunk.", seed=11, max_new_tokens=20)
+    chunks = list(engine.synthesize(request))
+    assert chunks and all(c.dtype == np.float32 for c in chunks)
+    np.testing.assert_array_equal(np.concatenate(chunks), engine.run(request).audio)
+
+
+def test_same_seed_same_audio_different_seed_different_codes(engine):
+    a = engine.run(SynthesisRequest(text="Determinism.", seed=5, max_new_tokens=12))
+    b = engine.run(SynthesisRequest(text="Determinism.", seed=5, max_new_tokens=12))
+    c = engine.run(SynthesisRequest(text="Determinism.", seed=6, max_new_tokens=12))
+    np.testing.assert_array_equal(a.codes, b.codes)
+    assert not np.array_equal(a.codes, c.codes)
+    assert a.seed == 5
+
+
+def test_no_seed_draws_a_fresh_one_and_reports_it(engine):
+    a = engine.run(SynthesisRequest(text="Random.", max_new_tokens=6))
+    again = engine.run(SynthesisRequest(text="Random.", seed=a.seed, max_new_tokens=6))
+    np.testing.assert_array_equal(a.codes, again.codes)
+
+
+def test_seed_is_normalised_like_the_reference():
+    assert SynthesisRequest(text="x", seed=-7).effective_seed() == 7
+    assert SynthesisRequest(text="x", seed=2**40).effective_seed() == 2**31
+
+
+def test_long_text_is_generated_in_segments(engine):
+    text = "First sentence is here. Second one follows it. Third closes the text."
+    result = engine.run(SynthesisRequest(text=text, seed=3, max_new_tokens=6, chunk_length=30))
+    assert len(result.stopped_by_im_end) == 3
+    assert result.codes.shape[1] * 2048 == result.audio.shape[0]
+    whole = engine.run(SynthesisRequest(text=text, seed=3, max_new_tokens=6, chunk_length=0))
+    assert len(whole.stopped_by_im_end) == 1
+
+
+def test_progress_is_reported_per_frame(engine):
+    seen = []
+    engine.run(SynthesisRequest(text="Progress.", seed=1, max_new_tokens=8), progress=lambda d, t: seen.append((d, t)))
+    assert [d for d, _ in seen] == list(range(1, len(seen) + 1)) and seen[-1][1] >= seen[-1][0]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"text": ""}, "text is empty"),
+    ({"text": "   \n"}, "text is empty"),
+    ({"text": "x", "temperature": 0.0}, "temperature"),
+    ({"text": "x", "temperature": float("nan")}, "temperature"),
+    ({"text": "x", "top_p": 1.5}, "top_p"),
+    ({"text": "x", "repetition_penalty": 2.0}, "repetition_penalty"),
+    ({"text": "x", "max_new_tokens": 1}, "max_new_tokens"),
+    ({"text": "x", "max_new_tokens": -3}, "max_new_tokens"),
+    ({"text": "x", "chunk_length": -1}, "chunk_length"),
+    ({"text": "x", "seed": 1.5}, "seed"),
+    ({"text": "x", "references": (Reference(b"RIFF", ""),)}, "transcript"),
+])
+def test_bad_requests_are_rejected_with_the_field_named(kwargs, message):
+    with pytest.raises(BadRequest, match=message):
+        SynthesisRequest(**kwargs)
+
+
+@pytest.mark.parametrize("audio, error, message", [
+    (b"", BadRequest, "empty"),
+    (b"this is not audio at all, just text pretending to be a wav file" * 8, BadRequest, "decode"),
+])
+def test_bad_reference_audio_is_a_bad_request(engine, audio, error, message):
+    with pytest.raises(error, match=message):
+        engine.run(SynthesisRequest(text="x", references=(Reference(audio, "words"),), seed=1))
+
+
+def test_missing_reference_file_is_named(engine, tmp_path):
+    with pytest.raises(NotFound, match="nope.wav"):
+        engine.run(SynthesisRequest(text="x", references=(Reference(tmp_path / "nope.wav", "w"),)))
+
+
+def test_prompt_longer_than_the_model_allows(engine):
+    # max_seq_len 2560 leaves 512 prompt positions; ~4 bytes per token at worst for this tokenizer.
+    with pytest.raises(BadRequest, match="prompt"):
+        engine.run(SynthesisRequest(text="zq" * 3000, chunk_length=0))
+
+
+@pytest.mark.parametrize("missing", ["codec.pth", "model.pth", "config.json", "tokenizer.tiktoken",
+                                     "special_tokens.json"])
+def test_incomplete_checkpoint_names_the_missing_file(fixture_dir, tmp_path, missing):
+    for f in fixture_dir.iterdir():
+        if f.name != missing:
+            shutil.copy(f, tmp_path / f.name)
+    with pytest.raises(CheckpointError, match=f"missing {missing}.*shoal download"):
+        FishEngine.load(tmp_path)
+
+
+def test_missing_checkpoint_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        FishEngine.load(tmp_path / "nowhere")
+
+
+def test_weights_that_do_not_match_the_config_are_refused(tmp_path):
+    write_tiny_checkpoint(tmp_path, seed=0)
+    state = torch.load(tmp_path / "model.pth", weights_only=True)
+    state["layers.0.attention.wqkv.weight"] = state["layers.0.attention.wqkv.weight"][:-1]
+    del state["norm.weight"]
+    state["extra.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "model.pth")
+    with pytest.raises(CheckpointError) as info:
+        FishEngine.load(tmp_path)
+    text = str(info.value)
+    assert "missing: norm.weight" in text and "unexpected: extra.weight" in text and "wqkv" in text
+
+
+def test_corrupt_weights_file(tmp_path):
+    write_tiny_checkpoint(tmp_path, seed=0)
+    (tmp_path / "model.pth").write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        FishEngine.load(tmp_path)
+
+
+def test_lightning_style_checkpoints_load(tmp_path):
+    write_tiny_checkpoint(tmp_path, seed=0)
+    state = torch.load(tmp_path / "model.pth", weights_only=True)
+    torch.save({"state_dict": {"model." + k: v for k, v in state.items()}}, tmp_path / "model.pth")
+    assert FishEngine.load(tmp_path).model.config.n_layer == 2
+
+
+def test_unavailable_device_and_unknown_precision(fixture_dir):
+    if not torch.cuda.is_available():
+        with pytest.raises(BadRequest, match="cuda"):
+            FishEngine.load(fixture_dir, device="cuda")
+    with pytest.raises(BadRequest, match="precision"):
+        FishEngine.load(fixture_dir, precision="int3")
+
+
+def test_tiny_checkpoints_are_deterministic_and_usable(tmp_path):
+    a = write_tiny_checkpoint(tmp_path / "a", seed=7)
+    b = write_tiny_checkpoint(tmp_path / "b", seed=7, n_layer=3)
+    for name in ("config.json", "tokenizer.tiktoken", "special_tokens.json", "codec.pth", "model.pth"):
+        assert (a / name).is_file()
+    engine = FishEngine.load(a)
+    assert FishEngine.load(b).model.config.n_layer == 3
+    result = engine.run(SynthesisRequest(text="Tiny but real.", seed=1, max_new_tokens=10))
+    assert result.audio.shape[0] == result.codes.shape[1] * 2048
+    again = write_tiny_checkpoint(tmp_path / "c", seed=7)
+    assert (again / "model.pth").read_bytes() == (a / "model.pth").read_bytes()
+
+
+def test_full_size_s1_mini_builds_on_meta_with_official_key_names(fixture_dir):
+    from shoal.fish.dual_ar import DualARConfig, DualARTransformer
+
+    config = DualARConfig.from_dict(S1_MINI_CONFIG)
+    with torch.device("meta"):
+        model = DualARTransformer(config, 151680, 155775)
+    state = model.state_dict()
+    tiny = torch.load(fixture_dir / "model.pth", map_location="meta", weights_only=True)
+
+    def pattern(key):  # layer indices aside, names must match the official ones
+        return ".".join("N" if part.isdigit() else part for part in key.split("."))
+
+    names = {pattern(k) for k in state}
+    tiny_names = {pattern(k) for k in tiny}
+    # S1-mini ties the output layer to the embeddings and has no fast qk-norm.
+    assert names == (tiny_names - {"output.weight", "fast_layers.N.attention.q_norm.weight",
+                                   "fast_layers.N.attention.k_norm.weight"})
+    assert sum(1 for k in state if k.startswith("layers.") and k.endswith("wqkv.weight")) == 28
+    assert state["embeddings.weight"].shape == (155776, 1024)
+    assert state["codebook_embeddings.weight"].shape == (40960, 1024)
+    assert state["layers.0.attention.wqkv.weight"].shape == ((16 + 2 * 8) * 128, 1024)
+    assert state["layers.0.attention.wo.weight"].shape == (1024, 16 * 128)
+    assert state["layers.0.attention.q_norm.weight"].shape == (128,)
+    assert state["fast_layers.0.attention.wqkv.weight"].shape == ((16 + 2 * 8) * 64, 1024)
+    assert state["fast_output.weight"].shape == (4096, 1024)
+    params = sum(v.numel() for v in model.parameters())
+    assert 0.4e9 < params - state["embeddings.weight"].numel() < 0.8e9

@@ -1,0 +1,71 @@
+"""`shoal say` as a user runs it: a real subprocess, real files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+
+def shoal(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "shoal", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def test_say_with_the_golden_request_writes_the_golden_codes(fixture_dir, tmp_path):
+    req = next(r for r in json.loads((fixture_dir / "requests.json").read_text())["requests"] if r["name"] == "b")
+    out, codes = tmp_path / "b.wav", tmp_path / "b.npy"
+    proc = shoal("say", req["text"], "-o", str(out), "--checkpoint", str(fixture_dir),
+                 "--reference-audio", str(fixture_dir / req["reference"]),
+                 "--reference-text", req["reference_text"], "--seed", str(req["seed"]),
+                 "--temperature", str(req["temperature"]), "--top-p", str(req["top_p"]),
+                 "--repetition-penalty", str(req["repetition_penalty"]),
+                 "--max-new-tokens", str(req["max_new_tokens"]), "--device", "cpu", "--precision", "float32",
+                 "--codes-out", str(codes))
+    assert proc.returncode == 0, proc.stderr
+    golden = np.load(fixture_dir / req["file"])
+    saved = np.load(codes)
+    assert saved.dtype == np.int64 and saved.shape == golden["codes"].shape
+    np.testing.assert_array_equal(saved, golden["codes"])
+    audio, sr = sf.read(out, dtype="float32")
+    assert sr == 44100 and audio.shape == golden["audio"].shape
+    np.testing.assert_allclose(audio, golden["audio"], atol=2 / 32768 + 1e-4)  # PCM16 quantisation
+    assert "real-time factor" in proc.stderr and "generating:" in proc.stderr
+
+
+def test_missing_codec_is_one_line_naming_the_file(fixture_dir, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(fixture_dir, ckpt)
+    (ckpt / "codec.pth").unlink()
+    proc = shoal("say", "hi", "-o", str(tmp_path / "x.wav"), "--checkpoint", str(ckpt))
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "codec.pth" in lines[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "x.wav").exists()
+
+    debug = shoal("--debug", "say", "hi", "-o", str(tmp_path / "x.wav"), "--checkpoint", str(ckpt))
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_no_checkpoint_anywhere_says_how_to_get_one(tmp_path):
+    proc = shoal("say", "hi", "-o", "x.wav", cwd=tmp_path)
+    assert proc.returncode == 3
+    assert "no Fish Speech checkpoint found" in proc.stderr and "shoal download" in proc.stderr
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["say", "", "-o", "x.wav"], "text is empty"),
+    (["say", "hi", "-o", "x.wav", "--reference-audio", "a.wav"], "go together"),
+    (["say", "hi", "-o", "x.mp9"], "use one of"),
+    (["say", "hi", "-o", "x.wav", "--top-p", "7"], "top_p"),
+])
+def test_bad_input_is_one_line_and_exit_2(fixture_dir, tmp_path, args, needle):
+    proc = shoal(*args, "--checkpoint", str(fixture_dir), "--max-new-tokens", "4", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr and "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
