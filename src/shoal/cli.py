@@ -14,18 +14,18 @@ from pathlib import Path
 from shoal import __version__
 from shoal.errors import BadRequest, CheckpointError, ShoalError
 
-DEFAULT_CHECKPOINT_DIRS = (Path("checkpoints/openaudio-s1-mini"),)
+def find_checkpoint(settings) -> Path:
+    """The checkpoint to use: the configured one, else the first default location that exists."""
+    from shoal.fish.checkpoint import checkpoint_search_paths
 
-
-def find_checkpoint(explicit: str | None) -> Path:
-    """The checkpoint to use: the one given, else the first default location that exists."""
-    if explicit:
-        return Path(explicit)
-    for candidate in DEFAULT_CHECKPOINT_DIRS:
+    if settings.checkpoint:
+        return Path(settings.checkpoint)
+    candidates = checkpoint_search_paths(settings.data_dir)
+    for candidate in candidates:
         if candidate.is_dir():
             return candidate
-    searched = ", ".join(str(p) for p in DEFAULT_CHECKPOINT_DIRS)
-    raise CheckpointError(f"no Fish Speech checkpoint found (searched {searched}); pass --checkpoint DIR or run "
+    searched = ", ".join(str(p) for p in candidates)
+    raise CheckpointError(f"no Fish Speech checkpoint found at {searched}; pass --checkpoint DIR or run "
                           "`shoal download` to fetch openaudio-s1-mini")
 
 
@@ -70,9 +70,10 @@ def cmd_say(args: argparse.Namespace) -> int:
         repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
         chunk_length=args.chunk_length,
     )
-    checkpoint = find_checkpoint(args.checkpoint)
+    settings = settings_from(args)
+    checkpoint = find_checkpoint(settings)
     t0 = time.perf_counter()
-    engine = FishEngine.load(checkpoint, device=args.device, precision=args.precision)
+    engine = FishEngine.load(checkpoint, device=settings.device, precision=settings.precision)
     print(f"loaded {checkpoint} on {engine.device} ({str(engine.precision).removeprefix('torch.')}) in "
           f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
     progress = ProgressLine(engine.sample_rate / engine.frame_length)
@@ -98,6 +99,47 @@ def _save_npy(path: str, array) -> None:
         np.save(f, array)
 
 
+def settings_from(args: argparse.Namespace):
+    """The one Settings object, with this command's flags on top of SHOAL_* variables and .env."""
+    from shoal.settings import Settings
+
+    names = Settings.model_fields
+    return Settings.load(cli={k: v for k, v in vars(args).items() if k in names})
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    if args.print_config:
+        rows = settings.describe()
+        width = max(len(name) for name, _, _ in rows)
+        vwidth = max(len(value) for _, value, _ in rows)
+        for name, value, source in rows:
+            print(f"{name:<{width}}  {value:<{vwidth}}  ({source})")
+        return 0
+    from shoal.server.app import serve
+
+    return serve(settings)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from shoal.doctor import run_doctor
+
+    return run_doctor(settings_from(args), as_json=args.json)
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from shoal.download import run_download
+
+    return run_download(args.repo, args.dir)
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", help="S1 checkpoint directory (default: checkpoints/openaudio-s1-mini, then "
+                   "the data dir's checkpoints/openaudio-s1-mini)")
+    p.add_argument("--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--precision", help="auto (bf16 on cuda, else float32), float32, bfloat16")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shoal", description="A self-hosted voice server for Fish Speech / "
                                      "OpenAudio S1 checkpoints.")
@@ -105,10 +147,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    say = sub.add_parser("say", help="speak a text into an audio file")
+    def command(name: str, help: str, func) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+        p.set_defaults(func=func)
+        return p
+
+    serve = command("serve", "run the HTTP server (Fish and OpenAI APIs, web UI)", cmd_serve)
+    add_model_flags(serve)
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
+    serve.add_argument("--api-key", help="require `Authorization: Bearer KEY` on the API")
+    serve.add_argument("--data-dir", help="saved voices and caches (default: the per-user data dir)")
+    serve.add_argument("--no-ui", dest="ui", action="store_const", const=False, help="do not serve the web UI")
+    serve.add_argument("--print-config", action="store_true", help="show the effective settings and exit")
+
+    say = command("say", "speak a text into an audio file", cmd_say)
     say.add_argument("text", help="what to say")
     say.add_argument("-o", "--output", required=True, help="output file (.wav, .flac or .ogg)")
-    say.add_argument("--checkpoint", help="S1 checkpoint directory (default: checkpoints/openaudio-s1-mini)")
+    add_model_flags(say)
     say.add_argument("--reference-audio", help="a clip of the voice to clone")
     say.add_argument("--reference-text", help="the transcript of --reference-audio")
     say.add_argument("--seed", type=int, help="same seed, same audio (default: random)")
@@ -119,11 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="cap on generated frames, ~21.5 per second of audio; 0 = as many as fit")
     say.add_argument("--chunk-length", type=int, default=200,
                      help="split texts longer than this many characters at sentence ends; 0 = never")
-    say.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
-    say.add_argument("--precision", default="auto", help="auto (bf16 on cuda, else float32), float32, bfloat16")
     say.add_argument("--codes-out", help="also save the generated codes as int64 [10, T] .npy")
-    say.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
-    say.set_defaults(func=cmd_say)
+
+    doctor = command("doctor", "check the environment, the checkpoint and the runtime", cmd_doctor)
+    add_model_flags(doctor)
+    doctor.add_argument("--data-dir", help="data dir to check (default: the configured one)")
+    doctor.add_argument("--port", type=int, help="port to check (default: the configured one)")
+    doctor.add_argument("--json", action="store_true", help="print the checks as JSON")
+
+    download = command("download", "download an S1 checkpoint from the Hugging Face hub", cmd_download)
+    download.add_argument("repo", nargs="?", default="fishaudio/openaudio-s1-mini",
+                          help="hub repository (default fishaudio/openaudio-s1-mini; gated: set HF_TOKEN)")
+    download.add_argument("--dir", help="where to put it (default checkpoints/<repo name>)")
     return parser
 
 

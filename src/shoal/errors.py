@@ -37,12 +37,55 @@ class CheckpointError(NotFound):
     code = "checkpoint_error"
 
 
+class Conflict(ShoalError):
+    """The thing to create exists already (a voice id taken)."""
+
+    http_status = 409
+    exit_code = 2
+    code = "conflict"
+
+
+class PayloadTooLarge(BadRequest):
+    """A body or upload over the configured limit."""
+
+    http_status = 413
+    code = "payload_too_large"
+
+
+class Unauthorized(ShoalError):
+    """A missing or wrong API key."""
+
+    http_status = 401
+    exit_code = 2
+    code = "unauthorized"
+
+
 class Busy(ShoalError):
-    """Too much work in flight; retry later."""
+    """Too much work in flight; retry after `retry_after` seconds."""
+
+    http_status = 429
+    exit_code = 4
+    code = "busy"
+
+    def __init__(self, message: str, retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Unavailable(ShoalError):
+    """The engine cannot take requests right now (loading, out of GPU memory, shutting down)."""
 
     http_status = 503
     exit_code = 4
-    code = "busy"
+    code = "unavailable"
+
+
+class Timeout(ShoalError):
+    """The request took longer than the configured timeout."""
+
+    http_status = 504
+    exit_code = 5
+    code = "timeout"
 
 
 class EngineFailure(ShoalError):

@@ -21,12 +21,19 @@ Progress = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class Reference:
-    """A voice to clone: a clip (encoded audio bytes or a path) and what is said in it."""
+    """A voice to clone: a clip (encoded audio bytes or a path) and what is said in it.
 
-    audio: bytes | str | os.PathLike
+    `codes` (int64 `[num_codebooks, F]`), when given, are the clip already encoded by this engine's codec (a
+    saved voice): the engine then uses them as they are and never runs the encoder. `audio` may be None then.
+    """
+
+    audio: bytes | str | os.PathLike | None
     text: str
+    codes: np.ndarray | None = None
 
     def read_bytes(self) -> bytes:
+        if self.audio is None:
+            raise BadRequest("reference has neither audio nor codes")
         if isinstance(self.audio, (bytes, bytearray, memoryview)):
             return bytes(self.audio)
         path = Path(self.audio)
@@ -129,6 +136,8 @@ class Engine(Protocol):
 
     name: str
     sample_rate: int
+    #: Whether references (inline clips or saved voices) can be used; engines that cannot reject them.
+    supports_cloning: bool
 
     def synthesize(self, request: SynthesisRequest, progress: Progress | None = None) -> Iterator[np.ndarray]:
         """Yield float32 mono audio chunks at `sample_rate` as they become available."""

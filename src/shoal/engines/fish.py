@@ -74,6 +74,7 @@ class FishEngine:
     """Text (plus optional reference clips) to audio with an S1 checkpoint."""
 
     name = "fish"
+    supports_cloning = True
 
     def __init__(self, model: DualARTransformer, codec: Codec, tokenizer: FishTokenizer, *,
                  checkpoint_dir: Path | None = None, reference_cache_size: int = 16):
@@ -90,6 +91,7 @@ class FishEngine:
         self._lock = threading.Lock()
         #: How many times a reference clip went through the codec encoder (cache misses).
         self.encode_count = 0
+        self._codec_checksum: str | None = None
 
     @classmethod
     def load(cls, checkpoint_dir: str | Path, device: str | torch.device | None = "auto",
@@ -112,22 +114,50 @@ class FishEngine:
 
     # -- references --------------------------------------------------------------------------------------------
     def encode_reference(self, reference: Reference) -> torch.Tensor:
-        """Codes `[num_codebooks, F]` of a reference clip, from a bounded LRU keyed by the clip's sha256."""
+        """Codes `[num_codebooks, F]` of a reference clip: its own `codes` if it carries them, else from a
+        bounded LRU keyed by the clip's sha256, else from the codec encoder (counted in `encode_count`)."""
+        if reference.codes is not None:
+            return self._check_codes(reference.codes)
         data = reference.read_bytes()
         key = hashlib.sha256(data).hexdigest()
         codes = self._references.get(key)
         if codes is not None:
             self._references.move_to_end(key)
             return codes
-        audio = load_audio(data, target_sr=self.sample_rate)
-        with torch.inference_mode():
-            codes = self.codec.encode(torch.from_numpy(audio).to(self.device)).cpu()
-        self.encode_count += 1
+        codes = torch.from_numpy(self.encode_audio(load_audio(data, target_sr=self.sample_rate)))
         if self.reference_cache_size > 0:
             self._references[key] = codes
             while len(self._references) > self.reference_cache_size:
                 self._references.popitem(last=False)
         return codes
+
+    def encode_audio(self, audio: np.ndarray) -> np.ndarray:
+        """Codec codes int64 `[num_codebooks, F]` of float32 mono audio at `sample_rate` (always encodes)."""
+        with self._lock, torch.inference_mode():
+            codes = self.codec.encode(torch.from_numpy(np.ascontiguousarray(audio, np.float32)).to(self.device))
+        self.encode_count += 1
+        return codes.cpu().numpy().astype(np.int64)
+
+    def _check_codes(self, codes) -> torch.Tensor:
+        codes = torch.as_tensor(np.asarray(codes)).long()
+        c = self.codec.config
+        if codes.dim() != 2 or codes.shape[0] != c.num_codebooks or codes.shape[1] == 0:
+            raise BadRequest(f"reference codes must be [{c.num_codebooks}, frames], got {tuple(codes.shape)}")
+        limits = torch.tensor([c.semantic_codebook_size] + [c.codebook_size] * (c.num_codebooks - 1))
+        if (codes < 0).any() or (codes >= limits[:, None]).any():
+            raise BadRequest("reference codes are out of the codebooks' range")
+        return codes
+
+    @property
+    def codec_checksum(self) -> str:
+        """sha256 of the codec weights file: saved voices keep codes made with these exact weights."""
+        if self._codec_checksum is None:
+            digest = hashlib.sha256()
+            with open(self.checkpoint_dir / "codec.pth", "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(block)
+            self._codec_checksum = digest.hexdigest()
+        return self._codec_checksum
 
     # -- synthesis ---------------------------------------------------------------------------------------------
     def synthesize(self, request: SynthesisRequest, progress: Progress | None = None) -> Iterator[np.ndarray]:

@@ -25,6 +25,14 @@ CODEC_CONFIG_FILE = "codec_config.yaml"
 HOW_TO_GET = "run `shoal download` to fetch openaudio-s1-mini, or pass --checkpoint DIR"
 
 
+def checkpoint_search_paths(data_dir: str | Path | None) -> list[Path]:
+    """Where a checkpoint is looked for when none is configured, in order."""
+    paths = [Path("checkpoints/openaudio-s1-mini")]
+    if data_dir is not None:
+        paths.append(Path(data_dir).expanduser() / "checkpoints" / "openaudio-s1-mini")
+    return paths
+
+
 def check_checkpoint_dir(path: str | Path) -> Path:
     """Return the directory as a Path, or raise CheckpointError naming every missing file."""
     path = Path(path).expanduser()

@@ -1,0 +1,148 @@
+"""One settings object for the whole process.
+
+Values come from, in this order of precedence: command-line flags, `SHOAL_*` environment variables, a `.env`
+file in the working directory, then the defaults below. `Settings.load()` is the only place that reads the
+environment; everything else receives the built object.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import platformdirs
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from dotenv import dotenv_values
+
+from shoal.errors import BadRequest
+
+ENV_PREFIX = "SHOAL_"
+DOTENV = ".env"
+
+
+def default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir("shoal", appauthor=False))
+
+
+class Settings(BaseSettings):
+    """Everything an operator can set. See the README's configuration table."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=DOTENV, env_file_encoding="utf-8",
+                                      extra="ignore", validate_default=True)
+
+    # The model
+    checkpoint: Path | None = Field(None, description="S1 checkpoint directory (default: search the usual places)")
+    device: str = Field("auto", description="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
+    precision: str = Field("auto", description="auto (bf16 on cuda, else float32), float32, bfloat16, float16")
+    compile: bool = Field(False, description="torch.compile the decode step (CUDA)")
+    # The server
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8080, ge=0, le=65535, description="port to listen on")
+    api_key: SecretStr | None = Field(None, description="require `Authorization: Bearer KEY` on the API")
+    data_dir: Path = Field(default_factory=default_data_dir, description="saved voices and caches")
+    ui: bool = Field(True, description="serve the web UI at /")
+    # Limits
+    queue_size: int = Field(16, ge=1, description="requests waiting or running before 429")
+    request_timeout: float = Field(600.0, gt=0, description="seconds one request may take")
+    max_text_length: int = Field(5000, ge=1, description="characters per request")
+    max_body_bytes: int = Field(32 * 2**20, ge=1024, description="bytes per request body")
+    max_upload_bytes: int = Field(20 * 2**20, ge=1024, description="bytes per voice clip")
+    min_voice_seconds: float = Field(1.0, ge=0, description="shortest voice clip")
+    max_voice_seconds: float = Field(60.0, gt=0, description="longest voice clip")
+    reference_cache_size: int = Field(16, ge=0, description="encoded inline references kept in memory")
+    # Defaults for requests
+    default_model: Literal["auto", "fish", "piper"] = Field("auto", description="auto: fish if a checkpoint "
+                                                            "loads, else piper")
+    default_voice: str | None = Field(None, description="saved voice used when a request names none")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log verbosity")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @classmethod
+    def load(cls, cli: dict[str, Any] | None = None, env: dict[str, str] | None = None,
+             dotenv: str | Path | None = DOTENV) -> "Settings":
+        """Build the settings from CLI values (None means not given), the environment and the .env file.
+
+        Unknown `SHOAL_*` names (a typo must not be silent) are reported as warnings.
+        """
+        env = dict(os.environ if env is None else env)
+        file_values = _read_dotenv(dotenv)
+        known = {ENV_PREFIX + name.upper() for name in cls.model_fields}
+        for name in sorted({*env, *file_values}):
+            if name.upper().startswith(ENV_PREFIX) and name.upper() not in known:
+                close = difflib.get_close_matches(name.upper(), known, n=1)
+                hint = f"; did you mean {close[0]}?" if close else ""
+                warnings.warn(f"unknown setting {name} ignored{hint}", UnknownSettingWarning, stacklevel=2)
+        given = {k: v for k, v in (cli or {}).items() if v is not None}
+        merged_env = {k: v for k, v in file_values.items() if v is not None}
+        merged_env.update(env)
+        try:
+            settings = _build(cls, given, merged_env)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            name = ".".join(str(p) for p in first["loc"]) or "settings"
+            raise BadRequest(f"invalid setting {name} ({ENV_PREFIX}{name.upper()} or --{name.replace('_', '-')}): "
+                             f"{first['msg']}") from None
+        sources = {}
+        for name in cls.model_fields:
+            key = ENV_PREFIX + name.upper()
+            if name in given:
+                sources[name] = "cli"
+            elif any(k.upper() == key for k in env):
+                sources[name] = "env"
+            elif any(k.upper() == key for k in file_values):
+                sources[name] = str(dotenv)
+            else:
+                sources[name] = "default"
+        object.__setattr__(settings, "_sources", sources)
+        return settings
+
+    def source(self, name: str) -> str:
+        return getattr(self, "_sources", {}).get(name, "default")
+
+    def describe(self) -> list[tuple[str, str, str]]:
+        """(name, effective value, where it came from) for every setting; the API key is masked."""
+        rows = []
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                value = "***"
+            rows.append((name, "" if value is None else str(value), self.source(name)))
+        return rows
+
+
+class UnknownSettingWarning(UserWarning):
+    pass
+
+
+def _read_dotenv(path: str | Path | None) -> dict[str, str | None]:
+    if path is None or not Path(path).is_file():
+        return {}
+    return dict(dotenv_values(path))
+
+
+def _build(cls: type[Settings], given: dict[str, Any], env: dict[str, str]) -> Settings:
+    """Instantiate with CLI values as init arguments and `env` as the environment, ignoring the real
+    environment and .env file (already merged into `env` by the caller)."""
+
+    class _Scoped(cls):  # type: ignore[misc, valid-type]
+        model_config = SettingsConfigDict(**{**cls.model_config, "env_file": None})
+
+        @classmethod
+        def settings_customise_sources(cls_, settings_cls, init_settings, env_settings, dotenv_settings,
+                                       file_secret_settings):
+            from pydantic_settings import EnvSettingsSource
+
+            scoped_env = EnvSettingsSource(settings_cls, case_sensitive=False, env_prefix=ENV_PREFIX)
+            scoped_env.env_vars = {k.lower(): v for k, v in env.items()}
+            return (init_settings, scoped_env)
+
+    built = _Scoped(**given)
+    return cls.model_construct(**{name: getattr(built, name) for name in cls.model_fields})
