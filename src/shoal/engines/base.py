@@ -53,6 +53,7 @@ class SynthesisRequest:
     - `max_new_tokens`: cap on generated frames (about 21.5 per second of audio); 0 means as many as fit.
     - `chunk_length`: texts longer than this many characters are generated in segments split at sentence
       boundaries; 0 never splits (the reference never does).
+    - `speed`: playback speed, 0.25-4.0 (OpenAI's `speed`); 1.0 leaves the audio untouched.
     """
 
     text: str
@@ -63,6 +64,7 @@ class SynthesisRequest:
     repetition_penalty: float = 1.1
     max_new_tokens: int = 1024
     chunk_length: int = 200
+    speed: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "references", tuple(self.references))
@@ -78,6 +80,7 @@ class SynthesisRequest:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0 or self.max_new_tokens == 1:
             raise BadRequest("max_new_tokens must be 0 (as many as fit) or an integer >= 2: the last generated "
                              "frame is never decoded")
+        _check_range("speed", self.speed, 0.25, 4.0)
         if not _is_int(self.chunk_length) or self.chunk_length < 0:
             raise BadRequest("chunk_length must be 0 (never split) or a positive number of characters")
         if self.seed is not None and not _is_int(self.seed):
