@@ -94,3 +94,11 @@ class EngineFailure(ShoalError):
     http_status = 500
     exit_code = 5
     code = "engine_failure"
+
+
+class Cancelled(ShoalError):
+    """The caller went away or asked to stop; nothing is returned."""
+
+    http_status = 499
+    exit_code = 130
+    code = "cancelled"

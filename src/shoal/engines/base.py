@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
@@ -30,6 +31,8 @@ class Reference:
     audio: bytes | str | os.PathLike | None
     text: str
     codes: np.ndarray | None = None
+    #: Whether the engine may keep this clip's codes in its in-memory cache (Fish's `use_memory_cache`).
+    cache: bool = True
 
     def read_bytes(self) -> bytes:
         if self.audio is None:
@@ -142,10 +145,14 @@ class Engine(Protocol):
     #: Whether references (inline clips or saved voices) can be used; engines that cannot reject them.
     supports_cloning: bool
 
-    def synthesize(self, request: SynthesisRequest, progress: Progress | None = None) -> Iterator[np.ndarray]:
-        """Yield float32 mono audio chunks at `sample_rate` as they become available."""
+    def synthesize(self, request: SynthesisRequest, progress: Progress | None = None,
+                   cancel: threading.Event | None = None) -> Iterator[np.ndarray]:
+        """Yield float32 mono audio chunks at `sample_rate` as they become available. Setting `cancel`
+        stops generation at the next step (the iterator then ends early)."""
         ...
 
-    def run(self, request: SynthesisRequest, progress: Progress | None = None) -> Synthesis:
-        """Synthesize the whole request and return it with its codes and statistics."""
+    def run(self, request: SynthesisRequest, progress: Progress | None = None,
+            cancel: threading.Event | None = None) -> Synthesis:
+        """Synthesize the whole request and return it with its codes and statistics (Cancelled if `cancel`
+        is set before the end)."""
         ...

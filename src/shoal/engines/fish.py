@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from shoal.audio import load_audio
-from shoal.errors import BadRequest, EngineFailure
+from shoal.errors import BadRequest, Cancelled, EngineFailure
 from shoal.fish.checkpoint import CODEC_CONFIG_FILE, check_checkpoint_dir, load_dual_ar
 from shoal.fish.codec import Codec, CodecConfig, load_codec
 from shoal.fish.dual_ar import DualARTransformer
@@ -120,12 +120,12 @@ class FishEngine:
             return self._check_codes(reference.codes)
         data = reference.read_bytes()
         key = hashlib.sha256(data).hexdigest()
-        codes = self._references.get(key)
+        codes = self._references.get(key) if reference.cache else None
         if codes is not None:
             self._references.move_to_end(key)
             return codes
         codes = torch.from_numpy(self.encode_audio(load_audio(data, target_sr=self.sample_rate)))
-        if self.reference_cache_size > 0:
+        if reference.cache and self.reference_cache_size > 0:
             self._references[key] = codes
             while len(self._references) > self.reference_cache_size:
                 self._references.popitem(last=False)
@@ -160,21 +160,25 @@ class FishEngine:
         return self._codec_checksum
 
     # -- synthesis ---------------------------------------------------------------------------------------------
-    def synthesize(self, request: SynthesisRequest, progress: Progress | None = None) -> Iterator[np.ndarray]:
+    def synthesize(self, request: SynthesisRequest, progress: Progress | None = None,
+                   cancel: threading.Event | None = None) -> Iterator[np.ndarray]:
         """Yield float32 audio, one chunk per text segment (frame-level streaming comes with the scheduler)."""
-        for _, audio in self._segments(request, progress):
+        for _, audio in self._segments(request, progress, cancel):
             yield audio
 
-    def run(self, request: SynthesisRequest, progress: Progress | None = None) -> Synthesis:
+    def run(self, request: SynthesisRequest, progress: Progress | None = None,
+            cancel: threading.Event | None = None) -> Synthesis:
         start = time.perf_counter()
         seed = request.effective_seed()
         request = replace(request, seed=seed)
         audios, codes, stops, frames = [], [], [], 0
-        for segment, audio in self._segments(request, progress):
+        for segment, audio in self._segments(request, progress, cancel):
             audios.append(audio)
             codes.append(segment.codes)
             stops.append(segment.stopped_by_im_end)
             frames += segment.frames
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("synthesis was cancelled")
         return Synthesis(
             sample_rate=self.sample_rate,
             audio=np.concatenate(audios) if audios else np.zeros(0, np.float32),
@@ -190,7 +194,8 @@ class FishEngine:
         result = self.run(SynthesisRequest(text=text, **kwargs))
         return result.sample_rate, result.audio
 
-    def _segments(self, request: SynthesisRequest, progress: Progress | None):
+    def _segments(self, request: SynthesisRequest, progress: Progress | None,
+                  cancel: threading.Event | None = None):
         """Generate and decode each text segment in turn, yielding (SegmentCodes, audio).
 
         From the second segment on, the previous segment's text and codes follow the references in the prompt,
@@ -216,6 +221,8 @@ class FishEngine:
                 try:
                     for frame in generate(self.model, prompt, params, generator, max_new,
                                           self.tokenizer.im_end_id):
+                        if cancel is not None and cancel.is_set():
+                            return  # the KV cache needs no cleanup: the next prefill overwrites it
                         frames.append(frame)
                         done += 1
                         if progress:
@@ -225,7 +232,7 @@ class FishEngine:
                 except RuntimeError as exc:
                     raise EngineFailure(f"generation failed: {exc}") from exc
                 seg = SegmentCodes(torch.stack(frames, dim=1).cpu(), self.tokenizer.im_end_id)
-                audio = self._decode(seg.codes)
+                audio = apply_speed(self._decode(seg.codes), self.sample_rate, request.speed)
             if seg.codes.shape[1]:
                 previous = [(text, torch.from_numpy(seg.codes))]
             yield seg, audio
@@ -254,6 +261,15 @@ class FishEngine:
             return
         size = min(-(-positions // CACHE_STEP) * CACHE_STEP, model.config.max_seq_len)
         model.setup_caches(batch=1, seq_len=size)
+
+
+def apply_speed(audio: np.ndarray, sample_rate: int, speed: float) -> np.ndarray:
+    """Tempo change without pitch change; 1.0 is the identity (and keeps parity with the reference)."""
+    if speed == 1.0 or not len(audio):
+        return audio
+    from shoal.audio import change_speed
+
+    return change_speed(audio, sample_rate, speed)
 
 
 class SegmentCodes:
