@@ -164,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     say = command("say", "speak a text into an audio file", cmd_say)
     say.add_argument("text", help="what to say")
-    say.add_argument("-o", "--output", required=True, help="output file (.wav, .flac or .ogg)")
+    say.add_argument("-o", "--output", required=True,
+                     help="output file: .wav, .flac, .ogg, .mp3, .opus, .aac or .pcm")
     add_model_flags(say)
     say.add_argument("--reference-audio", help="a clip of the voice to clone")
     say.add_argument("--reference-text", help="the transcript of --reference-audio")

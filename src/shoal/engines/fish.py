@@ -235,7 +235,7 @@ class FishEngine:
                 audio = apply_speed(self._decode(seg.codes), self.sample_rate, request.speed)
             if seg.codes.shape[1]:
                 previous = [(text, torch.from_numpy(seg.codes))]
-            yield seg, audio
+            yield seg, fade_joins(audio, self.sample_rate, first=index == 0, last=index == len(segments) - 1)
 
     def _prompt(self, text: str, references: list[tuple[str, torch.Tensor]], max_new_tokens: int,
                 strict: bool = False) -> tuple[torch.Tensor | None, int]:
@@ -261,6 +261,24 @@ class FishEngine:
             return
         size = min(-(-positions // CACHE_STEP) * CACHE_STEP, model.config.max_seq_len)
         model.setup_caches(batch=1, seq_len=size)
+
+
+JOIN_FADE_SECONDS = 0.01
+
+
+def fade_joins(audio: np.ndarray, sample_rate: int, first: bool, last: bool) -> np.ndarray:
+    """Short raised-cosine fades where segments meet, so independently decoded segments join without a click.
+    A single-segment request is untouched."""
+    n = min(int(JOIN_FADE_SECONDS * sample_rate), len(audio) // 2)
+    if n == 0 or (first and last):
+        return audio
+    ramp = (0.5 - 0.5 * np.cos(np.linspace(0.0, np.pi, n))).astype(np.float32)
+    audio = audio.copy()
+    if not first:
+        audio[:n] *= ramp
+    if not last:
+        audio[-n:] *= ramp[::-1]
+    return audio
 
 
 def apply_speed(audio: np.ndarray, sample_rate: int, speed: float) -> np.ndarray:

@@ -1,0 +1,65 @@
+"""Which engines a process runs: fish when a checkpoint is found, the bundled piper voice always."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shoal.errors import CheckpointError
+from shoal.fish.checkpoint import checkpoint_search_paths
+
+from .base import Engine
+
+log = logging.getLogger("shoal.engines")
+
+
+@dataclass
+class Engines:
+    """The loaded engines by model name, the default one, and what a user should be told about it."""
+
+    engines: dict[str, Engine] = field(default_factory=dict)
+    default: str = ""
+    notice: str | None = None  # shown in logs, /v1/health and the UI when the lite voice stands in
+    checkpoint: Path | None = None
+
+    def get(self, name: str) -> Engine:
+        return self.engines[name]
+
+
+def find_checkpoint(configured: Path | None, data_dir: Path | None) -> tuple[Path | None, list[Path]]:
+    """(the checkpoint directory to load or None, the places searched). A configured one is always used."""
+    if configured:
+        return Path(configured).expanduser(), [Path(configured)]
+    candidates = checkpoint_search_paths(data_dir)
+    return next((c for c in candidates if c.is_dir()), None), candidates
+
+
+def load_engines(settings) -> Engines:
+    """Load fish (if a checkpoint is found; a broken one is an error, never silently skipped) and piper.
+
+    `default_model` "auto" picks fish when it loaded, else piper; naming an engine that cannot load is an error.
+    """
+    from .fish import FishEngine
+    from .piper import PiperEngine
+
+    result = Engines()
+    checkpoint, searched = find_checkpoint(settings.checkpoint, settings.data_dir)
+    if checkpoint is not None:
+        result.engines["fish"] = FishEngine.load(checkpoint, device=settings.device, precision=settings.precision,
+                                                 compile=settings.compile,
+                                                 reference_cache_size=settings.reference_cache_size)
+        result.checkpoint = checkpoint
+    result.engines["piper"] = PiperEngine.load()
+    if checkpoint is None:
+        result.notice = (f"no Fish Speech checkpoint was found at {', '.join(str(p) for p in searched)}; "
+                         "serving the bundled lite voice (piper); `shoal download` gets openaudio-s1-mini")
+    wanted = settings.default_model
+    if wanted == "auto":
+        result.default = "fish" if "fish" in result.engines else "piper"
+    elif wanted not in result.engines:
+        raise CheckpointError(f"default_model is {wanted!r} but it is not loaded: "
+                              f"{result.notice or 'no checkpoint'}")
+    else:
+        result.default = wanted
+    return result

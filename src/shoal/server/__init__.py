@@ -1,0 +1,1 @@
+"""The HTTP server: an app factory, thin routes, and the error mapping."""

@@ -1,0 +1,112 @@
+"""Turning a job's audio into an HTTP response: whole files, chunked streams, or OpenAI's SSE events."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+from typing import AsyncIterator
+
+import numpy as np
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from shoal.audio import MEDIA_TYPES, StreamEncoder, encode_audio
+from shoal.errors import Cancelled, ShoalError
+from shoal.service import Job, Service
+
+log = logging.getLogger("shoal.server")
+
+
+async def audio_response(request: Request, service: Service, job: Job, fmt: str, stream: bool) -> Response:
+    headers = {"Content-Disposition": f"attachment; filename=speech.{fmt}", "X-Shoal-Model": job.model}
+    if stream:
+        chunks = await started(service, job)
+        return StreamingResponse(encoded_stream(chunks, job, fmt), media_type=MEDIA_TYPES[fmt], headers=headers)
+    audio = await until_disconnect(request, service.synthesize(job))
+    data = await asyncio.to_thread(encode_audio, audio, job.engine.sample_rate, fmt)
+    return Response(data, media_type=MEDIA_TYPES[fmt], headers=headers)
+
+
+async def until_disconnect(request: Request, work):
+    """Await `work`, cancelling it (and so the generation) if the client goes away first."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise Cancelled("the client disconnected")
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+async def started(service: Service, job: Job) -> AsyncIterator[np.ndarray]:
+    """The job's chunks, with the first one already awaited.
+
+    Waiting for the first chunk before answering means admission (429), bad references and early engine
+    failures still get a real status and JSON body; after that the status is sent and cannot change.
+    """
+    chunks = service.stream(job)
+    try:
+        first = await anext(chunks)
+    except StopAsyncIteration:
+        first = np.zeros(0, np.float32)
+
+    async def resumed():
+        yield first
+        async for chunk in chunks:
+            yield chunk
+
+    return resumed()
+
+
+async def encoded_stream(chunks: AsyncIterator[np.ndarray], job: Job, fmt: str) -> AsyncIterator[bytes]:
+    """Encoded bytes as audio arrives, the container's header first.
+
+    Once the response has started, an error can no longer change the status: it is logged and the stream ends.
+    """
+    encoder = StreamEncoder(fmt, job.engine.sample_rate)
+    try:
+        async for chunk in chunks:
+            data = await asyncio.to_thread(encoder.push, chunk)
+            if data:
+                yield data
+        tail = encoder.finish()
+        if tail:
+            yield tail
+    except ShoalError as exc:
+        log.warning("stream ended early: %s", exc)
+    finally:
+        encoder.close()
+
+
+async def sse_stream(chunks: AsyncIterator[np.ndarray], job: Job, fmt: str) -> AsyncIterator[bytes]:
+    """OpenAI's streaming events: `speech.audio.delta` with base64 audio, then `speech.audio.done`."""
+    encoder = StreamEncoder(fmt, job.engine.sample_rate)
+    samples = 0
+
+    def event(payload: dict) -> bytes:
+        return f"data: {json.dumps(payload)}\n\n".encode()
+
+    try:
+        async for chunk in chunks:
+            samples += len(chunk)
+            data = await asyncio.to_thread(encoder.push, chunk)
+            if data:
+                yield event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
+        tail = encoder.finish()
+        if tail:
+            yield event({"type": "speech.audio.delta", "audio": base64.b64encode(tail).decode()})
+        chars = len(job.request.text)
+        yield event({"type": "speech.audio.done",
+                     "usage": {"input_tokens": chars, "output_tokens": samples, "total_tokens": chars + samples}})
+    except ShoalError as exc:
+        log.warning("stream ended early: %s", exc)
+        yield event({"type": "error", "error": {"message": str(exc), "code": exc.code}})
+    finally:
+        encoder.close()

@@ -1,0 +1,30 @@
+"""Request dependencies: the service (503 while the engines load) and the API key check."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import Request
+
+from shoal.errors import Unauthorized, Unavailable
+from shoal.service import Service
+
+
+def get_service(request: Request) -> Service:
+    state = request.app.state
+    if state.load_error is not None:
+        raise Unavailable(f"the engines failed to load: {state.load_error}")
+    if state.service is None:
+        raise Unavailable("the engines are still loading; retry in a few seconds")
+    return state.service
+
+
+def require_api_key(request: Request) -> None:
+    """With an API key configured, every API route needs `Authorization: Bearer <key>` (constant-time check)."""
+    expected = request.app.state.api_key
+    if expected is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
+        raise Unauthorized("a valid API key is required: send `Authorization: Bearer <key>`")

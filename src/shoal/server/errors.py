@@ -1,0 +1,61 @@
+"""One JSON error shape for every failure: `{"error": {"message", "type", "code"}}`. No tracebacks leave."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from shoal.errors import Busy, ShoalError
+
+log = logging.getLogger("shoal.server")
+
+HTTP_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+              404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error",
+              413: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error",
+              499: "cancelled", 503: "server_error", 504: "timeout_error"}
+
+
+def error_response(status: int, message: str, code: str, headers: dict | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": HTTP_TYPES.get(status, "server_error"), "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def shoal_error_response(exc: ShoalError) -> JSONResponse:
+    headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if isinstance(exc, Busy) else None
+    if exc.http_status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
+    return error_response(exc.http_status, str(exc), exc.code, headers)
+
+
+def describe_validation(exc: RequestValidationError) -> str:
+    """Pydantic's errors as one readable line: `field: problem; field: problem`."""
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path"))
+        parts.append(f"{loc or 'body'}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ShoalError)
+    async def _shoal(request: Request, exc: ShoalError):
+        return shoal_error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        return error_response(400, describe_validation(exc), "invalid_request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, message, code, getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(500, "internal server error", "internal_error")

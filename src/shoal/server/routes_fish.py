@@ -1,0 +1,101 @@
+"""Fish Speech's own API, wire-compatible with its server and `tools/api_client.py`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import ormsgpack
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from pydantic import BaseModel, ValidationError
+
+from shoal.errors import BadRequest, PayloadTooLarge
+from shoal.server.audio_responses import audio_response
+from shoal.server.deps import get_service
+from shoal.server.schemas import ReferenceIdBody, ReferenceRenameBody, ServeTTSRequest
+from shoal.service import Service, SpeechParams
+
+router = APIRouter(tags=["fish"])
+
+BODY_TYPES = ("application/json", "application/msgpack", "application/x-msgpack")
+
+
+async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
+    """A JSON or msgpack body, validated into `model`; anything else is a 4xx with a clear message."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type not in BODY_TYPES:
+        raise UnsupportedMediaType(f"send the body as application/json or application/msgpack, not "
+                                   f"{content_type or 'no content type'}")
+    raw = await request.body()
+    try:
+        data = json.loads(raw) if content_type == "application/json" else ormsgpack.unpackb(raw)
+    except (ValueError, ormsgpack.MsgpackDecodeError, TypeError) as exc:
+        kind = "JSON" if content_type == "application/json" else "msgpack"
+        raise BadRequest(f"the body is not valid {kind}: {str(exc).splitlines()[0][:200]}") from None
+    if not isinstance(data, dict):
+        raise BadRequest("the body must be an object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "body"
+        raise BadRequest(f"{loc}: {first['msg']}") from None
+
+
+class UnsupportedMediaType(BadRequest):
+    http_status = 415
+    code = "unsupported_media_type"
+
+
+@router.post("/v1/tts", summary="Text to speech (Fish Speech ServeTTSRequest, JSON or msgpack)")
+async def tts(request: Request, service: Service = Depends(get_service)):
+    body: ServeTTSRequest = await parse_body(request, ServeTTSRequest)
+    params = SpeechParams(
+        text=body.text, model="fish" if "fish" in service.model_names else None, voice=body.reference_id,
+        references=[(ref.audio, ref.text) for ref in body.references],
+        use_memory_cache=body.use_memory_cache == "on", seed=body.seed, temperature=body.temperature,
+        top_p=body.top_p, repetition_penalty=body.repetition_penalty, max_new_tokens=body.max_new_tokens,
+        chunk_length=body.chunk_length)
+    job = await asyncio.to_thread(service.prepare, params)
+    return await audio_response(request, service, job, body.format, stream=body.streaming)
+
+
+@router.post("/v1/references/add", summary="Save a voice (multipart: id, audio, text)")
+async def add_reference(id: str = Form(...), audio: UploadFile = File(...), text: str = Form(...),
+                        service: Service = Depends(get_service)):
+    data = await read_upload(audio, service.settings.max_upload_bytes)
+    voice = await asyncio.to_thread(service.add_voice, id, data, text)
+    return {"success": True, "message": f"voice {voice.id} saved", "reference_id": voice.id}
+
+
+@router.get("/v1/references/list", summary="List saved voices")
+async def list_references(service: Service = Depends(get_service)):
+    voices = await asyncio.to_thread(service.list_voices)
+    return {"success": True, "message": "ok", "reference_ids": [v.id for v in voices]}
+
+
+@router.post("/v1/references/delete", summary="Delete a saved voice")
+async def delete_reference(request: Request, service: Service = Depends(get_service)):
+    body: ReferenceIdBody = await parse_body(request, ReferenceIdBody)
+    await asyncio.to_thread(service.delete_voice, body.reference_id)
+    return {"success": True, "message": f"voice {body.reference_id} deleted", "reference_id": body.reference_id}
+
+
+@router.post("/v1/references/update", summary="Rename a saved voice")
+async def rename_reference(request: Request, service: Service = Depends(get_service)):
+    body: ReferenceRenameBody = await parse_body(request, ReferenceRenameBody)
+    voice = await asyncio.to_thread(service.rename_voice, body.old_reference_id, body.new_reference_id)
+    return {"success": True, "message": f"voice {body.old_reference_id} renamed to {voice.id}",
+            "old_reference_id": body.old_reference_id, "new_reference_id": voice.id}
+
+
+async def read_upload(upload: UploadFile, limit: int) -> bytes:
+    """Read an uploaded file, refusing (413) as soon as it passes `limit` bytes."""
+    chunks, size = [], 0
+    while chunk := await upload.read(1 << 20):
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the upload is larger than the {limit} byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+

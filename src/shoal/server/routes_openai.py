@@ -1,0 +1,54 @@
+"""The OpenAI-compatible API: what the openai SDK, Open WebUI, SillyTavern and Home Assistant speak."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+
+from shoal.audio import MEDIA_TYPES
+from shoal.server.audio_responses import audio_response, sse_stream, started
+from shoal.server.deps import get_service
+from shoal.server.schemas import SpeechRequest
+from shoal.service import Service, SpeechParams
+
+router = APIRouter(tags=["openai"])
+CREATED = int(time.time())
+
+
+@router.post("/v1/audio/speech", summary="Text to speech (OpenAI-compatible)")
+async def speech(body: SpeechRequest, request: Request, service: Service = Depends(get_service)):
+    params = SpeechParams(
+        text=body.input, model=body.model, voice=body.voice, seed=body.seed, temperature=body.temperature,
+        top_p=body.top_p, repetition_penalty=body.repetition_penalty, max_new_tokens=body.max_new_tokens,
+        chunk_length=body.chunk_length, speed=body.speed)
+    job = await asyncio.to_thread(service.prepare, params)
+    if body.stream_format == "sse":
+        chunks = await started(service, job)
+        return StreamingResponse(sse_stream(chunks, job, body.response_format), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Shoal-Model": job.model})
+    # Audio streams as it is produced (OpenAI's behaviour), except WAV: a streamed WAV header cannot state its
+    # length, and many clients of this endpoint read WAVs with strict parsers.
+    stream = body.response_format != "wav"
+    return await audio_response(request, service, job, body.response_format, stream=stream)
+
+
+@router.get("/v1/models", summary="The models this server runs")
+async def models(service: Service = Depends(get_service)):
+    data = [{"id": m["id"], "object": "model", "created": CREATED, "owned_by": "shoal", **m}
+            for m in service.describe_models()]
+    return {"object": "list", "data": data}
+
+
+@router.get("/v1/audio/voices", summary="The voices a request may name")
+async def voices(model: str | None = None, service: Service = Depends(get_service)):
+    name, _ = service.resolve_model(model)
+    saved = {v.id: v for v in await asyncio.to_thread(service.list_voices)}
+    names = service.voice_names(name)
+    return {"model": name, "voices": names,
+            "details": [{"id": n, **(saved[n].to_dict() if n in saved else {"builtin": True})} for n in names]}
+
+
+__all__ = ["router", "MEDIA_TYPES"]

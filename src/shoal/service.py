@@ -1,0 +1,264 @@
+"""What a request means: resolve the model and the voice, check limits, run the engine off the event loop.
+
+The HTTP routes, the web UI and the CLI all call this layer; none of them talks to an engine directly. The
+engines run in worker threads (one per engine: an S1 model is single-tenant until batching lands), so the event
+loop stays free to answer health checks and other clients while audio is generated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Sequence
+
+import numpy as np
+
+from shoal.engines.base import Engine, Reference, SynthesisRequest
+from shoal.engines.registry import Engines
+from shoal.errors import BadRequest, Busy, EngineFailure, NotFound, ShoalError, Timeout, Unavailable
+from shoal.settings import Settings
+from shoal.voices import Voice, VoiceLibrary
+
+log = logging.getLogger("shoal.service")
+
+#: OpenAI model names that clients send by habit; they mean "the server's default model".
+OPENAI_MODEL_ALIASES = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
+#: The voice name for "no cloning: the model's own voice".
+DEFAULT_VOICE = "default"
+
+
+@dataclass
+class SpeechParams:
+    """One speech request as the API layers hand it over, before any engine-specific meaning is applied."""
+
+    text: str
+    model: str | None = None
+    voice: str | None = None  # a saved voice id, or "default"
+    references: Sequence[tuple[bytes, str]] = ()  # inline clips and their transcripts
+    use_memory_cache: bool = True
+    seed: int | None = None
+    temperature: float = 0.8
+    top_p: float = 0.8
+    repetition_penalty: float = 1.1
+    max_new_tokens: int = 1024
+    chunk_length: int = 200
+    speed: float = 1.0
+
+
+@dataclass
+class Job:
+    """A prepared request: the engine that runs it and what it runs."""
+
+    model: str
+    engine: Engine
+    request: SynthesisRequest
+    voice: str | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+
+class Dispatcher:
+    """Admission control and the bridge from worker threads to asyncio.
+
+    At most `queue_size` requests wait or run at once; beyond that, Busy (HTTP 429 with Retry-After). A request
+    that outlives `timeout` is cancelled and fails with Timeout. A consumer that goes away (client disconnect)
+    cancels its generation at the engine's next step.
+    """
+
+    def __init__(self, queue_size: int, timeout: float):
+        self.queue_size = queue_size
+        self.timeout = timeout
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._executors: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
+        self._closed = False
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting or running, including cancelled ones whose thread has not yet stopped."""
+        return self._pending
+
+    def _executor(self, model: str) -> concurrent.futures.ThreadPoolExecutor:
+        with self._lock:
+            if model not in self._executors:
+                self._executors[model] = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"shoal-{model}")
+            return self._executors[model]
+
+    def _admit(self) -> None:
+        with self._lock:
+            if self._closed:
+                raise Unavailable("the server is shutting down")
+            if self._pending >= self.queue_size:
+                raise Busy(f"{self._pending} requests are already queued or running; retry shortly",
+                           retry_after=max(1.0, float(self._pending)))
+            self._pending += 1
+
+    def _release(self, _future=None) -> None:
+        with self._lock:
+            self._pending -= 1
+
+    async def stream(self, job: Job) -> AsyncIterator[np.ndarray]:
+        """Yield the job's audio chunks as the engine produces them."""
+        self._admit()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+
+        def post(kind: str, value) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+            except RuntimeError:  # the loop has closed under us (shutdown): nobody is listening any more
+                cancel.set()
+
+        def work() -> None:
+            try:
+                for chunk in job.engine.synthesize(job.request, cancel=cancel):
+                    post("chunk", chunk)
+                    if cancel.is_set():
+                        return
+                post("done", None)
+            except BaseException as exc:  # handed to the consumer, which maps it to one of ours
+                post("error", exc)
+
+        try:
+            future = self._executor(job.model).submit(work)
+        except RuntimeError:
+            self._release()
+            raise Unavailable("the server is shutting down") from None
+        future.add_done_callback(self._release)
+        deadline = loop.time() + self.timeout
+        try:
+            while True:
+                remaining = deadline - loop.time()
+                try:
+                    kind, value = await asyncio.wait_for(queue.get(), max(remaining, 0.001))
+                except asyncio.TimeoutError:
+                    raise Timeout(f"the request took longer than {self.timeout:g} s") from None
+                if kind == "chunk":
+                    yield value
+                elif kind == "done":
+                    return
+                else:
+                    raise engine_error(value)
+        finally:
+            cancel.set()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            executors = list(self._executors.values())
+        for executor in executors:
+            executor.shutdown(wait=False, cancel_futures=True)
+
+
+def engine_error(exc: BaseException) -> ShoalError:
+    """Our errors pass through; CUDA out-of-memory is 503; anything else is a 500 without internals."""
+    if isinstance(exc, ShoalError):
+        return exc
+    if type(exc).__name__ == "OutOfMemoryError":
+        return Unavailable("the GPU ran out of memory for this request; retry, or send shorter text")
+    log.error("engine failure", exc_info=exc)
+    return EngineFailure(f"generation failed ({type(exc).__name__})")
+
+
+class Service:
+    """The one object the API layers talk to."""
+
+    def __init__(self, settings: Settings, engines: Engines, voices: VoiceLibrary):
+        self.settings = settings
+        self.engines = engines
+        self.voices = voices
+        self.dispatcher = Dispatcher(settings.queue_size, settings.request_timeout)
+
+    # -- models ------------------------------------------------------------------------------------------------
+    @property
+    def model_names(self) -> list[str]:
+        return list(self.engines.engines)
+
+    def resolve_model(self, name: str | None) -> tuple[str, Engine]:
+        """A model name as clients send it -> (our model name, engine). Unknown names list the valid ones."""
+        if name is None or name == "" or name in OPENAI_MODEL_ALIASES:
+            name = self.engines.default
+        if name not in self.engines.engines:
+            valid = ", ".join(self.model_names + list(OPENAI_MODEL_ALIASES))
+            raise BadRequest(f"unknown model {name!r}; valid models: {valid}")
+        return name, self.engines.get(name)
+
+    def counters(self) -> dict[str, int]:
+        """Process-lifetime counters operators and tests watch (codec encodes: zero for saved voices)."""
+        fish = self.engines.engines.get("fish")
+        return {"codec_encodes": getattr(fish, "encode_count", 0)}
+
+    def describe_models(self) -> list[dict]:
+        out = []
+        for name, engine in self.engines.engines.items():
+            out.append({"id": name, "default": name == self.engines.default, "sample_rate": engine.sample_rate,
+                        "supports_cloning": engine.supports_cloning,
+                        "checkpoint": str(self.engines.checkpoint) if name == "fish" else None})
+        return out
+
+    # -- voices ------------------------------------------------------------------------------------------------
+    def voice_names(self, model: str | None = None) -> list[str]:
+        """Voices a request may name: "default" (the model's own voice) plus saved voices if it clones."""
+        names = [DEFAULT_VOICE]
+        engine = self.engines.get(model) if model else None
+        if engine is None or engine.supports_cloning:
+            names += [v.id for v in self.voices.list()]
+        return names
+
+    def list_voices(self) -> list[Voice]:
+        return self.voices.list()
+
+    def add_voice(self, voice_id: str, audio: bytes, text: str, overwrite: bool = False) -> Voice:
+        """Save a voice; its codes are computed now (once) when a fish engine is loaded."""
+        encoder = self.engines.engines.get("fish")
+        return self.voices.add(voice_id, audio, text, encoder, overwrite=overwrite)
+
+    def delete_voice(self, voice_id: str) -> None:
+        self.voices.delete(voice_id)
+
+    def rename_voice(self, old_id: str, new_id: str) -> Voice:
+        return self.voices.rename(old_id, new_id)
+
+    # -- speech ------------------------------------------------------------------------------------------------
+    def prepare(self, params: SpeechParams) -> Job:
+        """Validate and resolve a request into a Job. Raises BadRequest/NotFound with a clear message."""
+        if len(params.text) > self.settings.max_text_length:
+            raise BadRequest(f"text is {len(params.text)} characters; the limit is {self.settings.max_text_length}")
+        model, engine = self.resolve_model(params.model)
+        references: list[Reference] = []
+        voice = params.voice or self.settings.default_voice
+        if voice and voice != DEFAULT_VOICE:
+            try:
+                saved = self.voices.get(voice)
+            except (NotFound, BadRequest):  # unknown, or not even a valid id: same answer, with the choices
+                raise BadRequest(f"unknown voice {voice!r}; valid voices: "
+                                 f"{', '.join(self.voice_names(model))}") from None
+            if not engine.supports_cloning:
+                raise BadRequest(f"model {model!r} cannot clone voices, so it cannot use saved voice {voice!r}; "
+                                 "use the fish model with an S1 checkpoint")
+            references.append(Reference(None, saved.text, codes=self.voices.codes(voice, engine)))
+        for audio, text in params.references:
+            references.append(Reference(audio, text, cache=params.use_memory_cache))
+        if references and not engine.supports_cloning:
+            raise BadRequest(f"model {model!r} cannot clone voices: references need the fish model with an "
+                             "S1 checkpoint")
+        request = SynthesisRequest(
+            text=params.text, references=tuple(references), seed=params.seed, temperature=params.temperature,
+            top_p=params.top_p, repetition_penalty=params.repetition_penalty,
+            max_new_tokens=params.max_new_tokens, chunk_length=params.chunk_length, speed=params.speed)
+        return Job(model, engine, request, voice=voice)
+
+    async def stream(self, job: Job) -> AsyncIterator[np.ndarray]:
+        async for chunk in self.dispatcher.stream(job):
+            yield chunk
+
+    async def synthesize(self, job: Job) -> np.ndarray:
+        chunks = [chunk async for chunk in self.dispatcher.stream(job)]
+        return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+
+    def close(self) -> None:
+        self.dispatcher.close()

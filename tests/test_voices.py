@@ -1,0 +1,515 @@
+"""The saved-voice library: codes made once at upload and never again, ids that cannot escape the library,
+and a disk that holds whole voices or none whatever happens mid-write."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import soundfile as sf
+
+from shoal.audio import load_audio
+from shoal.errors import BadRequest, Conflict, NotFound, PayloadTooLarge, ShoalError
+from shoal.voices import VOICE_ID_PATTERN, Voice, VoiceLibrary
+
+TEXT = "A short test sentence."
+
+
+class FakeEncoder:
+    """Stands in for FishEngine: counts encodes and returns codes that depend on the audio, in the real shape."""
+
+    def __init__(self, codec_checksum: str = "abc", sample_rate: int = 44100):
+        self.codec_checksum = codec_checksum
+        self.sample_rate = sample_rate
+        self.encode_count = 0
+
+    def encode_audio(self, audio: np.ndarray) -> np.ndarray:
+        assert audio.dtype == np.float32 and audio.ndim == 1
+        self.encode_count += 1
+        frames = math.ceil(len(audio) / 2048)
+        salt = int(np.abs(audio).sum() * 1000) % 997
+        return (np.arange(10)[:, None] * 1000 + np.arange(frames)[None, :] + salt).astype(np.int64)
+
+
+def wav(seconds: float = 2.0, sample_rate: int = 44100, channels: int = 1, freq: float = 440.0,
+        format: str = "WAV", subtype: str | None = "PCM_16") -> bytes:
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    mono = (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+    audio = np.stack([mono * (c + 1) / channels for c in range(channels)], axis=1)
+    buf = io.BytesIO()
+    sf.write(buf, audio, sample_rate, format=format, subtype=subtype)
+    return buf.getvalue()
+
+
+def tree(path: Path) -> dict[str, int]:
+    """Every path under `path` with its size (-1 for folders): what a test compares before and after."""
+    return {str(p.relative_to(path)): (p.stat().st_size if p.is_file() else -1) for p in sorted(path.rglob("*"))}
+
+
+@pytest.fixture
+def root(tmp_path) -> Path:
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def lib(root) -> VoiceLibrary:
+    return VoiceLibrary(root)
+
+
+@pytest.fixture
+def enc() -> FakeEncoder:
+    return FakeEncoder()
+
+
+def staging(root: Path) -> list[str]:
+    return sorted(p.name for p in (root / ".staging").iterdir())
+
+
+# -- the happy path ---------------------------------------------------------------------------------------------
+def test_add_get_list_rename_delete_round_trip(lib, root, enc):
+    data = wav(2.0)
+    voice = lib.add("alice", data, f"  {TEXT}\n", enc)
+    assert voice.id == "alice" and voice.text == TEXT and voice.sample_rate == 44100
+    assert voice.duration == pytest.approx(2.0, abs=1e-3)
+    assert (voice.original_format, voice.original_sample_rate, voice.original_channels) == ("wav", 44100, 1)
+    assert voice.codec_checksum == "abc" and voice.codes_sha256 is not None
+    assert voice.created.endswith("+00:00")
+    json.dumps(voice.to_dict())  # JSON-safe for the API
+    folder = root / "voices" / "alice"
+    assert sorted(p.name for p in folder.iterdir()) == ["clip.wav", "codes.npy", "meta.json", "original.wav",
+                                                         "transcript.txt"]
+    assert (folder / "transcript.txt").read_text() == TEXT
+    assert lib.get("alice") == voice and lib.list() == [voice]
+    assert lib.original("alice") == (data, "alice.wav")
+    assert lib.clip_path("alice") == folder / "clip.wav"
+
+    lib.add("bob", wav(1.5, freq=220), "Bob speaks.", enc)
+    assert [v.id for v in lib.list()] == ["alice", "bob"]
+
+    renamed = lib.rename("alice", "carol")
+    assert renamed == Voice(**{**voice.to_dict(), "id": "carol"})
+    assert lib.get("carol") == renamed
+    assert json.loads((root / "voices" / "carol" / "meta.json").read_text())["id"] == "carol"
+    with pytest.raises(NotFound):
+        lib.get("alice")
+    assert [v.id for v in lib.list()] == ["bob", "carol"]
+    assert lib.rename("carol", "carol") == renamed
+
+    lib.delete("carol")
+    assert [v.id for v in lib.list()] == ["bob"]
+    assert not (root / "voices" / "carol").exists() and staging(root) == []
+    with pytest.raises(NotFound):
+        lib.get("carol")
+
+
+def test_voices_persist_across_library_instances(lib, root, enc):
+    a = lib.add("a", wav(1.5), "one", enc)
+    b = lib.add("b-2_x", wav(2.5, freq=330), "two", enc)
+    reopened = VoiceLibrary(root)
+    assert reopened.list() == [a, b]
+    assert reopened.get("b-2_x") == b
+
+
+# -- codes: once, then never again ------------------------------------------------------------------------------
+def test_codes_are_computed_once_at_upload_and_never_again(lib, root, enc):
+    lib.add("v", wav(2.0), TEXT, enc)
+    assert enc.encode_count == 1
+    expected = FakeEncoder().encode_audio(load_audio(lib.clip_path("v"), 44100))
+    for _ in range(3):
+        codes = lib.codes("v", enc)
+        assert codes.dtype == np.int64 and codes.shape == (10, math.ceil(88200 / 2048))
+        assert np.array_equal(codes, expected)
+    codes[:] = -1  # callers get a copy: scribbling on it cannot poison the cache
+    assert np.array_equal(lib.codes("v", enc), expected)
+    assert np.array_equal(VoiceLibrary(root).codes("v", enc), expected)  # from codes.npy this time
+    assert enc.encode_count == 1
+
+
+def test_another_codec_recomputes_once(lib, root, enc):
+    lib.add("v", wav(2.0), TEXT, enc)
+    other = FakeEncoder(codec_checksum="def")
+    lib.codes("v", other)
+    lib.codes("v", other)
+    assert other.encode_count == 1 and lib.get("v").codec_checksum == "def"
+    VoiceLibrary(root).codes("v", other)
+    assert other.encode_count == 1
+    lib.codes("v", enc)  # and back: the stored codes now belong to "def"
+    assert enc.encode_count == 2
+
+
+def rewrite_codes(root: Path, codes: np.ndarray, *, fix_meta: bool) -> None:
+    """Replace codes.npy; with `fix_meta` also its checksum in meta.json, so only the shape check can catch it."""
+    folder = root / "voices" / "v"
+    buf = io.BytesIO()
+    np.save(buf, codes)
+    (folder / "codes.npy").write_bytes(buf.getvalue())
+    if fix_meta:
+        meta = json.loads((folder / "meta.json").read_text())
+        meta["codes_sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()
+        (folder / "meta.json").write_text(json.dumps(meta))
+
+
+DAMAGE = {
+    "missing": lambda root, c: (root / "voices/v/codes.npy").unlink(),
+    "corrupt": lambda root, c: (root / "voices/v/codes.npy").write_bytes(os.urandom(400)),
+    "truncated": lambda root, c: (root / "voices/v/codes.npy").write_bytes(
+        (root / "voices/v/codes.npy").read_bytes()[:200]),
+    "flipped": lambda root, c: rewrite_codes(root, c + 1, fix_meta=False),
+    "short": lambda root, c: rewrite_codes(root, c[:, :-1], fix_meta=True),
+    "rows": lambda root, c: rewrite_codes(root, c[:9], fix_meta=True),
+    "int32": lambda root, c: rewrite_codes(root, c.astype(np.int32), fix_meta=True),
+    "float": lambda root, c: rewrite_codes(root, c.astype(np.float64), fix_meta=True),
+    "garbage-header": lambda root, c: (root / "voices/v/codes.npy").write_bytes(b"\x93NUMPY\x01\x00garbage"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_damaged_codes_are_recomputed_never_served(root, enc, damage):
+    VoiceLibrary(root).add("v", wav(2.0), TEXT, enc)
+    original = np.load(root / "voices/v/codes.npy")
+    DAMAGE[damage](root, original)
+    lib = VoiceLibrary(root)  # a fresh process: nothing in memory
+    assert np.array_equal(lib.codes("v", enc), original)
+    assert enc.encode_count == 2
+    assert np.array_equal(VoiceLibrary(root).codes("v", enc), original)
+    assert enc.encode_count == 2  # repaired on disk
+
+
+def test_voice_saved_without_an_encoder_gets_codes_on_first_use(lib, root, enc):
+    voice = lib.add("lite", wav(1.5), TEXT)  # a server running only the lite engine
+    assert voice.codes_sha256 is None and voice.codec_checksum is None
+    assert not (root / "voices/lite/codes.npy").exists()
+    codes = lib.codes("lite", enc)
+    assert enc.encode_count == 1 and codes.shape == (10, math.ceil(66150 / 2048))
+    assert VoiceLibrary(root).get("lite").codec_checksum == "abc"
+    VoiceLibrary(root).codes("lite", enc)
+    assert enc.encode_count == 1
+
+
+def test_codes_cache_is_bounded(lib, root, enc, monkeypatch):
+    monkeypatch.setattr("shoal.voices.CODES_CACHE_SIZE", 2)
+    for i, name in enumerate("abc"):
+        lib.add(name, wav(1.5, freq=200 + 100 * i), TEXT, enc)
+    for name in "ac":
+        (root / "voices" / name / "codes.npy").unlink()
+    lib.codes("c", enc)  # still in memory: the missing file is never looked at
+    assert enc.encode_count == 3
+    lib.codes("a", enc)  # evicted, so it went to disk, found nothing and recomputed
+    assert enc.encode_count == 4
+
+
+# -- ids --------------------------------------------------------------------------------------------------------
+HOSTILE_IDS = ["..", ".", "../x", "a/b", "a\\b", "a\x00b", "", " ", "x" * 65, "x" * 10_000, "é", "\uff41",
+               "a.b", "a b", "a\n", "\na", "/etc/passwd", "%2e%2e", "a\u200b", "\u0663", "a:b", "~", "a\tb",
+               None, 7]
+
+
+def test_hostile_ids_are_refused_and_touch_nothing(tmp_path, enc):
+    lib = VoiceLibrary(tmp_path / "data")
+    lib.add("good", wav(1.5), TEXT, enc)
+    before = tree(tmp_path)
+    calls = [
+        lambda bad: lib.add(bad, wav(1.5), TEXT, enc),
+        lambda bad: lib.add(bad, wav(1.5), TEXT, enc, overwrite=True),
+        lib.get, lib.delete, lib.clip_path, lib.original,
+        lambda bad: lib.codes(bad, enc),
+        lambda bad: lib.rename(bad, "fresh"),
+        lambda bad: lib.rename("good", bad),
+    ]
+    for bad in HOSTILE_IDS:
+        assert not (isinstance(bad, str) and VOICE_ID_PATTERN.fullmatch(bad))
+        for call in calls:
+            with pytest.raises(BadRequest, match="voice ids are 1 to 64 characters from A-Z, a-z, 0-9"):
+                call(bad)
+    assert tree(tmp_path) == before and enc.encode_count == 1
+    assert [v.id for v in lib.list()] == ["good"]
+
+
+def test_longest_and_odd_but_valid_ids_work(lib, enc):
+    for name in ["x" * 64, "-", "_", "A-Z_0-9"]:
+        assert lib.add(name, wav(1.5), TEXT).id == name
+    assert len(lib.list()) == 4
+
+
+def test_a_symlink_planted_in_voices_is_not_followed(lib, root, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (root / "voices" / "evil").symlink_to(outside, target_is_directory=True)
+    assert lib.list() == []
+    with pytest.raises(ShoalError):
+        lib.get("evil")
+    with pytest.raises(ShoalError):
+        lib.add("evil", wav(1.5), TEXT, overwrite=True)
+    assert list(outside.iterdir()) == []
+
+
+# -- conflicts and missing voices -------------------------------------------------------------------------------
+def test_duplicate_id_conflicts_unless_overwrite(lib, root, enc):
+    first = lib.add("v", wav(1.5), "first", enc)
+    with pytest.raises(Conflict):
+        lib.add("v", wav(2.0), "second", enc)
+    assert enc.encode_count == 1 and lib.get("v") == first  # refused before decoding or encoding
+    second = lib.add("v", wav(2.0, freq=880), "second", enc, overwrite=True)
+    assert lib.get("v") == second and second.text == "second" and second.duration == pytest.approx(2.0, abs=1e-3)
+    assert np.array_equal(lib.codes("v", enc), FakeEncoder().encode_audio(load_audio(lib.clip_path("v"))))
+    assert enc.encode_count == 2 and staging(root) == []
+
+
+def test_rename_onto_a_taken_id_conflicts(lib, enc):
+    lib.add("a", wav(1.5), "a", enc)
+    lib.add("b", wav(1.5), "b", enc)
+    with pytest.raises(Conflict):
+        lib.rename("a", "b")
+    assert lib.get("a").text == "a" and lib.get("b").text == "b"
+
+
+def test_unknown_ids_are_not_found(lib, enc):
+    for call in [lambda: lib.get("nope"), lambda: lib.delete("nope"), lambda: lib.rename("nope", "x"),
+                 lambda: lib.codes("nope", enc), lambda: lib.clip_path("nope"), lambda: lib.original("nope")]:
+        with pytest.raises(NotFound, match="nope"):
+            call()
+
+
+# -- upload validation ------------------------------------------------------------------------------------------
+def test_upload_over_the_limit_is_too_large(root, enc):
+    lib = VoiceLibrary(root, max_upload_bytes=10_000)
+    with pytest.raises(PayloadTooLarge, match="10000"):
+        lib.add("v", wav(1.5), TEXT, enc)
+    assert enc.encode_count == 0 and lib.list() == []
+
+
+@pytest.mark.parametrize("seconds", [0.5, 3.5, 4.5])
+def test_clip_outside_the_allowed_duration_is_refused(root, enc, seconds):
+    lib = VoiceLibrary(root, min_seconds=1.0, max_seconds=3.0)
+    with pytest.raises(BadRequest, match=rf"1 to 3 seconds long; this one is {seconds:.2f} seconds"):
+        lib.add("v", wav(seconds), TEXT, enc)
+    assert enc.encode_count == 0 and lib.list() == [] and staging(root) == []
+
+
+def test_non_audio_is_refused(lib, enc):
+    # What a text file renamed to .wav looks like by the time it reaches the library: just bytes.
+    for data in [b"this is a transcript, not audio\n" * 20, b"", b"RIFF\x00\x00\x00\x00WAVEjunk"]:
+        with pytest.raises(BadRequest):
+            lib.add("v", data, TEXT, enc)
+    assert enc.encode_count == 0 and lib.list() == []
+
+
+@pytest.mark.parametrize("text", ["", "   \n\t", "x" * 2001])
+def test_bad_transcripts_are_refused(lib, enc, text):
+    with pytest.raises(BadRequest, match="transcript"):
+        lib.add("v", wav(1.5), text, enc)
+    assert lib.list() == []
+
+
+def test_stereo_22k_upload_is_stored_as_mono_44k(lib, root, enc):
+    data = wav(2.0, sample_rate=22050, channels=2)
+    voice = lib.add("st", data, TEXT, enc)
+    assert (voice.original_sample_rate, voice.original_channels, voice.sample_rate) == (22050, 2, 44100)
+    info = sf.info(str(lib.clip_path("st")))
+    assert (info.samplerate, info.channels, info.subtype) == (44100, 1, "PCM_16")
+    assert abs(info.frames - 88200) <= 2 and voice.duration == pytest.approx(2.0, abs=1e-3)
+    assert lib.original("st") == (data, "st.wav")
+    assert lib.codes("st", enc).shape == (10, math.ceil(info.frames / 2048)) and enc.encode_count == 1
+
+
+def test_mp3_upload_keeps_its_format(lib, root, enc):
+    if "MP3" not in sf.available_formats():
+        pytest.skip("this libsndfile cannot write MP3")
+    data = wav(2.0, format="MP3", subtype="MPEG_LAYER_III")
+    voice = lib.add("m", data, TEXT, enc)
+    assert voice.original_format == "mp3" and (root / "voices/m/original.mp3").read_bytes() == data
+    assert lib.original("m") == (data, "m.mp3")
+
+
+def test_m4a_upload_is_probed_with_pyav(lib, root, enc):
+    av = pytest.importorskip("av")
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as container:
+        stream = container.add_stream("aac", rate=48000)
+        stream.layout = "mono"
+        t = np.arange(96000) / 48000
+        mono = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+        frame = av.AudioFrame.from_ndarray(mono[None, :], format="flt", layout="mono")
+        frame.sample_rate = 48000
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            container.mux(packet)
+    try:
+        voice = lib.add("m4", buf.getvalue(), TEXT, enc)
+    except BadRequest as exc:
+        pytest.skip(f"load_audio cannot decode m4a yet: {exc}")
+    assert (voice.original_format, voice.original_sample_rate, voice.original_channels) == ("m4a", 48000, 1)
+    assert (root / "voices/m4/original.m4a").is_file()
+
+
+# -- crashes and leftovers --------------------------------------------------------------------------------------
+def test_init_removes_staging_leftovers_and_ignores_broken_voice_folders(lib, root, enc):
+    lib.add("good", wav(1.5), TEXT, enc)
+    (root / ".staging" / "add-999999999-deadbeef").mkdir()
+    (root / ".staging" / "add-999999999-deadbeef" / "clip.wav").write_bytes(b"half")
+    (root / ".staging" / "stray-file").write_bytes(b"x")
+    for name, meta in [("nometa", None), ("badjson", b"{not json"), ("partial", b'{"id": "partial"}'),
+                       ("wrongtypes", json.dumps({**lib.get("good").to_dict(), "duration": "long"}).encode())]:
+        folder = root / "voices" / name
+        folder.mkdir()
+        shutil.copy(root / "voices/good/clip.wav", folder / "clip.wav")
+        if meta is not None:
+            (folder / "meta.json").write_bytes(meta)
+    reopened = VoiceLibrary(root)
+    assert staging(root) == []
+    assert [v.id for v in reopened.list()] == ["good"]
+    with pytest.raises(NotFound):
+        reopened.get("badjson")
+    assert reopened.add("badjson", wav(1.5), TEXT, enc).id == "badjson"  # a broken folder does not hold the id
+    assert [v.id for v in reopened.list()] == ["badjson", "good"]
+
+
+def test_init_leaves_a_live_process_staging_alone(root):
+    (root / ".staging").mkdir(parents=True)
+    parent = os.getppid()
+    live = root / ".staging" / f"add-{parent}-{round(psutil.Process(parent).create_time() * 100)}-cafe"
+    reused = root / ".staging" / f"add-{parent}-12345-cafe"  # same pid, another start time: a dead process
+    live.mkdir()
+    reused.mkdir()
+    VoiceLibrary(root)
+    assert live.is_dir() and not reused.exists()
+
+
+def test_a_second_library_in_the_same_process_leaves_in_flight_work_alone(lib, root, enc, monkeypatch):
+    """The server and another library object on one root: opening the second must not break the first's add."""
+    real_stage = VoiceLibrary._stage
+
+    def stage_then_open_another(self, files):
+        staged = real_stage(self, files)
+        VoiceLibrary(root)
+        return staged
+
+    monkeypatch.setattr(VoiceLibrary, "_stage", stage_then_open_another)
+    assert lib.add("v", wav(1.5), TEXT, enc).id == "v"
+    monkeypatch.undo()
+    assert [v.id for v in VoiceLibrary(root).list()] == ["v"] and staging(root) == []
+
+
+def test_encoder_failure_mid_add_leaves_nothing(lib, root):
+    class Broken(FakeEncoder):
+        def encode_audio(self, audio):
+            raise RuntimeError("GPU fell over")
+
+    before = tree(root)
+    with pytest.raises(RuntimeError):
+        lib.add("v", wav(1.5), TEXT, Broken())
+    assert tree(root) == before and lib.list() == []
+
+
+def test_failed_overwrite_keeps_the_old_voice(lib, root, enc, monkeypatch):
+    old = lib.add("v", wav(1.5), "old", enc)
+    real_rename = os.rename
+    calls = []
+
+    def flaky(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the new folder's rename into place
+            raise OSError("disk full")
+        real_rename(src, dst)
+
+    monkeypatch.setattr("shoal.voices.os.rename", flaky)
+    with pytest.raises(OSError):
+        lib.add("v", wav(2.0), "new", enc, overwrite=True)
+    monkeypatch.undo()
+    assert lib.get("v") == old and staging(root) == []
+    assert VoiceLibrary(root).list() == [old]
+
+
+# A process that dies at a chosen point: die_on(obj, name, nth) ends the process on the nth call of obj.name
+# (os._exit: no finally blocks, no cleanup), as a kill -9 or a power cut would.
+CRASH_PRELUDE = """
+import os, shutil, sys
+from pathlib import Path
+import shoal.voices as voices
+
+def die_on(obj, name, nth=1):
+    real, calls = getattr(obj, name), []
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == nth:
+            os._exit(17)
+        return real(*args, **kwargs)
+    setattr(obj, name, wrapper)
+
+lib = voices.VoiceLibrary(Path(sys.argv[1]))
+clip = Path(sys.argv[2]).read_bytes()
+"""
+
+CRASHES = {
+    "while writing the staged files": 'die_on(voices, "write_durably", 3); lib.add("new", clip, "t")',
+    "just before publishing": 'die_on(os, "rename"); lib.add("new", clip, "t")',
+    "between the overwrite's renames": 'die_on(os, "rename", 2); lib.add("old", clip, "t", overwrite=True)',
+    "in the middle of a delete": 'die_on(shutil, "rmtree"); lib.delete("old")',
+    "mid-rename, before meta.json": 'die_on(voices, "atomic_write"); lib.rename("old", "new")',
+}
+
+
+@pytest.mark.parametrize("point", sorted(CRASHES))
+def test_a_process_killed_mid_write_leaves_whole_voices_or_none(root, tmp_path, enc, point):
+    lib = VoiceLibrary(root)
+    old = lib.add("old", wav(1.5), "old", enc)
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes(wav(2.0, freq=880))
+    script = CRASH_PRELUDE + CRASHES[point] + "\nsys.exit(0)\n"
+    result = subprocess.run([sys.executable, "-c", script, str(root), str(clip)], capture_output=True, text=True)
+    assert result.returncode == 17, result.stderr
+    for library in (lib, VoiceLibrary(root)):  # the survivor, and the next process to open the library
+        # Whole voices or none: the old one (perhaps under its new name), never the new upload or half of one.
+        assert [v.text for v in library.list()] in ([], ["old"])
+    assert staging(root) == []
+    assert sorted(p.name for p in (root / "voices").iterdir()) == [v.id for v in lib.list()]
+    if lib.list():
+        assert np.array_equal(lib.codes(lib.list()[0].id, enc), np.load(root / "voices" / lib.list()[0].id /
+                                                                        "codes.npy"))
+        assert enc.encode_count == 1
+
+
+def test_crash_between_rename_steps_trusts_the_folder_name(lib, root, enc):
+    voice = lib.add("old", wav(1.5), TEXT, enc)
+    os.rename(root / "voices/old", root / "voices/new")  # the folder moved, meta.json not yet rewritten
+    reopened = VoiceLibrary(root)
+    assert reopened.list() == [Voice(**{**voice.to_dict(), "id": "new"})]
+    assert json.loads((root / "voices/new/meta.json").read_text())["id"] == "new"  # fixed lazily
+    reopened.codes("new", enc)
+    assert enc.encode_count == 1
+
+
+# -- the real codec ---------------------------------------------------------------------------------------------
+def test_real_codec_codes_are_stored_and_served_without_encoding(tmp_path, fixture_dir):
+    from shoal.engines.fish import FishEngine
+
+    engine = FishEngine.load(fixture_dir, device="cpu", precision="float32")
+    seen = []  # what the one encode got and gave: a spy, so the test needs no second (slow on CPU) encode
+    real_encode = engine.encode_audio
+
+    def spy(audio):
+        codes = real_encode(audio)
+        seen.append((audio.copy(), codes))
+        return codes
+
+    engine.encode_audio = spy
+    lib = VoiceLibrary(tmp_path)
+    voice = lib.add("ref", (fixture_dir / "reference.wav").read_bytes(),
+                    (fixture_dir / "reference.txt").read_text(), engine)
+    assert engine.encode_count == 1 and voice.codec_checksum == engine.codec_checksum
+    (audio, expected), = seen
+    assert np.array_equal(audio, load_audio(lib.clip_path("ref"), engine.sample_rate))  # it encoded clip.wav
+    assert np.array_equal(expected, np.load(fixture_dir / "codec.npz")["codes"])  # as the reference does
+    assert np.array_equal(np.load(tmp_path / "voices/ref/codes.npy"), expected)
+    assert np.array_equal(lib.codes("ref", engine), expected)
+    assert np.array_equal(VoiceLibrary(tmp_path).codes("ref", engine), expected)
+    assert engine.encode_count == 1
