@@ -1,8 +1,8 @@
 """What a request means: resolve the model and the voice, check limits, run the engine off the event loop.
 
-The HTTP routes, the web UI and the CLI all call this layer; none of them talks to an engine directly. The
-engines run in worker threads (one per engine: an S1 model is single-tenant until batching lands), so the event
-loop stays free to answer health checks and other clients while audio is generated.
+The HTTP routes, the web UI and the CLI all call this layer; none of them talks to an engine directly. Each
+admitted request runs in a worker thread (the fish engine's scheduler batches them into shared decode steps),
+so the event loop stays free to answer health checks and other clients while audio is generated.
 """
 
 from __future__ import annotations
@@ -84,7 +84,9 @@ class Dispatcher:
     def _executor(self, model: str) -> concurrent.futures.ThreadPoolExecutor:
         with self._lock:
             if model not in self._executors:
-                self._executors[model] = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"shoal-{model}")
+                # One thread per admitted request: they mostly wait on the engine, which batches them.
+                self._executors[model] = concurrent.futures.ThreadPoolExecutor(
+                    self.queue_size, thread_name_prefix=f"shoal-{model}")
             return self._executors[model]
 
     def _admit(self) -> None:
@@ -190,7 +192,11 @@ class Service:
     def counters(self) -> dict[str, int]:
         """Process-lifetime counters operators and tests watch (codec encodes: zero for saved voices)."""
         fish = self.engines.engines.get("fish")
-        return {"codec_encodes": getattr(fish, "encode_count", 0)}
+        counters = {"codec_encodes": getattr(fish, "encode_count", 0)}
+        if fish is not None:
+            counters.update(in_flight=fish.scheduler.in_flight, batch_size=fish.scheduler.batch_size,
+                            decode_steps=fish.scheduler.steps)
+        return counters
 
     def describe_models(self) -> list[dict]:
         out = []

@@ -54,6 +54,12 @@ class Settings(BaseSettings):
     min_voice_seconds: float = Field(1.0, ge=0, description="shortest voice clip")
     max_voice_seconds: float = Field(60.0, gt=0, description="longest voice clip")
     reference_cache_size: int = Field(16, ge=0, description="encoded inline references kept in memory")
+    # Batching and streaming
+    max_batch_size: int = Field(4, ge=1, le=64, description="requests decoded together in one step")
+    max_batch_tokens: int | None = Field(None, ge=1, description="prompt + budget positions in flight "
+                                         "(default: max_batch_size x the model's max_seq_len)")
+    stream_first_frames: int = Field(11, ge=1, le=256, description="frames before the first streamed chunk "
+                                     "(~21.5 per second)")
     # Defaults for requests
     default_model: Literal["auto", "fish", "piper"] = Field("auto", description="auto: fish if a checkpoint "
                                                             "loads, else piper")

@@ -18,25 +18,26 @@ import numpy as np
 import torch
 
 from shoal.audio import load_audio
-from shoal.errors import BadRequest, Cancelled, EngineFailure
+from shoal.errors import BadRequest, Cancelled, EngineFailure, ShoalError
 from shoal.fish.checkpoint import CODEC_CONFIG_FILE, check_checkpoint_dir, load_dual_ar
 from shoal.fish.codec import Codec, CodecConfig, load_codec
 from shoal.fish.dual_ar import DualARTransformer
-from shoal.fish.generate import generate
 from shoal.fish.prompt import build_prompt, check_prompt_length
 from shoal.fish.sampling import SamplingParams
 from shoal.fish.tokenizer import FishTokenizer
 from shoal.text import split_text
 
 from .base import Progress, Reference, Synthesis, SynthesisRequest
+from .scheduler import BatchScheduler
 
 PRECISIONS = {
     "float32": torch.float32, "fp32": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16,
 }
-# KV caches grow in steps of this many positions, so memory follows the longest request seen, not max_seq_len.
-CACHE_STEP = 1024
+# Left context for streamed decoding beyond the codec's attention window: the causal convolutions' reach, in
+# frames, with room to spare (the test measures the error).
+STREAM_CONTEXT_MARGIN = 8
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -77,7 +78,8 @@ class FishEngine:
     supports_cloning = True
 
     def __init__(self, model: DualARTransformer, codec: Codec, tokenizer: FishTokenizer, *,
-                 checkpoint_dir: Path | None = None, reference_cache_size: int = 16):
+                 checkpoint_dir: Path | None = None, reference_cache_size: int = 16, max_batch_size: int = 4,
+                 max_batch_tokens: int | None = None, stream_first_frames: int = 11):
         self.model = model
         self.codec = codec
         self.tokenizer = tokenizer
@@ -92,11 +94,19 @@ class FishEngine:
         #: How many times a reference clip went through the codec encoder (cache misses).
         self.encode_count = 0
         self._codec_checksum: str | None = None
+        self.scheduler = BatchScheduler(model, max_batch=max_batch_size, max_tokens=max_batch_tokens)
+        #: Streaming: frames before the first chunk (11 is about 0.5 s), the largest chunk, and the left
+        #: context each chunk is decoded with (the codec's attention window plus its convolutions' reach).
+        self.stream_first_frames = max(1, stream_first_frames)
+        self.stream_max_frames = 64
+        window = codec.config.quantizer_transformer.window_size
+        self.stream_context = window + STREAM_CONTEXT_MARGIN if window else 1 << 30  # unwindowed: all of it
 
     @classmethod
     def load(cls, checkpoint_dir: str | Path, device: str | torch.device | None = "auto",
              precision: str | torch.dtype | None = "auto", compile: bool = False,
-             reference_cache_size: int = 16) -> "FishEngine":
+             reference_cache_size: int = 16, max_batch_size: int = 4, max_batch_tokens: int | None = None,
+             stream_first_frames: int = 11) -> "FishEngine":
         """Load a checkpoint directory once. Raises CheckpointError naming a missing or mismatched file."""
         if compile:
             raise BadRequest("compile=True is not supported yet: torch.compile of the decode step arrives with "
@@ -110,7 +120,9 @@ class FishEngine:
         codec_config = CodecConfig.from_yaml(codec_yaml) if codec_yaml.is_file() else CodecConfig()
         # The codec stays float32: it is a small share of the time and bf16 audibly degrades decoding.
         codec = load_codec(path / "codec.pth", codec_config, device=dev, dtype=torch.float32)
-        return cls(model, codec, tokenizer, checkpoint_dir=path, reference_cache_size=reference_cache_size)
+        return cls(model, codec, tokenizer, checkpoint_dir=path, reference_cache_size=reference_cache_size,
+                   max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens,
+                   stream_first_frames=stream_first_frames)
 
     # -- references --------------------------------------------------------------------------------------------
     def encode_reference(self, reference: Reference) -> torch.Tensor:
@@ -162,9 +174,10 @@ class FishEngine:
     # -- synthesis ---------------------------------------------------------------------------------------------
     def synthesize(self, request: SynthesisRequest, progress: Progress | None = None,
                    cancel: threading.Event | None = None) -> Iterator[np.ndarray]:
-        """Yield float32 audio, one chunk per text segment (frame-level streaming comes with the scheduler)."""
-        for _, audio in self._segments(request, progress, cancel):
-            yield audio
+        """Yield float32 audio as it is decoded: the first chunk after about `stream_first_frames` frames."""
+        for item in self._segments(request, progress, cancel, stream=True):
+            if isinstance(item, np.ndarray) and len(item):
+                yield item
 
     def run(self, request: SynthesisRequest, progress: Progress | None = None,
             cancel: threading.Event | None = None) -> Synthesis:
@@ -172,11 +185,13 @@ class FishEngine:
         seed = request.effective_seed()
         request = replace(request, seed=seed)
         audios, codes, stops, frames = [], [], [], 0
-        for segment, audio in self._segments(request, progress, cancel):
-            audios.append(audio)
-            codes.append(segment.codes)
-            stops.append(segment.stopped_by_im_end)
-            frames += segment.frames
+        for item in self._segments(request, progress, cancel):
+            if isinstance(item, np.ndarray):
+                audios.append(item)
+            else:
+                codes.append(item.codes)
+                stops.append(item.stopped_by_im_end)
+                frames += item.frames
         if cancel is not None and cancel.is_set():
             raise Cancelled("synthesis was cancelled")
         return Synthesis(
@@ -195,8 +210,14 @@ class FishEngine:
         return result.sample_rate, result.audio
 
     def _segments(self, request: SynthesisRequest, progress: Progress | None,
-                  cancel: threading.Event | None = None):
-        """Generate and decode each text segment in turn, yielding (SegmentCodes, audio).
+                  cancel: threading.Event | None = None, stream: bool = False):
+        """Generate and decode each text segment in turn, yielding audio chunks (float32 arrays) and, after
+        each segment's audio, its SegmentCodes.
+
+        With `stream`, audio is decoded while frames arrive: the first chunk after `stream_first_frames`
+        frames, then chunks twice as long each time up to `stream_max_frames`, each decoded with enough left
+        context (the codec's attention window) to match the one-shot decode. Without it, each segment is
+        decoded once, exactly as the reference decodes.
 
         From the second segment on, the previous segment's text and codes follow the references in the prompt,
         as the reference's iterative prompt did, so the voice carries over from segment to segment.
@@ -209,33 +230,57 @@ class FishEngine:
         previous: list[tuple[str, torch.Tensor]] = []
         done = 0
         for index, text in enumerate(segments):
+            first, last = index == 0, index == len(segments) - 1
             prompt, max_new = self._prompt(text, references + previous, request.max_new_tokens)
             if previous and prompt is None:  # the carried segment made it too long: go without it
                 prompt, max_new = self._prompt(text, references, request.max_new_tokens)
             if prompt is None:
                 self._prompt(text, references, request.max_new_tokens, strict=True)
             total = done + max_new * (len(segments) - index)
-            with self._lock:
-                self._ensure_cache(prompt.shape[1] + max_new)
-                frames = []
-                try:
-                    for frame in generate(self.model, prompt, params, generator, max_new,
-                                          self.tokenizer.im_end_id):
-                        if cancel is not None and cancel.is_set():
-                            return  # the KV cache needs no cleanup: the next prefill overwrites it
-                        frames.append(frame)
-                        done += 1
-                        if progress:
-                            progress(done, total)
-                except torch.cuda.OutOfMemoryError:
-                    raise
-                except RuntimeError as exc:
-                    raise EngineFailure(f"generation failed: {exc}") from exc
-                seg = SegmentCodes(torch.stack(frames, dim=1).cpu(), self.tokenizer.im_end_id)
-                audio = apply_speed(self._decode(seg.codes), self.sample_rate, request.speed)
+            row = self.scheduler.submit(prompt, params, generator, max_new, self.tokenizer.im_end_id)
+            frames: list[torch.Tensor] = []
+            emitted, chunk = 0, self.stream_first_frames
+            try:
+                for frame in row:
+                    if cancel is not None and cancel.is_set():
+                        return
+                    frames.append(frame)
+                    done += 1
+                    if progress:
+                        progress(done, total)
+                    decodable = len(frames) - 1  # the newest frame may be the last, which is never decoded
+                    if stream and decodable - emitted >= chunk:
+                        audio = self._decode_window(frames, emitted, decodable)
+                        yield self._finish_audio(audio, request, fade_in=not first and emitted == 0)
+                        emitted, chunk = decodable, min(chunk * 2, self.stream_max_frames)
+            except ShoalError:
+                raise
+            except Exception as exc:
+                raise engine_failure(exc) from exc
+            finally:
+                row.cancel()  # a no-op for a finished row; frees the slot of an abandoned one
+            seg = SegmentCodes(torch.stack(frames, dim=1), self.tokenizer.im_end_id)
+            if stream:
+                audio = self._decode_window(frames, emitted, len(frames) - 1)
+                yield self._finish_audio(audio, request, fade_in=not first and emitted == 0, fade_out=not last)
+            else:
+                yield self._finish_audio(self._decode(seg.codes), request, fade_in=not first, fade_out=not last)
             if seg.codes.shape[1]:
                 previous = [(text, torch.from_numpy(seg.codes))]
-            yield seg, fade_joins(audio, self.sample_rate, first=index == 0, last=index == len(segments) - 1)
+            yield seg
+
+    def _finish_audio(self, audio: np.ndarray, request: SynthesisRequest, fade_in: bool = False,
+                      fade_out: bool = False) -> np.ndarray:
+        return fade_joins(apply_speed(audio, self.sample_rate, request.speed), self.sample_rate,
+                          first=not fade_in, last=not fade_out)
+
+    def _decode_window(self, frames: list[torch.Tensor], start: int, end: int) -> np.ndarray:
+        """Audio of frames [start, end), decoded with up to `stream_context` frames of left context."""
+        if end <= start:
+            return np.zeros(0, np.float32)
+        left = max(0, start - self.stream_context)
+        codes = torch.stack(frames[left:end], dim=1)[1:].numpy().astype(np.int64)
+        return self._decode(codes)[(start - left) * self.frame_length :]
 
     def _prompt(self, text: str, references: list[tuple[str, torch.Tensor]], max_new_tokens: int,
                 strict: bool = False) -> tuple[torch.Tensor | None, int]:
@@ -255,12 +300,8 @@ class FishEngine:
             audio = self.codec.decode(torch.from_numpy(codes).to(self.device))
         return audio.float().cpu().numpy()
 
-    def _ensure_cache(self, positions: int) -> None:
-        model = self.model
-        if model.cache_batch >= 1 and model.cache_seq_len >= positions:
-            return
-        size = min(-(-positions // CACHE_STEP) * CACHE_STEP, model.config.max_seq_len)
-        model.setup_caches(batch=1, seq_len=size)
+    def close(self) -> None:
+        self.scheduler.stop()
 
 
 JOIN_FADE_SECONDS = 0.01
@@ -279,6 +320,13 @@ def fade_joins(audio: np.ndarray, sample_rate: int, first: bool, last: bool) -> 
     if not last:
         audio[-n:] *= ramp[::-1]
     return audio
+
+
+def engine_failure(exc: Exception) -> Exception:
+    """CUDA out-of-memory passes through (the server makes it a 503); anything else is an EngineFailure."""
+    if type(exc).__name__ == "OutOfMemoryError":
+        return exc
+    return EngineFailure(f"generation failed: {type(exc).__name__}: {exc}")
 
 
 def apply_speed(audio: np.ndarray, sample_rate: int, speed: float) -> np.ndarray:

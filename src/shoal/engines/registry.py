@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shoal.errors import CheckpointError
-from shoal.fish.checkpoint import checkpoint_search_paths
+from shoal.layout import checkpoint_search_paths
 
 from .base import Engine
 
@@ -48,7 +48,10 @@ def load_engines(settings) -> Engines:
     if checkpoint is not None:
         result.engines["fish"] = FishEngine.load(checkpoint, device=settings.device, precision=settings.precision,
                                                  compile=settings.compile,
-                                                 reference_cache_size=settings.reference_cache_size)
+                                                 reference_cache_size=settings.reference_cache_size,
+                                                 max_batch_size=settings.max_batch_size,
+                                                 max_batch_tokens=settings.max_batch_tokens,
+                                                 stream_first_frames=settings.stream_first_frames)
         result.checkpoint = checkpoint
     result.engines["piper"] = PiperEngine.load()
     if checkpoint is None:

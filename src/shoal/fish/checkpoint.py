@@ -14,23 +14,13 @@ import torch
 from torch import nn
 
 from shoal.errors import CheckpointError
+from shoal.layout import CHECKPOINT_FILES, CODEC_CONFIG_FILE, HOW_TO_GET  # noqa: F401  (re-exported)
 
 from .dual_ar import DualARConfig, DualARTransformer
 
 if TYPE_CHECKING:
     from .tokenizer import FishTokenizer
 
-CHECKPOINT_FILES = ("config.json", "model.pth", "tokenizer.tiktoken", "special_tokens.json", "codec.pth")
-CODEC_CONFIG_FILE = "codec_config.yaml"
-HOW_TO_GET = "run `shoal download` to fetch openaudio-s1-mini, or pass --checkpoint DIR"
-
-
-def checkpoint_search_paths(data_dir: str | Path | None) -> list[Path]:
-    """Where a checkpoint is looked for when none is configured, in order."""
-    paths = [Path("checkpoints/openaudio-s1-mini")]
-    if data_dir is not None:
-        paths.append(Path(data_dir).expanduser() / "checkpoints" / "openaudio-s1-mini")
-    return paths
 
 
 def check_checkpoint_dir(path: str | Path) -> Path:
