@@ -8,7 +8,7 @@ A checkpoint directory holds `config.json`, `model.pth`, `tokenizer.tiktoken`, `
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 from torch import nn
@@ -59,20 +59,26 @@ def normalise_model_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return {k: v for k, v in state.items() if not k.startswith("audio_")}
 
 
-def strict_load(module: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
-    """`load_state_dict(strict=True)`, with a one-line CheckpointError naming what does not match."""
+def state_dict_mismatch(module: nn.Module, state: Mapping[str, torch.Tensor]) -> str | None:
+    """What keeps `state` from loading strictly into `module`, as one short line (None if nothing)."""
     expected = module.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
-             for k, v in expected.items() if k in state and state[k].shape != v.shape]
+             for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
     problems = []
     for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
         if items:
             more = f" and {len(items) - 3} more" if len(items) > 3 else ""
             problems.append(f"{label}: {', '.join(items[:3])}{more}")
+    return "; ".join(problems) or None
+
+
+def strict_load(module: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """`load_state_dict(strict=True)`, with a one-line CheckpointError naming what does not match."""
+    problems = state_dict_mismatch(module, state)
     if problems:
-        raise CheckpointError(f"{source} does not match the architecture in config.json ({'; '.join(problems)})")
+        raise CheckpointError(f"{source} does not match the architecture in config.json ({problems})")
     module.load_state_dict(state, strict=True, assign=True)
 
 

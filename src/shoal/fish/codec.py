@@ -899,18 +899,11 @@ def unwrap_codec_state_dict(state: Mapping[str, Any]) -> dict[str, Any]:
 
 def check_codec_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> None:
     """Raise CheckpointError naming the first missing / unexpected keys and shape mismatches, if any."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
-             for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    problems = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-        if items:
-            more = f" and {len(items) - 3} more" if len(items) > 3 else ""
-            problems.append(f"{label}: {', '.join(items[:3])}{more}")
+    from .checkpoint import state_dict_mismatch
+
+    problems = state_dict_mismatch(model, state)
     if problems:
-        raise CheckpointError(f"codec weights do not match the codec config ({'; '.join(problems)})")
+        raise CheckpointError(f"codec weights do not match the codec config ({problems})")
 
 
 def load_codec(path: str | Path, config: CodecConfig | None = None, device: str | torch.device = "cpu",
