@@ -325,3 +325,16 @@ def test_api_key_is_required_and_compared(make_server):
     client = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret")
     assert client.audio.speech.create(model="tts-1", voice="default", input="Key.", response_format="pcm",
                                       extra_body={"max_new_tokens": 4}).content
+
+
+def test_request_timeout_is_504_and_frees_the_queue(make_server):
+    srv = make_server(env={"SHOAL_REQUEST_TIMEOUT": "0.5"})
+    with srv.client() as c:
+        r = c.post("/v1/audio/speech", json={"input": "Too slow. " * 20, "voice": "default",
+                                             "response_format": "wav", "seed": 1, "max_new_tokens": 3000,
+                                             "chunk_length": 0})
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+        deadline = time.monotonic() + 30
+        while c.get("/v1/health").json()["queue_depth"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert c.get("/v1/health").json()["queue_depth"] == 0
