@@ -16,17 +16,13 @@ from shoal.errors import BadRequest, CheckpointError, ShoalError
 
 def find_checkpoint(settings) -> Path:
     """The checkpoint to use: the configured one, else the first default location that exists."""
-    from shoal.fish.checkpoint import checkpoint_search_paths
+    from shoal.engines.registry import find_checkpoint as search
 
-    if settings.checkpoint:
-        return Path(settings.checkpoint)
-    candidates = checkpoint_search_paths(settings.data_dir)
-    for candidate in candidates:
-        if candidate.is_dir():
-            return candidate
-    searched = ", ".join(str(p) for p in candidates)
-    raise CheckpointError(f"no Fish Speech checkpoint found at {searched}; pass --checkpoint DIR or run "
-                          "`shoal download` to fetch openaudio-s1-mini")
+    found, searched = search(settings.checkpoint, settings.data_dir)
+    if found is None:
+        raise CheckpointError(f"no Fish Speech checkpoint found at {', '.join(str(p) for p in searched)}; pass "
+                              "--checkpoint DIR or run `shoal download` to fetch openaudio-s1-mini")
+    return found
 
 
 class ProgressLine:
@@ -133,6 +129,12 @@ def cmd_download(args: argparse.Namespace) -> int:
     return run_download(args.repo, args.dir)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from shoal.bench import run_bench
+
+    return run_bench(args)
+
+
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="S1 checkpoint directory (default: checkpoints/openaudio-s1-mini, then "
                    "the data dir's checkpoints/openaudio-s1-mini)")
@@ -189,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("repo", nargs="?", default="fishaudio/openaudio-s1-mini",
                           help="hub repository (default fishaudio/openaudio-s1-mini; gated: set HF_TOKEN)")
     download.add_argument("--dir", help="where to put it (default checkpoints/<repo name>)")
+    bench = command("bench", "benchmark shoal (and the reference engine side by side)", cmd_bench)
+    from shoal.bench import add_bench_arguments
+
+    add_bench_arguments(bench)
     return parser
 
 

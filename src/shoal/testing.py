@@ -217,3 +217,73 @@ def write_tiny_checkpoint(directory: str | Path, seed: int = 0, **dims) -> Path:
     write_codec_config_yaml(directory / "codec_config.yaml", codec_config)
     write_tiny_codec(directory / "codec.pth", codec_config, seed=seed)
     return directory
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A full-size random checkpoint (benchmarks)
+# ---------------------------------------------------------------------------------------------------------------
+
+#: The real openaudio-s1-mini tokenizer: 151,665 BPE ranks, then the 15 control tokens, then 4096 semantic
+#: tokens, so `<|semantic:0|>` is id 151680 and the vocabulary is S1_MINI_CONFIG's 155,776.
+FULL_SIZE_BPE_RANKS = S1_MINI_CONFIG["vocab_size"] - len(CONTROL_TOKENS) - SEMANTIC_TOKENS
+
+
+def full_size_ranks() -> list[bytes]:
+    """151,665 distinct BPE tokens: the 256 single bytes, the tiny merges, then synthetic filler.
+
+    The filler is made of bytes >= 0x80 only (every pair of them, then triples), so ASCII text tokenises exactly as
+    with the tiny tokenizer and the filler only changes how many rows the embedding and output layers have, which
+    is what a benchmark needs: a vocabulary of the real size with the semantic tokens at its end.
+    """
+    import itertools
+
+    ranks = [bytes([b]) for b in range(256)] + list(_MERGES)
+    high = range(0x80, 0x100)
+    filler = (bytes(t) for n in (2, 3) for t in itertools.product(high, repeat=n))
+    ranks += itertools.islice(filler, FULL_SIZE_BPE_RANKS - len(ranks))
+    return ranks
+
+
+def write_full_size_checkpoint(directory: str | Path, seed: int = 0) -> Path:
+    """Write a random checkpoint of openaudio-s1-mini's shape and return its directory.
+
+    S1_MINI_CONFIG dimensions (0.5 B transformer parameters + a 155,776-row tied embedding) in bfloat16 like the
+    released weights, a tokenizer of the real size with the semantic tokens at ids 151680-155775, and a codec of
+    the real `modded_dac_vq` size (`CodecConfig()` defaults, so no `codec_config.yaml` is written and both shoal
+    and the reference use their built-in codec configuration). About 1.4 GB + 1.9 GB on disk, ~4 GB of RAM and a
+    minute or so of CPU to write; nothing is downloaded.
+
+    Files are written under a temporary name and the folder is renamed into place when complete, so an
+    interrupted run never leaves a half-written checkpoint at `directory`.
+    """
+    import os
+    import shutil
+
+    directory = Path(directory)
+    if directory.exists():
+        raise FileExistsError(f"{directory} already exists")
+    staging = directory.with_name(directory.name + f".partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        ranks = full_size_ranks()
+        with open(staging / "tokenizer.tiktoken", "w", encoding="ascii") as f:
+            for rank, token in enumerate(ranks):
+                f.write(f"{base64.b64encode(token).decode()} {rank}\n")
+        specials = list(CONTROL_TOKENS) + [f"<|semantic:{i}|>" for i in range(SEMANTIC_TOKENS)]
+        table = {token: len(ranks) + i for i, token in enumerate(specials)}
+        (staging / "special_tokens.json").write_text(json.dumps(table, indent=2, ensure_ascii=False))
+        assert len(ranks) + len(specials) == S1_MINI_CONFIG["vocab_size"]
+
+        config = DualARConfig.from_dict(dict(S1_MINI_CONFIG))
+        (staging / "config.json").write_text(json.dumps(config.to_dict(), indent=4, sort_keys=True))
+        im_end_id = len(ranks) + CONTROL_TOKENS.index("<|im_end|>")
+        state = random_model_state_dict(config, seed, im_end_id)
+        torch.save(state, staging / "model.pth")
+        del state
+        write_tiny_codec(staging / "codec.pth", CodecConfig(), seed=seed)
+        staging.rename(directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory

@@ -1,0 +1,992 @@
+"""`shoal bench`: shoal and the reference engine (fish-speech 0.1.0) on one checkpoint, one machine, one run.
+
+Two kinds of process take part besides the reference's own, and this one file holds both:
+
+- the orchestrator (`run_bench`, in the `shoal` process): prepares the checkpoint and the requests, measures
+  the machine's memory bandwidth, starts the others one at a time, and writes `bench/results/<date>-<label>.md`
+  and `.json`. It stays small (no torch), because a child's `ru_maxrss`, which the reference reports as its
+  peak RSS, starts at its parent's peak;
+- shoal workers (`python -m shoal.bench worker SPEC OUT`): one fresh process per configuration, so that load
+  times and peak RSS are per configuration and nothing warm carries over. They go through `FishEngine` for the
+  per-step decode timing and through `Service` (its Dispatcher, under asyncio) for everything a client sees.
+
+The reference runs as `REFERENCE_VENV/bin/python run_reference.py`, unchanged, on the same requests (texts,
+seeds, sampling parameters, max_new_tokens, reference clip), one after another as its server runs them. Its report
+has per-request wall times only, so its per-step times come from its own stderr, time-stamped as it arrives (the
+tqdm bar of its decode loop). Top-level imports stay within the standard library: `shoal.cli` imports this module
+at start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+SHARED = Path(__file__).resolve().parents[3] / "shared"  # ../shared beside a checkout, as the tests expect
+DEFAULT_FIXTURE = SHARED / "fixtures" / "fish-s1-tiny"
+DEFAULT_REFERENCE_DIR = SHARED / "reference"
+DEFAULT_REFERENCE_VENV = Path("~/.cache/shoal-reference")
+DEFAULT_WORK_DIR = Path("~/.cache/shoal-bench")
+DEFAULT_OUT = Path("bench/results")
+READY_MARKER = ".reference-ready"  # what the reference's setup.sh leaves in a finished venv
+
+DEFAULTS = {  # per checkpoint kind: (max_new_tokens per request, concurrency levels)
+    "tiny": (215, (1, 4, 8)),
+    "full-size": (32, (1, 4)),
+    "checkpoint": (215, (1, 4, 8)),
+}
+
+# The requests. All texts are under 200 characters, so shoal (chunk_length 200) and the reference (which never
+# splits) generate each of them as one segment: the same work on both sides.
+# Each process warms up with one request as long as the measured ones: the first codec decode of a new, larger
+# length costs several times a later one (allocations growing), a start-up cost the steady state never pays.
+WARMUP = {"text": "Warming up.", "seed": 0}
+UTTERANCE = ("The lighthouse keeper climbed the spiral stairs every evening, lit the great lamp, and watched the "
+             "fishing boats find their way home through the narrow channel.")  # about 10 s spoken
+UTTERANCE_SEED = 7
+TEXTS = (
+    "Hello world, this is a test of the speech server.",
+    "The quick brown fox jumps over the lazy dog.",
+    "Please leave a message after the tone, and we will call you back.",
+    "Tomorrow will be sunny in the morning, with showers in the afternoon.",
+    "Benchmarks are not tests, but they keep everyone honest.",
+    "Turn left at the next corner, then continue for two hundred metres.",
+    "Your order has shipped and should arrive on Thursday.",
+    "Reading aloud is a skill that improves with practice.",
+)
+THROUGHPUT_SEED = 100  # request i of a burst uses seed 100 + i; request 0 is also the decode-timing request
+VOICE_ID = "bench-voice"
+VOICE_CLIP_TEXT = "This is a short reference recording."
+VOICE_REQUEST = {"text": "Saved voices are encoded once, when they are saved.", "seed": 11}
+VOICE_CLIP_SECONDS = 3.0
+
+
+class BenchError(Exception):
+    """A failure the orchestrator reports as one line (mapped to a ShoalError in run_bench)."""
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Command line
+# -----------------------------------------------------------------------------------------------------------
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--tiny", action="store_true",
+                       help=f"bench the fish-s1-tiny fixture (the default; at {DEFAULT_FIXTURE})")
+    which.add_argument("--full-size", action="store_true",
+                       help="bench a random checkpoint of openaudio-s1-mini's shape (written once under --work-dir: "
+                            "~3.3 GB, a minute or two; nothing is downloaded)")
+    which.add_argument("--checkpoint", metavar="DIR", help="bench an existing S1 checkpoint directory")
+    parser.add_argument("--fixture", metavar="DIR", default=str(DEFAULT_FIXTURE), help="where --tiny looks")
+    parser.add_argument("--work-dir", metavar="DIR", default=str(DEFAULT_WORK_DIR),
+                        help=f"cache for the --full-size checkpoint (default {DEFAULT_WORK_DIR})")
+    parser.add_argument("--tokens", type=int, metavar="N",
+                        help="max_new_tokens of every request (default 215, about 10 s of audio; 32 with "
+                             "--full-size)")
+    parser.add_argument("--concurrency", metavar="LIST",
+                        help="concurrent request counts, comma-separated (default 1,4,8; 1,4 with --full-size)")
+    parser.add_argument("--threads", type=int, metavar="N", help="torch threads for both engines "
+                        "(default: torch's own choice)")
+    parser.add_argument("--device", default="cpu", help="device for both engines (default cpu, where the "
+                        "reference is meant to run)")
+    parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="precision for both engines (default float32)")
+    parser.add_argument("--reference-venv", metavar="DIR", default=str(DEFAULT_REFERENCE_VENV),
+                        help=f"venv of the reference engine (default {DEFAULT_REFERENCE_VENV})")
+    parser.add_argument("--reference-dir", metavar="DIR", default=str(DEFAULT_REFERENCE_DIR),
+                        help="folder holding the reference's setup.sh and run_reference.py")
+    parser.add_argument("--setup-reference", action="store_true",
+                        help="build the reference venv with setup.sh if it is missing (~2.5 GB, a few minutes)")
+    parser.add_argument("--no-reference", action="store_true", help="bench shoal only")
+    parser.add_argument("--label", help="name of this run in the result files (default: the checkpoint kind)")
+    parser.add_argument("--out", metavar="DIR", default=str(DEFAULT_OUT),
+                        help=f"where the .md and .json go (default {DEFAULT_OUT})")
+    parser.add_argument("--bandwidth-mib", type=int, default=1024, metavar="MIB",
+                        help="size of the array copied to measure memory bandwidth (default 1024)")
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from shoal.errors import BadRequest, EngineFailure
+
+    try:
+        options = resolve_options(args)
+    except BenchError as exc:
+        raise BadRequest(str(exc)) from None
+    try:
+        Bench(options).run()
+    except BenchError as exc:
+        raise EngineFailure(str(exc)) from None
+    return 0
+
+
+def resolve_options(args: argparse.Namespace) -> dict:
+    kind = "full-size" if args.full_size else "checkpoint" if args.checkpoint else "tiny"
+    tokens, levels = DEFAULTS[kind]
+    tokens = args.tokens if args.tokens is not None else tokens
+    if tokens < 2:
+        raise BenchError("--tokens must be at least 2: the last generated frame is never decoded")
+    if args.concurrency is not None:
+        try:
+            levels = tuple(int(v) for v in args.concurrency.split(",") if v.strip())
+        except ValueError:
+            raise BenchError(f"--concurrency must be comma-separated integers, got {args.concurrency!r}") from None
+        if not levels or min(levels) < 1:
+            raise BenchError("--concurrency needs at least one level, each >= 1")
+    if args.threads is not None and args.threads < 1:
+        raise BenchError("--threads must be at least 1")
+    if args.bandwidth_mib < 1:
+        raise BenchError("--bandwidth-mib must be at least 1")
+    label = args.label or (Path(args.checkpoint).name if args.checkpoint else kind)
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,80}", label):
+        raise BenchError(f"--label may only use A-Z, a-z, 0-9, '.', '_' and '-', got {label!r}")
+    return {
+        "kind": kind,
+        "checkpoint": args.checkpoint,
+        "fixture": Path(args.fixture).expanduser(),
+        "work_dir": Path(args.work_dir).expanduser(),
+        "tokens": tokens,
+        "concurrency": sorted(set(levels)),
+        "threads": args.threads,
+        "device": args.device,
+        "precision": args.precision,
+        "reference_venv": Path(args.reference_venv).expanduser(),
+        "reference_dir": Path(args.reference_dir).expanduser(),
+        "setup_reference": args.setup_reference,
+        "no_reference": args.no_reference,
+        "label": label,
+        "out": Path(args.out).expanduser(),
+        "bandwidth_mib": args.bandwidth_mib,
+        "debug": getattr(args, "debug", False),
+    }
+
+
+def progress(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The orchestrator
+# -----------------------------------------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, options: dict):
+        self.o = options
+
+    def run(self) -> dict:
+        o = self.o
+        started = datetime.datetime.now().astimezone()
+        load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+        o["out"].mkdir(parents=True, exist_ok=True)
+        checkpoint = self.checkpoint()
+        reference_venv = self.reference_venv()
+        with tempfile.TemporaryDirectory(prefix="shoal-bench-") as tmp:
+            tmp = Path(tmp)
+            clip = write_voice_clip(tmp / "voice.wav")
+            plan = request_plan(o["tokens"], max(o["concurrency"]))
+            progress(f"measuring memory bandwidth ({o['bandwidth_mib']} MiB array copy, best of 5)")
+            bandwidth = self.bandwidth()
+            progress(f"memory bandwidth {bandwidth['gbps']:.1f} GB/s")
+
+            # Shoal and the reference alternate: shoal's single-stream run, the reference, then shoal's bursts.
+            shoal = {"single": self.shoal_worker(tmp, "single", checkpoint, plan, clip), "concurrency": {}}
+            reference = self.reference(tmp, reference_venv, checkpoint, plan, clip)
+            for n in o["concurrency"]:
+                shoal["concurrency"][str(n)] = self.shoal_worker(tmp, "concurrent", checkpoint, plan, clip, n)
+
+        load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
+        report = assemble(o, started, checkpoint, bandwidth, plan, shoal, reference, load_before, load_after)
+        md = render_markdown(report)
+        stem = o["out"] / f"{started.date().isoformat()}-{o['label']}"
+        write_text(stem.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
+        write_text(stem.with_suffix(".md"), md)
+        print(md)
+        progress(f"wrote {stem}.md and {stem}.json")
+        if reference.get("status") == "failed":
+            raise BenchError(f"the reference engine failed: {reference['error']} (its log: "
+                             f"{o['work_dir'] / 'reference-last.log'}; shoal's results are in {stem}.md)")
+        return report
+
+    # -- inputs ------------------------------------------------------------------------------------------------
+    def checkpoint(self) -> dict:
+        o = self.o
+        if o["kind"] == "tiny":
+            path = o["fixture"]
+            if not path.is_dir():
+                raise BenchError(f"the tiny fixture is not at {path}; pass --fixture DIR, --checkpoint DIR or "
+                                 "--full-size")
+            description = "fish-s1-tiny fixture (random weights, tiny dims)"
+        elif o["kind"] == "full-size":
+            path = o["work_dir"] / "openaudio-s1-mini-random-seed0"
+            if not path.is_dir():
+                o["work_dir"].mkdir(parents=True, exist_ok=True)
+                progress(f"writing the full-size random checkpoint to {path} (once: ~3.3 GB, a minute or two)")
+                t0 = time.perf_counter()
+                proc = subprocess.run([sys.executable, "-m", "shoal.bench", "write-full-size", str(path), "0"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                if proc.returncode:
+                    raise BenchError(f"writing the full-size checkpoint failed: {last_line(proc.stderr)}")
+                progress(f"wrote it in {time.perf_counter() - t0:.0f} s")
+            description = "openaudio-s1-mini shape, random bf16 weights, real-size codec and vocabulary"
+        else:
+            path = Path(o["checkpoint"]).expanduser()
+            description = "user checkpoint"
+        check_checkpoint(path)
+        return {"path": str(path.resolve()), "kind": o["kind"], "description": description,
+                "bytes_on_disk": sum(f.stat().st_size for f in path.iterdir() if f.is_file())}
+
+    def reference_venv(self) -> Path | str:
+        """The reference's python, or why the reference column says "not run"."""
+        o = self.o
+        if o["no_reference"]:
+            return "not run (--no-reference)"
+        venv, ref_dir = o["reference_venv"], o["reference_dir"]
+        if not (ref_dir / "run_reference.py").is_file():
+            return f"not run (no run_reference.py in {ref_dir}; pass --reference-dir)"
+        if not (venv / READY_MARKER).is_file():
+            if not o["setup_reference"]:
+                return f"not run (no reference venv at {venv}; --setup-reference builds it)"
+            progress(f"building the reference venv at {venv} with setup.sh (~2.5 GB, a few minutes)")
+            proc = subprocess.run(["bash", str(ref_dir / "setup.sh"), str(venv)], stdout=sys.stderr,
+                                  stderr=subprocess.PIPE, text=True)
+            if proc.returncode or not (venv / READY_MARKER).is_file():
+                raise BenchError(f"setup.sh failed to build the reference venv: {last_line(proc.stderr)}")
+        python = venv / "bin" / "python"
+        if not python.is_file():
+            raise BenchError(f"{venv} has no bin/python; delete it and rerun with --setup-reference")
+        return python
+
+    def bandwidth(self) -> dict:
+        """Measured in a process of its own, so that its 2 x MIB of arrays never count in anyone's peak RSS."""
+        proc = subprocess.run([sys.executable, "-m", "shoal.bench", "bandwidth", str(self.o["bandwidth_mib"])],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            raise BenchError(f"measuring memory bandwidth failed: {last_line(proc.stderr)}")
+        return json.loads(proc.stdout)
+
+    def env(self) -> dict:
+        env = dict(os.environ)
+        if self.o["threads"]:
+            for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+                env[name] = str(self.o["threads"])
+        return env
+
+    # -- shoal -------------------------------------------------------------------------------------------------
+    def shoal_worker(self, tmp: Path, task: str, checkpoint: dict, plan: dict, clip: Path, n: int = 1) -> dict:
+        o = self.o
+        name = "single stream" if task == "single" else f"{n} concurrent"
+        progress(f"shoal: {name} (fresh process)")
+        spec = {
+            "task": task, "n": n, "checkpoint": checkpoint["path"], "device": o["device"],
+            "precision": o["precision"], "threads": o["threads"], "plan": plan, "voice_clip": str(clip),
+            "data_dir": str(tmp / f"data-{task}-{n}"), "debug": o["debug"],
+        }
+        spec_path, out_path = tmp / f"spec-{task}-{n}.json", tmp / f"out-{task}-{n}.json"
+        spec_path.write_text(json.dumps(spec))
+        proc = subprocess.run([sys.executable, "-m", "shoal.bench", "worker", str(spec_path), str(out_path)],
+                              env=self.env(), stdout=subprocess.DEVNULL)
+        result = json.loads(out_path.read_text()) if out_path.is_file() else None
+        if result is None or "error" in result:
+            why = result["error"] if result else f"it died with exit code {proc.returncode}" + (
+                " (killed: out of memory?)" if proc.returncode in (-9, 137) else "")
+            raise BenchError(f"shoal {name} failed: {why}")
+        return result
+
+    # -- the reference -----------------------------------------------------------------------------------------
+    def reference(self, tmp: Path, python, checkpoint: dict, plan: dict, clip: Path) -> dict:
+        if not isinstance(python, Path):
+            return {"status": python}
+        o = self.o
+        requests = reference_requests(plan, clip)
+        roles = [role for role, _ in requests]
+        jsonl = tmp / "requests.jsonl"
+        jsonl.write_text("".join(json.dumps(r) + "\n" for _, r in requests))
+        out = tmp / "reference.json"
+        log_path = o["work_dir"] / "reference-last.log"
+        o["work_dir"].mkdir(parents=True, exist_ok=True)
+        progress(f"reference: {len(requests)} requests one after another (fresh process; its stderr, time-stamped, "
+                 f"goes to {log_path})")
+        cmd = [str(python), str(o["reference_dir"] / "run_reference.py"), "--checkpoint", checkpoint["path"],
+               "--requests", str(jsonl), "--out", str(out), "--device", o["device"], "--precision", o["precision"]]
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=self.env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            with open(log_path, "w") as log:
+                lines = read_stamped(proc, log, roles, t0)
+            proc.wait()
+        except BaseException:  # interrupted: do not leave a 9 GB process behind
+            proc.kill()
+            proc.wait()
+            raise
+        wall = time.perf_counter() - t0
+        if proc.returncode or not out.is_file():
+            why = last_line("\n".join(text for _, text in lines)) or f"exit code {proc.returncode}"
+            return {"status": "failed", "error": why}
+        report = json.loads(out.read_text())
+        report["order"], report["wall_s"] = roles, wall
+        timing = parse_reference_log(lines)
+        report["log"] = {"requests": timing} if len(timing) == len(roles) else None
+        errors = [f"request {r['index']} ({roles[r['index']]}): {r['error']}"
+                  for r in report["requests"] if r.get("error")]
+        if errors:
+            return {"status": "failed", "error": errors[0], "raw": report}
+        if report["log"] is None:
+            progress(f"reference: its log shows {len(timing)} requests, not {len(roles)}: no per-step figures")
+        progress(f"reference: done in {wall:.0f} s")
+        return {"status": "ok", "raw": report}
+
+
+def read_stamped(proc: subprocess.Popen, log, roles: list[str], t0: float) -> list[tuple[float, str]]:
+    """The process's stderr as (seconds since t0, line) pairs, also written to `log`. Says which request the
+    reference is on as each one starts."""
+    lines: list[tuple[float, str]] = []
+    splitter, started = LineStamper(), 0
+    while True:
+        chunk = proc.stderr.read1(1 << 16)
+        now = time.perf_counter() - t0
+        new = splitter.feed(chunk, now) if chunk else splitter.close(now)
+        for t, text in new:
+            lines.append((t, text))
+            log.write(f"{t:10.4f}  {text}\n")
+            if SEED_LINE in text and started < len(roles):
+                started += 1
+                progress(f"reference: request {started} of {len(roles)} ({roles[started - 1]}) started after "
+                         f"{t:.0f} s")
+        if not chunk:
+            return lines
+
+
+class LineStamper:
+    """Splits a byte stream at newlines and carriage returns, stamping each line with the arrival time of its
+    last byte. tqdm starts each redraw with a carriage return instead of ending it with a newline, so a redraw
+    is complete only when the next one arrives; stamping it then would shift every redraw by one."""
+
+    def __init__(self):
+        self.pending, self.pending_at = b"", 0.0
+
+    def feed(self, chunk: bytes, now: float) -> list[tuple[float, str]]:
+        *complete, rest = re.split(rb"[\r\n]", chunk)
+        out = []
+        if complete:
+            first, *whole = complete
+            out.append((now if first else self.pending_at, self.pending + first))
+            out += [(now, line) for line in whole]
+            self.pending, self.pending_at = rest, now
+        else:
+            self.pending += rest
+            self.pending_at = now
+        return [(t, line.decode("utf-8", "replace").rstrip()) for t, line in out if line.strip()]
+
+    def close(self, now: float) -> list[tuple[float, str]]:
+        rest, self.pending = self.pending, b""
+        return [(self.pending_at, rest.decode("utf-8", "replace").rstrip())] if rest.strip() else []
+
+
+# shoal.fish.checkpoint.CHECKPOINT_FILES (a test keeps them equal): that module imports torch, which the
+# orchestrator must not (see the module docstring).
+CHECKPOINT_FILES = ("config.json", "model.pth", "tokenizer.tiktoken", "special_tokens.json", "codec.pth")
+
+
+def check_checkpoint(path: Path) -> None:
+    """CheckpointError, one line, when the directory or one of its files is missing (the workers check the rest)."""
+    from shoal.errors import CheckpointError
+
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
+
+
+def last_line(text: str) -> str:
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return lines[-1][:400] if lines else ""
+
+
+def write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Requests, the voice clip, the machine
+# -----------------------------------------------------------------------------------------------------------
+
+
+def request_plan(tokens: int, burst: int) -> dict:
+    """Every request of the run; both engines get exactly these."""
+    common = {"temperature": 0.8, "top_p": 0.8, "repetition_penalty": 1.1}
+    return {
+        "tokens": tokens,
+        "warmup": {**common, **WARMUP, "max_new_tokens": tokens},
+        "throughput": [{**common, "text": TEXTS[i % len(TEXTS)], "seed": THROUGHPUT_SEED + i,
+                        "max_new_tokens": tokens} for i in range(burst)],
+        "utterance": {**common, "text": UTTERANCE, "seed": UTTERANCE_SEED, "max_new_tokens": tokens},
+        "voice": {**common, **VOICE_REQUEST, "max_new_tokens": tokens, "clip_text": VOICE_CLIP_TEXT},
+    }
+
+
+def reference_requests(plan: dict, clip: Path) -> list[tuple[str, dict]]:
+    """(role, run_reference request) in the order the reference runs them."""
+    def req(spec: dict, **extra) -> dict:
+        keys = ("text", "seed", "temperature", "top_p", "repetition_penalty", "max_new_tokens")
+        return {**{k: spec[k] for k in keys}, "chunk_length": 200, "streaming": False, **extra}
+
+    voice = req(plan["voice"], reference_audio=str(clip), reference_text=plan["voice"]["clip_text"])
+    return ([("warmup", req(plan["warmup"]))]
+            + [(f"throughput-{i}", req(r)) for i, r in enumerate(plan["throughput"])]
+            + [("utterance", req(plan["utterance"], streaming=True))]
+            + [("voice-1", voice), ("voice-2", voice)])
+
+
+def write_voice_clip(path: Path, seconds: float = VOICE_CLIP_SECONDS, sample_rate: int = 44100) -> Path:
+    """A deterministic voice-like clip (harmonics of a gliding 120 Hz tone, syllable-rate amplitude), PCM16."""
+    import wave
+
+    import numpy as np
+
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    f0 = 120 + 15 * np.sin(2 * np.pi * 0.7 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / sample_rate
+    voice = sum(np.sin(k * phase) / k for k in range(1, 12))
+    envelope = 0.5 - 0.5 * np.cos(2 * np.pi * 4 * t)
+    noise = np.random.default_rng(0).standard_normal(t.shape) * 0.01
+    audio = 0.25 * voice * envelope / 3 + noise
+    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sample_rate)
+        w.writeframes(pcm.tobytes())
+    return path
+
+
+def measure_bandwidth(size: int, repeats: int = 5) -> dict:
+    """Memory bandwidth of one large array copy (numpy, one thread), best of `repeats`, counted STREAM's way:
+    bytes read plus bytes written, per second."""
+    import numpy as np
+
+    src = np.ones(size, dtype=np.uint8)
+    dst = np.empty_like(src)
+    dst.fill(0)  # both written once before the timing, so that no page faults fall inside it
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t0)
+    del src, dst
+    return {"method": f"numpy copy of {size / 2**20:.0f} MiB, best of {repeats}, (read + write bytes) / s",
+            "bytes": size, "best_s": best, "gbps": 2 * size / best / 1e9}
+
+
+def machine() -> dict:
+    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "platform": platform.platform(), "python": platform.python_version()}
+    if hasattr(os, "sched_getaffinity"):
+        info["cores_usable"] = len(os.sched_getaffinity(0))
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        info["ram_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
+        info["ram_available_gib_at_start"] = round(psutil.virtual_memory().available / 2**30, 1)
+    except ImportError:  # pragma: no cover - psutil is a dependency of shoal
+        pass
+    return info
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Turning raw measurements into the report
+# -----------------------------------------------------------------------------------------------------------
+
+
+def median(values) -> float | None:
+    values = list(values)
+    return statistics.median(values) if values else None
+
+
+def reference_figures(reference: dict, plan: dict) -> dict:
+    """The reference's report and log -> the same figures shoal's workers give."""
+    raw = reference["raw"]
+    by_role = {role: r for role, r in zip(raw["order"], raw["requests"])}
+    timing = dict(zip(raw["order"], raw["log"]["requests"])) if raw.get("log") else {}
+    figures = {"load_s": raw["load_s"], "peak_rss_mb": raw["peak_rss_mb"], "torch": raw.get("torch"),
+               "total_wall_s": raw.get("wall_s")}
+    steps = (timing.get("throughput-0") or {}).get("steps") or []
+    figures["decode"] = {"median_step_s": median(steps), "steps": len(steps),
+                         "tokens": by_role["throughput-0"]["tokens"],
+                         "prefill_s": (timing.get("throughput-0") or {}).get("prefill_s")}
+    figures["concurrency"] = {}
+    for n in plan["levels"]:
+        done = [by_role[f"throughput-{i}"] for i in range(n)]
+        wall = sum(r["wall_s"] for r in done)
+        tokens, audio = sum(r["tokens"] for r in done), sum(r["audio_s"] for r in done)
+        figures["concurrency"][str(n)] = {
+            "sequential": True, "wall_s": wall, "tokens": tokens, "audio_s": audio,
+            "tokens_per_s": tokens / wall, "audio_s_per_s": audio / wall,
+            "per_request_tokens": [r["tokens"] for r in done], "peak_rss_mb": raw["peak_rss_mb"],
+        }
+    u = by_role["utterance"]
+    figures["utterance"] = {"first_audio_s": u["first_audio_s"], "total_s": u["wall_s"], "tokens": u["tokens"],
+                            "audio_s": u["audio_s"]}
+    v2 = timing.get("voice-2") or {}
+    figures["voice"] = {
+        "first_request_s": by_role["voice-1"]["wall_s"], "second_request_s": by_role["voice-2"]["wall_s"],
+        "tokens": by_role["voice-2"]["tokens"], "encodes_second_request": v2.get("encodes"),
+        "encode_s_second_request": sum(v2["encode_s"]) if v2.get("encode_s") else None,
+    }
+    return figures
+
+
+# What the reference writes to stderr, and what each line says about timing. Its log lines are loguru's
+# ("... | WARNING | ...:inference:62 - set seed: 100"); its decode loop is wrapped in a tqdm bar
+# ("  3%|▎         | 1/31 [00:02<01:15,  2.50s/it]"), redrawn after each step at most every 0.1 s.
+SEED_LINE = " - set seed: "  # logged by every request that has a seed (all of ours), after its clip is encoded
+TEXT_LINE = " - Encoded text: "  # just before generation starts (prefill, then the decode loop's bar)
+ENCODE_START, ENCODE_END = " - Loaded audio with ", " - Encoded prompt: "  # around each reference encode
+TQDM_RE = re.compile(r"\| *(\d+)/(\d+) \[")
+
+
+def parse_reference_log(lines: list[tuple[float, str]]) -> list[dict]:
+    """Per request (in order): decode-step times, prefill time, and the reference encodes it did, from the
+    reference's stderr stamped as it arrived.
+
+    Step times come from the decode loop's tqdm bar: between two redraws at (t0, n0) and (t1, n1), each of the
+    n1 - n0 steps took (t1 - t0) / (n1 - n0). The bar is first drawn when the loop starts, right after the
+    prefill frame, so the first gap is the first decode step, as in shoal's measurement. An encode belongs to
+    the request whose "set seed" comes next (the reference encodes clips before seeding).
+    """
+    requests: list[dict] = []
+    encodes: list[float] = []
+    encode_start = None
+    for t, text in lines:
+        if SEED_LINE in text:
+            requests.append({"updates": [], "encode_s": encodes, "text_at": None})
+            encodes = []
+        elif ENCODE_START in text:
+            encode_start = t
+        elif ENCODE_END in text:
+            encodes.append(t - encode_start if encode_start is not None else 0.0)
+        elif requests and TEXT_LINE in text:
+            requests[-1]["text_at"] = t
+        elif requests and (m := TQDM_RE.search(text)):
+            requests[-1]["updates"].append((t, int(m.group(1))))
+    out = []
+    for r in requests:
+        steps: list[float] = []
+        for (t0, n0), (t1, n1) in zip(r["updates"], r["updates"][1:]):
+            if n1 > n0:
+                steps += [(t1 - t0) / (n1 - n0)] * (n1 - n0)
+        first = r["updates"][0][0] if r["updates"] else None
+        prefill = first - r["text_at"] if first is not None and r["text_at"] is not None else None
+        out.append({"steps": steps, "prefill_s": prefill, "encodes": len(r["encode_s"]),
+                    "encode_s": r["encode_s"]})
+    return out
+
+
+def assemble(o, started, checkpoint, bandwidth, plan, shoal, reference, load_before, load_after) -> dict:
+    plan = {**plan, "levels": o["concurrency"]}
+    single = shoal["single"]
+    weights = single["decode_bytes"]["weights"]
+    floor_s = weights / (bandwidth["gbps"] * 1e9)
+    ref_status = reference.get("status")
+    ref = reference_figures(reference, plan) if ref_status == "ok" else None
+    report = {
+        "schema": SCHEMA_VERSION,
+        "label": o["label"],
+        "date": started.date().isoformat(),
+        "started": started.isoformat(timespec="seconds"),
+        "machine": {**machine(), "loadavg_before": load_before, "loadavg_after": load_after},
+        # the floor under every child's ru_maxrss, so under the reference's reported peak
+        "orchestrator_peak_rss_mb": peak_rss_mb(),
+        "options": {"tokens": o["tokens"], "concurrency": o["concurrency"], "threads": o["threads"],
+                    "device": o["device"], "precision": o["precision"]},
+        "checkpoint": checkpoint,
+        "requests": plan,
+        "bandwidth": bandwidth,
+        "floor": {"weights_bytes_per_step": weights, "kv_bytes_per_step_mid": single["decode_bytes"]["kv_mid"],
+                  "floor_s": floor_s},
+        "shoal": {"torch": single["torch"], "threads": single["threads"], "device": single["device"],
+                  "precision": single["precision"], **shoal},
+        "reference": ({"status": "ok", "figures": ref, "raw": reference["raw"]} if ref else reference),
+    }
+    report["summary"] = summary(report)
+    return report
+
+
+def summary(report: dict) -> list[dict]:
+    """The table's rows: metric, unit, shoal, reference, ratio (above 1: shoal is better), note."""
+    s = report["shoal"]
+    single = s["single"]
+    ref = report["reference"].get("figures")
+    floor_s = report["floor"]["floor_s"]
+    rows = []
+
+    def row(metric, unit, mine, theirs, better, note=""):
+        ratio = None
+        if isinstance(mine, (int, float)) and isinstance(theirs, (int, float)) and mine > 0 and theirs > 0:
+            ratio = theirs / mine if better == "lower" else mine / theirs if better == "higher" else None
+        rows.append({"metric": metric, "unit": unit, "shoal": mine, "reference": theirs, "ratio": ratio,
+                     "note": note})
+
+    def r(*keys):
+        value = ref
+        for k in keys:
+            if value is None:
+                return None
+            value = value.get(k)
+        return value
+
+    row("model load", "s", single["load_s"], r("load_s"), "lower")
+    d = single["decode"]
+    row("decode per token, batch 1 (median)", "ms", d["median_step_s"] * 1e3,
+        r("decode", "median_step_s") and r("decode", "median_step_s") * 1e3, "lower",
+        f"median of {d['steps']} steps" + (f" (reference {r('decode', 'steps')})" if ref else ""))
+    row("decode per token / bandwidth floor", "x", d["median_step_s"] / floor_s,
+        r("decode", "median_step_s") and r("decode", "median_step_s") / floor_s, None,
+        f"floor {floor_s * 1e3:.1f} ms = {report['floor']['weights_bytes_per_step'] / 1e9:.2f} GB of weights "
+        f"/ {report['bandwidth']['gbps']:.1f} GB/s")
+    for n, c in s["concurrency"].items():
+        rc = r("concurrency", n)
+        note = "reference: sequential" if rc else ""
+        row(f"throughput, {n} concurrent", "tokens/s", c["tokens_per_s"], rc and rc["tokens_per_s"], "higher",
+            note)
+        row(f"audio, {n} concurrent", "audio s/s", c["audio_s_per_s"], rc and rc["audio_s_per_s"], "higher", note)
+    u = single["utterance"]
+    note = f"{u['tokens']} tokens, {u['audio_s']:.1f} s of audio (max_new_tokens {report['requests']['tokens']})"
+    ref_tokens = r("utterance", "tokens")
+    if ref_tokens is not None and ref_tokens != u["tokens"]:
+        note += f"; reference {ref_tokens} tokens"
+    late = [name for name, f in (("shoal", u), ("reference", r("utterance")))
+            if f and f["first_audio_s"] > 0.9 * f["total_s"]]
+    first_note = note + (f"; {' and '.join(late)}: first audio came with the whole utterance (audio is streamed "
+                         "per text segment)" if late else "")
+    row("utterance: time to first audio", "s", u["first_audio_s"], r("utterance", "first_audio_s"), "lower",
+        first_note)
+    row("utterance: total", "s", u["total_s"], r("utterance", "total_s"), "lower", note)
+    v = single["voice"]
+    row("saved voice, 2nd request: latency", "s", v["second_request_s"], r("voice", "second_request_s"), "lower",
+        "reference: no saved voices, the clip is sent and re-encoded each time" if ref else "")
+    encode_s = r("voice", "encode_s_second_request")
+    row("saved voice, 2nd request: codec encodes", "count", v["encodes_second_request"],
+        r("voice", "encodes_second_request"), None,
+        ("shoal must do 0: the voice was encoded once, when saved"
+         if v["encodes_second_request"] == 0 else "SHOAL RE-ENCODED A SAVED VOICE")
+        + (f"; the reference's encode took {encode_s:.2f} s" if encode_s else ""))
+    row("peak RSS, single stream", "MB", single["peak_rss_mb"], r("peak_rss_mb"), "lower",
+        "reference: one process for all its requests" if ref else "")
+    for n, c in s["concurrency"].items():
+        row(f"peak RSS, {n} concurrent", "MB", c["peak_rss_mb"], r("peak_rss_mb"), "lower")
+    return rows
+
+
+def fmt(value, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, int) or unit == "count":
+        return str(int(value))
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.3g}" if abs(value) < 1 else f"{value:.2f}"
+
+
+def render_markdown(report: dict) -> str:
+    m, o, ck = report["machine"], report["options"], report["checkpoint"]
+    s, ref = report["shoal"], report["reference"]
+    ref_status = ref.get("status", "")
+    if ref_status == "failed":
+        ref_status = f"failed ({ref['error']})"
+    ref_torch = ref["figures"]["torch"] if ref.get("figures") else None
+    lines = [
+        f"# shoal bench: {report['label']} ({report['date']})",
+        "",
+        f"- checkpoint: `{ck['path']}`: {ck['description']} ({ck['bytes_on_disk'] / 1e9:.2f} GB on disk)",
+        f"- requests: max_new_tokens {o['tokens']} each; concurrency {', '.join(map(str, o['concurrency']))}; "
+        f"{o['device']}, {o['precision']}",
+        f"- machine: {m['cpu']}, {m['cores']} cores ({m.get('cores_usable', m['cores'])} usable), "
+        f"{m.get('ram_gib', '?')} GiB RAM; {m['platform']}; load average {fmt_load(m['loadavg_before'])} before, "
+        f"{fmt_load(m['loadavg_after'])} after",
+        f"- shoal: torch {s['torch']}, {s['threads']} threads, {s['device']} {s['precision']}; reference: "
+        + (f"fish-speech 0.1.0, torch {ref_torch}, "
+           + (f"{o['threads']} threads" if o["threads"] else "torch's default threads") if ref_torch else ref_status),
+        f"- memory bandwidth: {report['bandwidth']['gbps']:.1f} GB/s ({report['bandwidth']['method']})",
+        "",
+        "| metric | unit | shoal | reference | ratio | notes |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for row in report["summary"]:
+        theirs = fmt(row["reference"], row["unit"]) if ref.get("figures") else ref_status.split(" (")[0]
+        ratio = f"{row['ratio']:.2f}" if row["ratio"] else ""
+        lines.append(f"| {row['metric']} | {row['unit']} | {fmt(row['shoal'], row['unit'])} | {theirs} | {ratio} "
+                     f"| {row['note']} |")
+    lines += [
+        "",
+        "Ratio: reference time / shoal time, shoal rate / reference rate, reference RSS / shoal RSS, so above 1 "
+        "means shoal is better.",
+        "",
+        "- Tokens are generated frames handed to the codec (each request's last frame never is), counted the same "
+        "way for both engines; audio seconds are the returned audio.",
+        "- Decode per token: the median time between consecutive frames of one request (prefill excluded): shoal "
+        "from `FishEngine.run` progress callbacks, the reference from the tqdm bar of its decode loop as its "
+        "stderr arrives (redrawn at most every 0.1 s, so on fast models one gap spans several steps). The floor "
+        "is the bytes of weights one decode step reads (slow stack + output head + the fast stack once per "
+        "codebook) over the measured bandwidth.",
+        "- shoal's concurrent figures go through `Service` and its Dispatcher under asyncio (N requests at "
+        "once); the reference runs requests one after another as its server does, so its concurrent figures "
+        "are its sequential throughput over the first N of the same requests.",
+        "- Time to first audio: the first chunk out of `Service.stream` (shoal) and the first `segment` of a "
+        "streaming request (reference).",
+        "- Saved voice: shoal saves the clip once (one encode at save time) and the request names the voice; the "
+        "reference gets the clip with each request (its `use_memory_cache` is off by default).",
+        "- Peak RSS: shoal runs each configuration in a fresh process (its VmHWM); the reference runs all its "
+        "requests in one (its own ru_maxrss report; this orchestrator's peak, "
+        f"{report['orchestrator_peak_rss_mb']:.0f} MB, is the least a child can report).",
+    ]
+    parity = parity_note(report)
+    if parity:
+        lines.append(f"- {parity}")
+    return "\n".join(lines) + "\n"
+
+
+def parity_note(report: dict) -> str:
+    ref = report["reference"].get("figures")
+    if not ref:
+        return ""
+    mine = report["shoal"]["concurrency"]
+    n = str(max(int(k) for k in mine))
+    a = mine[n]["per_request_tokens"]
+    b = ref["concurrency"][n]["per_request_tokens"]
+    same = "the same" if a == b else "DIFFERENT"
+    return f"Tokens per request of the {n}-request burst: shoal {a}, reference {b} ({same} work)."
+
+
+def fmt_load(load) -> str:
+    return "/".join(f"{v:.2f}" for v in load) if load else "?"
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The shoal worker (a fresh process per configuration)
+# -----------------------------------------------------------------------------------------------------------
+
+
+def worker_main(spec_path: str, out_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text())
+    try:
+        text = json.dumps(run_worker(spec))
+    except Exception as exc:  # reported to the orchestrator as one line
+        if spec.get("debug"):
+            import traceback
+
+            traceback.print_exc()
+        message = str(exc).splitlines()[0] if str(exc) else ""
+        Path(out_path).write_text(json.dumps({"error": f"{type(exc).__name__}: {message}" if message
+                                              else type(exc).__name__}))
+        return 1
+    Path(out_path).write_text(text)
+    return 0
+
+
+def run_worker(spec: dict) -> dict:
+    import asyncio
+
+    import torch
+
+    from shoal.engines.fish import FishEngine
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    plan = spec["plan"]
+    t0 = time.perf_counter()
+    engine = FishEngine.load(spec["checkpoint"], device=spec["device"], precision=spec["precision"])
+    result = {"load_s": time.perf_counter() - t0, "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "device": str(engine.device), "precision": str(engine.precision).removeprefix("torch.")}
+    service = make_service(engine, spec)
+    try:
+        asyncio.run(warm_up(service, plan["warmup"]))
+        if spec["task"] == "single":
+            result["decode"] = decode_timing(engine, plan["throughput"][0])
+            result["decode_bytes"] = decode_step_bytes(engine.model, result["decode"]["mid_position"])
+            result.update(asyncio.run(single_stream(service, engine, plan, spec)))
+        else:
+            result.update(asyncio.run(burst(service, engine, plan["throughput"][: spec["n"]])))
+    finally:
+        service.close()
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS in MiB. Linux's VmHWM where there is one: `ru_maxrss` also counts the parent's
+    peak, which a child inherits across fork and exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+async def warm_up(service, spec: dict) -> None:
+    """Through the service, so that its dispatcher thread is started and warm too."""
+    from shoal.service import SpeechParams
+
+    await service.synthesize(service.prepare(SpeechParams(**request_fields(spec))))
+
+
+def request_fields(spec: dict) -> dict:
+    keys = ("text", "seed", "temperature", "top_p", "repetition_penalty", "max_new_tokens")
+    return {k: spec[k] for k in keys}
+
+
+def make_service(engine, spec: dict):
+    from shoal.engines.registry import Engines
+    from shoal.service import Service
+    from shoal.settings import Settings
+    from shoal.voices import VoiceLibrary
+
+    settings = Settings.load(cli={"data_dir": spec["data_dir"], "queue_size": max(16, 2 * spec["n"]),
+                                  "request_timeout": 7 * 86400.0, "device": spec["device"],
+                                  "precision": spec["precision"]}, env={}, dotenv=None)
+    engines = Engines(engines={"fish": engine}, default="fish", checkpoint=Path(spec["checkpoint"]))
+    voices = VoiceLibrary(Path(settings.data_dir), max_upload_bytes=settings.max_upload_bytes,
+                          min_seconds=settings.min_voice_seconds, max_seconds=settings.max_voice_seconds)
+    return Service(settings, engines, voices)
+
+
+def decode_timing(engine, spec: dict) -> dict:
+    """Per-frame timing of one request at batch 1, straight through the engine (no codec in the steps)."""
+    from shoal.engines.base import SynthesisRequest
+    from shoal.fish.prompt import build_prompt
+
+    request = SynthesisRequest(**request_fields(spec))
+    stamps: list[float] = []
+    t0 = time.perf_counter()
+    result = engine.run(request, progress=lambda done, total: stamps.append(time.perf_counter()))
+    steps = [b - a for a, b in zip(stamps, stamps[1:])]
+    prompt = build_prompt(engine.tokenizer, spec["text"], num_codebooks=engine.model.config.num_codebooks)
+    return {"median_step_s": median(steps), "steps": len(steps), "first_frame_s": stamps[0] - t0,
+            "frames": result.frames_generated, "tokens": int(result.codes.shape[1]), "total_s": result.seconds,
+            "mid_position": prompt.shape[1] + len(stamps) // 2}
+
+
+def decode_step_bytes(model, position: int) -> dict:
+    """Bytes one decode step reads: every weight of the slow stack and its output head, the fast stack and its
+    head once per codebook (fish runs it num_codebooks times per frame), and the embedding rows it looks up;
+    plus, separately, the slow KV cache up to `position`."""
+    c = model.config
+    size = model.embeddings.weight.element_size()
+
+    def numel(module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    head = model.embeddings.weight if c.tie_word_embeddings else model.output.weight
+    slow = sum(numel(layer) for layer in model.layers) + numel(model.norm) + head.numel()
+    fast_once = sum(numel(layer) for layer in model.fast_layers) + numel(model.fast_norm) + numel(model.fast_output)
+    rows = (1 + c.num_codebooks) * c.dim + (c.num_codebooks - 1) * c.fast_dim
+    weights = (slow + numel(model.fast_project_in) + c.num_codebooks * fast_once + rows) * size
+    kv = 2 * c.n_layer * c.n_local_heads * c.head_dim * position * size
+    return {"weights": weights, "kv_mid": kv, "element_size": size, "position": position}
+
+
+async def single_stream(service, engine, plan: dict, spec: dict) -> dict:
+    from shoal.service import SpeechParams
+
+    out = {}
+    u = plan["utterance"]
+    job = service.prepare(SpeechParams(**request_fields(u)))
+    samples, first, t0 = 0, None, time.perf_counter()
+    async for chunk in service.stream(job):
+        if first is None:
+            first = time.perf_counter() - t0
+        samples += len(chunk)
+    total = time.perf_counter() - t0
+    out["utterance"] = {"first_audio_s": first, "total_s": total, "tokens": samples // engine.frame_length,
+                        "audio_s": samples / engine.sample_rate}
+
+    v = plan["voice"]
+    before = engine.encode_count
+    t0 = time.perf_counter()
+    service.add_voice(VOICE_ID, Path(spec["voice_clip"]).read_bytes(), v["clip_text"])
+    voice = {"save_s": time.perf_counter() - t0, "encodes_at_save": engine.encode_count - before}
+    for which in ("first", "second"):
+        before = engine.encode_count
+        job = service.prepare(SpeechParams(**request_fields(v), voice=VOICE_ID))
+        t0 = time.perf_counter()
+        audio = await service.synthesize(job)
+        voice[f"{which}_request_s"] = time.perf_counter() - t0
+        voice[f"encodes_{which}_request"] = engine.encode_count - before
+    voice["tokens"] = len(audio) // engine.frame_length
+    out["voice"] = voice
+    return out
+
+
+async def burst(service, engine, specs: list[dict]) -> dict:
+    import asyncio
+
+    from shoal.service import SpeechParams
+
+    jobs = [service.prepare(SpeechParams(**request_fields(s))) for s in specs]
+    t0 = time.perf_counter()
+
+    async def one(job):
+        audio = await service.synthesize(job)
+        return len(audio), time.perf_counter() - t0
+
+    done = await asyncio.gather(*(one(job) for job in jobs))
+    wall = time.perf_counter() - t0
+    tokens = [samples // engine.frame_length for samples, _ in done]
+    audio_s = sum(samples for samples, _ in done) / engine.sample_rate
+    return {"wall_s": wall, "tokens": sum(tokens), "audio_s": audio_s, "tokens_per_s": sum(tokens) / wall,
+            "audio_s_per_s": audio_s / wall, "per_request_tokens": tokens,
+            "latencies_s": [latency for _, latency in done]}
+
+
+def write_full_size(directory: str, seed: str) -> None:
+    from shoal.testing import write_full_size_checkpoint
+
+    write_full_size_checkpoint(directory, int(seed))
+
+
+def main(argv: list[str]) -> int:
+    command, rest = (argv[0], argv[1:]) if argv else ("", [])
+    if command == "worker" and len(rest) == 2:
+        return worker_main(*rest)
+    if command == "bandwidth" and len(rest) == 1:
+        print(json.dumps(measure_bandwidth(int(rest[0]) * 2**20)))
+        return 0
+    if command == "write-full-size" and len(rest) == 2:
+        write_full_size(*rest)
+        return 0
+    print("internal entry points of `shoal bench`: worker SPEC OUT | bandwidth MIB | write-full-size DIR SEED; "
+          "run `shoal bench` instead", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

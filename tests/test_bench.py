@@ -1,0 +1,137 @@
+"""`shoal bench` as a user runs it (a real subprocess writing real result files), plus the pieces of it that
+need no model: attributing the reference's frame timings, and the full-size tokenizer's layout.
+
+Benchmarks are not tests: nothing here checks a speed, only that the numbers exist and make sense.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from shoal import bench
+
+
+def shoal(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "shoal", *args], capture_output=True, text=True, timeout=timeout)
+
+
+# About 17 s on 2 quiet cores (four fresh processes, each loading the model), so not marked slow.
+def test_bench_writes_the_table_and_the_json(fixture_dir, tmp_path):
+    proc = shoal("bench", "--tiny", "--fixture", str(fixture_dir), "--no-reference", "--tokens", "8",
+                 "--concurrency", "1,2", "--out", str(tmp_path), "--label", "test", "--bandwidth-mib", "64")
+    assert proc.returncode == 0, proc.stderr
+    [md] = tmp_path.glob("*-test.md")
+    [js] = tmp_path.glob("*-test.json")
+    assert md.name[:4].isdigit() and md.stem == js.stem
+    assert proc.stdout.strip() == md.read_text().strip()  # the table goes to stdout too
+    assert all(line.startswith("bench: ") for line in proc.stderr.splitlines())  # progress on stderr
+
+    report = json.loads(js.read_text())
+    m = report["machine"]
+    assert m["cores"] >= 1 and m["cpu"] and m["ram_gib"] > 0
+    assert report["options"] == {"tokens": 8, "concurrency": [1, 2], "threads": None, "device": "cpu",
+                                 "precision": "float32"}
+    assert report["bandwidth"]["gbps"] > 0 and report["floor"]["floor_s"] > 0
+
+    s = report["shoal"]
+    assert s["torch"] and s["threads"] >= 1 and s["device"] == "cpu" and s["precision"] == "float32"
+    single = s["single"]
+    assert single["load_s"] > 0
+    d = single["decode"]
+    assert d["steps"] >= 1 and d["median_step_s"] > 0 and d["frames"] == d["steps"] + 1 <= 8
+    assert single["decode_bytes"]["weights"] > 0
+    u = single["utterance"]
+    assert 0 < u["first_audio_s"] <= u["total_s"] and 1 <= u["tokens"] <= 7 and u["audio_s"] > 0
+    v = single["voice"]
+    assert v["encodes_at_save"] == 1 and v["encodes_first_request"] == 0 and v["encodes_second_request"] == 0
+    assert v["second_request_s"] > 0
+    # Per-process peaks: a tiny model stays far below the orchestrator's bandwidth arrays and torch's CPU share
+    assert 50 < single["peak_rss_mb"] < 2000
+
+    assert set(s["concurrency"]) == {"1", "2"}
+    for n, c in s["concurrency"].items():
+        assert len(c["per_request_tokens"]) == int(n) == len(c["latencies_s"])
+        assert all(1 <= t <= 7 for t in c["per_request_tokens"]) and c["tokens"] == sum(c["per_request_tokens"])
+        assert c["wall_s"] > 0 and c["tokens_per_s"] > 0 and c["audio_s_per_s"] > 0 and c["peak_rss_mb"] > 50
+
+    assert report["reference"] == {"status": "not run (--no-reference)"}
+    rows = {row["metric"]: row for row in report["summary"]}
+    assert rows["saved voice, 2nd request: codec encodes"]["shoal"] == 0
+    assert all(row["reference"] is None and row["ratio"] is None for row in report["summary"])
+    text = md.read_text()
+    assert "| model load | s |" in text and "not run" in text and "throughput, 2 concurrent" in text
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--concurrency", "1,0"], "--concurrency"),
+    (["--tokens", "1"], "--tokens"),
+    (["--label", "a/b"], "--label"),
+])
+def test_bad_options_are_one_line(flags, says, tmp_path):
+    proc = shoal("bench", "--no-reference", "--out", str(tmp_path), *flags, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0] and lines[0].startswith("shoal: error:")
+
+
+def test_a_missing_checkpoint_is_one_line(tmp_path):
+    proc = shoal("bench", "--checkpoint", str(tmp_path / "nope"), "--no-reference", "--out", str(tmp_path),
+                 timeout=60)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "does not exist" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_reference_steps_and_encodes_come_from_its_stderr():
+    # Two requests as the reference logs them: the second encodes a clip first (before its "set seed").
+    log = [
+        (0.0, "2026-01-01 00:00:00.000 | WARNING  | fish_speech.inference_engine:inference:62 - set seed: 100"),
+        (0.1, "2026-01-01 00:00:00.100 | INFO     | fish_speech...:generate_long:420 - Encoded text: Hello"),
+        (0.5, "  0%|          | 0/4 [00:00<?, ?it/s]"),
+        (1.5, " 25%|##5       | 1/4 [00:01<00:03,  1.00s/it]"),
+        (3.5, " 75%|#######5  | 3/4 [00:03<00:01,  1.00s/it]"),
+        (3.5, " 75%|#######5  | 3/4 [00:03<00:01,  1.00s/it]"),  # tqdm's closing redraw
+        (4.0, "2026-01-01 00:00:04.000 | INFO     | ...:decode_vq_tokens:20 - VQ features: torch.Size([10, 4])"),
+        (5.0, "2026-01-01 00:00:05.000 | INFO     | ...:encode_reference:45 - Loaded audio with 3.00 seconds"),
+        (5.75, "2026-01-01 00:00:05.750 | INFO     | ...:encode_reference:51 - Encoded prompt: torch.Size([10, 65])"),
+        (6.0, "2026-01-01 00:00:06.000 | WARNING  | fish_speech.inference_engine:inference:62 - set seed: 11"),
+        (6.0, "2026-01-01 00:00:06.000 | INFO     | ...:generate_long:420 - Encoded text: Saved voices"),
+        (7.0, "  0%|          | 0/1 [00:00<?, ?it/s]"),
+        (7.25, "100%|##########| 1/1 [00:00<00:00,  4.00it/s]"),
+    ]
+    first, second = bench.parse_reference_log(log)
+    assert first["steps"] == [1.0, 1.0, 1.0] and first["encodes"] == 0  # one gap spanning 2 steps: 2 x 1.0 s
+    assert first["prefill_s"] == pytest.approx(0.4)
+    assert second["steps"] == [0.25] and second["encodes"] == 1 and second["encode_s"] == [0.75]
+
+
+def test_tqdm_redraws_are_stamped_when_they_arrive_not_when_the_next_one_does():
+    stamper = bench.LineStamper()
+    assert stamper.feed(b"log line\n\r  0%| 0/4 [", 1.0) == [(1.0, "log line")]
+    assert stamper.feed(b"\r 50%| 2/4 [", 2.0) == [(1.0, "  0%| 0/4 [")]
+    assert stamper.feed(b"\r100%| 4/4 [\n", 3.0) == [(2.0, " 50%| 2/4 ["), (3.0, "100%| 4/4 [")]
+    assert stamper.feed(b"partial", 4.0) == [] and stamper.feed(b" line\n", 5.0) == [(5.0, "partial line")]
+    assert stamper.feed(b"no newline at the end", 6.0) == [] and stamper.close(7.0) == [(6.0, "no newline at the end")]
+
+
+def test_the_orchestrator_checks_the_same_checkpoint_files_as_the_loader():
+    from shoal.fish.checkpoint import CHECKPOINT_FILES
+
+    assert bench.CHECKPOINT_FILES == CHECKPOINT_FILES
+
+
+def test_full_size_tokenizer_puts_the_semantic_tokens_at_the_real_ids():
+    from shoal.fish.tokenizer import FishTokenizer
+    from shoal.testing import CONTROL_TOKENS, S1_MINI_CONFIG, SEMANTIC_TOKENS, full_size_ranks
+
+    ranks = full_size_ranks()
+    assert len(set(ranks)) == len(ranks) == 151665 and ranks[:256] == [bytes([b]) for b in range(256)]
+    specials = list(CONTROL_TOKENS) + [f"<|semantic:{i}|>" for i in range(SEMANTIC_TOKENS)]
+    tok = FishTokenizer({r: i for i, r in enumerate(ranks)}, specials)
+    assert tok.vocab_size == S1_MINI_CONFIG["vocab_size"] == 155776
+    assert (tok.semantic_begin_id, tok.semantic_end_id) == (151680, 155775)
+    assert tok.decode(tok.encode("Hello there, world.")) == "Hello there, world."
