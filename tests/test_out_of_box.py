@@ -11,14 +11,13 @@ import openai
 import soundfile as sf
 
 from asr import transcribe, word_error_rate
+from serverproc import Server
 
 SENTENCE = "The quick brown fox jumps over the lazy dog."
 
 
 def test_serve_without_checkpoint_speaks_intelligibly_with_the_bundled_voice(tmp_path):
-    from server.conftest import Server  # the same subprocess helper the API tests use
-
-    srv = Server(None, tmp_path / "data").start()
+    srv = Server(None, tmp_path).start()
     try:
         health = httpx.get(srv.url + "/v1/health").json()
         assert health["default_model"] == "piper" and health["models"] == ["piper"]

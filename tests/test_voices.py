@@ -461,7 +461,7 @@ CRASHES = {
 @pytest.mark.parametrize("point", sorted(CRASHES))
 def test_a_process_killed_mid_write_leaves_whole_voices_or_none(root, tmp_path, enc, point):
     lib = VoiceLibrary(root)
-    old = lib.add("old", wav(1.5), "old", enc)
+    lib.add("old", wav(1.5), "old", enc)
     clip = tmp_path / "clip.wav"
     clip.write_bytes(wav(2.0, freq=880))
     script = CRASH_PRELUDE + CRASHES[point] + "\nsys.exit(0)\n"

@@ -136,7 +136,9 @@ class Dispatcher:
             while True:
                 remaining = deadline - loop.time()
                 try:
-                    kind, value = await asyncio.wait_for(queue.get(), max(remaining, 0.001))
+                    if remaining <= 0:  # checked first: a steady flow of chunks must not outrun the deadline
+                        raise asyncio.TimeoutError
+                    kind, value = await asyncio.wait_for(queue.get(), remaining)
                 except asyncio.TimeoutError:
                     raise Timeout(f"the request took longer than {self.timeout:g} s") from None
                 if kind == "chunk":

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import re
-import socket
 import sys
 import threading
 import time
@@ -15,6 +14,7 @@ import httpx
 import pytest
 import soundfile as sf
 
+from serverproc import free_port
 from shoal.engines.registry import load_engines
 from shoal.errors import CheckpointError
 from shoal.server.app import create_app
@@ -198,12 +198,6 @@ def test_without_ffmpeg_the_player_gets_the_whole_clip(make_ui_server, page, tmp
 
 # -- the states before the service exists: an in-process server whose engine loader waits on a gate (or raises),
 # so each state holds as long as the test needs -----------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class InProcessServer:
     def __init__(self, app, port: int):
         import uvicorn
