@@ -102,8 +102,9 @@ class Dispatcher:
         with self._lock:
             self._pending -= 1
 
-    async def stream(self, job: Job) -> AsyncIterator[np.ndarray]:
-        """Yield the job's audio chunks as the engine produces them."""
+    async def stream(self, job: Job, stream: bool = True) -> AsyncIterator[np.ndarray]:
+        """Yield the job's audio chunks as the engine produces them (`stream=False`: the caller only wants
+        the whole audio, which the engine may then decode in one piece)."""
         self._admit()
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -117,7 +118,7 @@ class Dispatcher:
 
         def work() -> None:
             try:
-                for chunk in job.engine.synthesize(job.request, cancel=cancel):
+                for chunk in job.engine.synthesize(job.request, cancel=cancel, stream=stream):
                     post("chunk", chunk)
                     if cancel.is_set():
                         return
@@ -265,7 +266,8 @@ class Service:
             yield chunk
 
     async def synthesize(self, job: Job) -> np.ndarray:
-        chunks = [chunk async for chunk in self.dispatcher.stream(job)]
+        """The whole audio of a job, decoded segment by segment as the reference decodes (no streaming)."""
+        chunks = [chunk async for chunk in self.dispatcher.stream(job, stream=False)]
         return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
 
     def close(self) -> None:

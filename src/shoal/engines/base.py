@@ -146,9 +146,10 @@ class Engine(Protocol):
     supports_cloning: bool
 
     def synthesize(self, request: SynthesisRequest, progress: Progress | None = None,
-                   cancel: threading.Event | None = None) -> Iterator[np.ndarray]:
-        """Yield float32 mono audio chunks at `sample_rate` as they become available. Setting `cancel`
-        stops generation at the next step (the iterator then ends early)."""
+                   cancel: threading.Event | None = None, stream: bool = True) -> Iterator[np.ndarray]:
+        """Yield float32 mono audio chunks at `sample_rate` as they become available (`stream=False`: the
+        caller wants the whole audio, so the engine may decode in larger pieces). Setting `cancel` stops
+        generation at the next step (the iterator then ends early)."""
         ...
 
     def run(self, request: SynthesisRequest, progress: Progress | None = None,

@@ -173,9 +173,11 @@ class FishEngine:
 
     # -- synthesis ---------------------------------------------------------------------------------------------
     def synthesize(self, request: SynthesisRequest, progress: Progress | None = None,
-                   cancel: threading.Event | None = None) -> Iterator[np.ndarray]:
-        """Yield float32 audio as it is decoded: the first chunk after about `stream_first_frames` frames."""
-        for item in self._segments(request, progress, cancel, stream=True):
+                   cancel: threading.Event | None = None, stream: bool = True) -> Iterator[np.ndarray]:
+        """Yield float32 audio as it is decoded: with `stream`, the first chunk after about
+        `stream_first_frames` frames; without it, one chunk per text segment, decoded in one piece exactly as
+        the reference decodes (and without the streamed decode's repeated left context)."""
+        for item in self._segments(request, progress, cancel, stream=stream):
             if isinstance(item, np.ndarray) and len(item):
                 yield item
 

@@ -95,9 +95,10 @@ class PiperEngine:
 
     # -- synthesis ---------------------------------------------------------------------------------------------
     def synthesize(self, request: SynthesisRequest, progress: Progress | None = None,
-                   cancel: threading.Event | None = None) -> Iterator[np.ndarray]:
-        """Yield float32 audio, one chunk per sentence. Checks the request and phonemizes the text before
-        returning, so a bad request fails here rather than in the middle of a stream."""
+                   cancel: threading.Event | None = None, stream: bool = True) -> Iterator[np.ndarray]:
+        """Yield float32 audio, one chunk per sentence (streamed or not: sentences are piper's unit). Checks
+        the request and phonemizes the text before returning, so a bad request fails here rather than in the
+        middle of a stream."""
         sentences = self._sentences(request)
         return self._generate(sentences, self.settings_for(request), progress, cancel)
 
