@@ -30,6 +30,9 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from shoal.errors import CheckpointError
 
+# The codec's transformers use the same SwiGLU as the text model (it reads only `.dim` and `.intermediate_size`).
+from .dual_ar import FeedForward
+
 # ----------------------------------------------------------------------------------------------------------------
 # Configuration
 # ----------------------------------------------------------------------------------------------------------------
@@ -633,19 +636,6 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            attn_mask=mask)
         return self.wo(y.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim))
-
-
-class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
-
-    def __init__(self, c: TransformerConfig) -> None:
-        super().__init__()
-        self.w1 = nn.Linear(c.dim, c.intermediate_size, bias=False)
-        self.w3 = nn.Linear(c.dim, c.intermediate_size, bias=False)
-        self.w2 = nn.Linear(c.intermediate_size, c.dim, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class TransformerBlock(nn.Module):
