@@ -298,3 +298,16 @@ def test_full_size_s1_mini_builds_on_meta_with_official_key_names(fixture_dir):
     assert state["fast_output.weight"].shape == (4096, 1024)
     params = sum(v.numel() for v in model.parameters())
     assert 0.4e9 < params - state["embeddings.weight"].numel() < 0.8e9
+
+
+def test_segments_longer_than_the_codec_block_are_decoded_in_pieces(engine):
+    """The tiny codec's transformers take 512 frames at once; a longer segment must still decode, and match
+    the one-shot decode of the same codes where one is possible (first 512 frames)."""
+    # seed 12 runs 699 frames on the fixture checkpoint (it used to fail with "exceeds block_size 512")
+    request = SynthesisRequest(text="Long. " * 20, seed=12, max_new_tokens=700, chunk_length=0, temperature=0.9)
+    result = engine.run(request)
+    frames = result.codes.shape[1]
+    assert frames > engine.decode_limit == 512
+    assert result.audio.shape[0] == frames * 2048
+    head = engine._decode(result.codes[:, : engine.decode_limit])
+    assert relative_l2(result.audio[: len(head)], head) < STREAM_TOLERANCE

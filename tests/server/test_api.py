@@ -330,8 +330,9 @@ def test_api_key_is_required_and_compared(make_server):
 def test_request_timeout_is_504_and_frees_the_queue(make_server):
     srv = make_server(env={"SHOAL_REQUEST_TIMEOUT": "0.5"})
     with srv.client() as c:
+        # seed 7 runs ~450 frames (seconds) on this checkpoint before <|im_end|>
         r = c.post("/v1/audio/speech", json={"input": "Too slow. " * 20, "voice": "default",
-                                             "response_format": "wav", "seed": 1, "max_new_tokens": 3000,
+                                             "response_format": "wav", "seed": 7, "max_new_tokens": 3000,
                                              "chunk_length": 0})
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
         deadline = time.monotonic() + 30

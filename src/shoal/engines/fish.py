@@ -100,7 +100,10 @@ class FishEngine:
         self.stream_first_frames = max(1, stream_first_frames)
         self.stream_max_frames = 64
         window = codec.config.quantizer_transformer.window_size
-        self.stream_context = window + STREAM_CONTEXT_MARGIN if window else 1 << 30  # unwindowed: all of it
+        #: The most frames the codec decodes at once (its transformers' block size); longer codes go in pieces.
+        self.decode_limit = codec.config.quantizer_transformer.block_size
+        self.stream_context = min(window + STREAM_CONTEXT_MARGIN if window else self.decode_limit,
+                                  self.decode_limit // 2)
 
     @classmethod
     def load(cls, checkpoint_dir: str | Path, device: str | torch.device | None = "auto",
@@ -296,11 +299,23 @@ class FishEngine:
             return None, 0
 
     def _decode(self, codes: np.ndarray) -> np.ndarray:
-        if codes.shape[1] == 0:
+        """Codes `[num_codebooks, F]` to audio: in one piece, as the reference does, up to the codec's
+        `decode_limit` frames; longer segments (which the reference cannot decode at all) in pieces that
+        overlap by `stream_context` frames of left context."""
+        frames = codes.shape[1]
+        if frames == 0:
             return np.zeros(0, np.float32)
-        with torch.inference_mode():
-            audio = self.codec.decode(torch.from_numpy(codes).to(self.device))
-        return audio.float().cpu().numpy()
+        if frames <= self.decode_limit:
+            with torch.inference_mode():
+                audio = self.codec.decode(torch.from_numpy(codes).to(self.device))
+            return audio.float().cpu().numpy()
+        step = self.decode_limit - self.stream_context
+        pieces = []
+        for start in range(0, frames, step):
+            left = max(0, start - self.stream_context)
+            piece = self._decode(codes[:, left : start + step])
+            pieces.append(piece[(start - left) * self.frame_length :])
+        return np.concatenate(pieces)
 
     def close(self) -> None:
         self.scheduler.stop()
