@@ -102,3 +102,9 @@ class Cancelled(ShoalError):
     http_status = 499
     exit_code = 130
     code = "cancelled"
+
+
+class RateLimited(Busy):
+    """One key (or client address) sent more requests than the configured rate allows."""
+
+    code = "rate_limited"

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Callable, Sequence
 
 import numpy as np
 
@@ -58,6 +58,15 @@ class Job:
     request: SynthesisRequest
     voice: str | None = None
     started: float = field(default_factory=time.perf_counter)
+    # What running it gave, for metrics and the access log (filled in by the Dispatcher)
+    first_audio: float | None = None  # seconds from `started` to the first chunk
+    seconds: float | None = None  # seconds from `started` to the end, however it ended
+    samples: int = 0
+    outcome: str = "pending"  # ok | error | cancelled | timeout | busy
+
+    @property
+    def audio_seconds(self) -> float:
+        return self.samples / self.engine.sample_rate
 
 
 class Dispatcher:
@@ -75,6 +84,8 @@ class Dispatcher:
         self._lock = threading.Lock()
         self._executors: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
         self._closed = False
+        #: Called with each job once it has ended (metrics); a failing listener is logged, never raised.
+        self.listeners: list[Callable[[Job], None]] = []
 
     @property
     def depth(self) -> int:
@@ -105,7 +116,11 @@ class Dispatcher:
     async def stream(self, job: Job, stream: bool = True) -> AsyncIterator[np.ndarray]:
         """Yield the job's audio chunks as the engine produces them (`stream=False`: the caller only wants
         the whole audio, which the engine may then decode in one piece)."""
-        self._admit()
+        try:
+            self._admit()
+        except Busy:
+            self._ended(job, "busy")
+            raise
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
@@ -133,6 +148,7 @@ class Dispatcher:
             raise Unavailable("the server is shutting down") from None
         future.add_done_callback(self._release)
         deadline = loop.time() + self.timeout
+        outcome = "cancelled"  # unless it ends otherwise: the consumer stopped reading (client went away)
         try:
             while True:
                 remaining = deadline - loop.time()
@@ -141,15 +157,30 @@ class Dispatcher:
                         raise asyncio.TimeoutError
                     kind, value = await asyncio.wait_for(queue.get(), remaining)
                 except asyncio.TimeoutError:
+                    outcome = "timeout"
                     raise Timeout(f"the request took longer than {self.timeout:g} s") from None
                 if kind == "chunk":
+                    if job.first_audio is None:
+                        job.first_audio = time.perf_counter() - job.started
+                    job.samples += len(value)
                     yield value
                 elif kind == "done":
+                    outcome = "ok"
                     return
                 else:
+                    outcome = "error"
                     raise engine_error(value)
         finally:
             cancel.set()
+            self._ended(job, outcome)
+
+    def _ended(self, job: Job, outcome: str) -> None:
+        job.outcome, job.seconds = outcome, time.perf_counter() - job.started
+        for listener in self.listeners:
+            try:
+                listener(job)
+            except Exception:
+                log.exception("a job listener failed")
 
     def close(self) -> None:
         with self._lock:
@@ -195,10 +226,12 @@ class Service:
     def counters(self) -> dict[str, int]:
         """Process-lifetime counters operators and tests watch (codec encodes: zero for saved voices)."""
         fish = self.engines.engines.get("fish")
-        counters = {"codec_encodes": getattr(fish, "encode_count", 0)}
+        counters = {"codec_encodes": getattr(fish, "encode_count", 0), **self.voices.cache_counters()}
         if fish is not None:
             counters.update(in_flight=fish.scheduler.in_flight, batch_size=fish.scheduler.batch_size,
-                            decode_steps=fish.scheduler.steps)
+                            decode_steps=fish.scheduler.steps, generated_tokens=fish.scheduler.frames_generated,
+                            reference_cache_hits=fish.reference_cache_hits,
+                            reference_cache_misses=fish.reference_cache_misses)
         return counters
 
     def describe_models(self) -> list[dict]:

@@ -54,6 +54,12 @@ class Settings(BaseSettings):
     min_voice_seconds: float = Field(1.0, ge=0, description="shortest voice clip")
     max_voice_seconds: float = Field(60.0, gt=0, description="longest voice clip")
     reference_cache_size: int = Field(16, ge=0, description="encoded inline references kept in memory")
+    rate_limit: float = Field(0.0, ge=0, description="API requests per minute per key (per client address "
+                              "without an API key); 0 turns the limit off")
+    rate_limit_burst: int = Field(10, ge=1, description="requests a key may make at once before the rate "
+                                  "limit applies")
+    shutdown_grace: float = Field(30.0, ge=0, description="seconds in-flight requests may take to finish on "
+                                  "SIGTERM before the server exits anyway")
     # Batching and streaming
     max_batch_size: int = Field(4, ge=1, le=64, description="requests decoded together in one step")
     max_batch_tokens: int | None = Field(None, ge=1, description="prompt + budget positions in flight "
@@ -65,6 +71,9 @@ class Settings(BaseSettings):
                                                             "loads, else piper")
     default_voice: str | None = Field(None, description="saved voice used when a request names none")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log verbosity")
+    # Testing
+    fault_injection: bool = Field(False, description="testing only: a request whose text contains "
+                                  "[[fault:error]] or [[fault:oom]] fails inside generation")
 
     @field_validator("log_level", mode="before")
     @classmethod

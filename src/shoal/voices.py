@@ -279,6 +279,9 @@ class VoiceLibrary:
         self._lock = threading.Lock()
         self._owner = process_tag(os.getpid()) or f"{os.getpid()}-0"
         self._codes: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+        #: Requests whose saved voice's codes were in memory (hits) or had to be read or recomputed (misses).
+        self.codes_hits = 0
+        self.codes_misses = 0
         self._clear_staging()
 
     # -- public API --------------------------------------------------------------------------------------------
@@ -373,12 +376,19 @@ class VoiceLibrary:
             folder = self._folder(voice_id)
             usable = voice.codes_sha256 is not None and voice.codec_checksum == encoder.codec_checksum
             codes = self._recall(voice_id, voice.codes_sha256) if usable else None
+            if codes is None:
+                self.codes_misses += 1
+            else:
+                self.codes_hits += 1
             if codes is None and usable:
                 codes = self._load_codes(folder, voice, encoder.sample_rate)
             if codes is None:
                 codes, voice = self._recompute(folder, voice, encoder)
             self._remember(voice_id, voice.codes_sha256, codes)
             return codes.copy()
+
+    def cache_counters(self) -> dict[str, int]:
+        return {"voice_cache_hits": self.codes_hits, "voice_cache_misses": self.codes_misses}
 
     def clip_path(self, voice_id: str) -> Path:
         """The stored mono clip (PCM16 wav at the codec's rate), for playback."""

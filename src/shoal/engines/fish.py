@@ -79,7 +79,7 @@ class FishEngine:
 
     def __init__(self, model: DualARTransformer, codec: Codec, tokenizer: FishTokenizer, *,
                  checkpoint_dir: Path | None = None, reference_cache_size: int = 16, max_batch_size: int = 4,
-                 max_batch_tokens: int | None = None, stream_first_frames: int = 11):
+                 max_batch_tokens: int | None = None, stream_first_frames: int = 11, fault_injection: bool = False):
         self.model = model
         self.codec = codec
         self.tokenizer = tokenizer
@@ -90,9 +90,15 @@ class FishEngine:
         self.frame_length = codec.config.frame_length
         self.reference_cache_size = reference_cache_size
         self._references: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._references_lock = threading.Lock()  # worker threads of concurrent requests share the cache
         self._lock = threading.Lock()
         #: How many times a reference clip went through the codec encoder (cache misses).
         self.encode_count = 0
+        #: Inline reference clips found in (hits) or missing from (misses) the in-memory cache.
+        self.reference_cache_hits = 0
+        self.reference_cache_misses = 0
+        #: Testing only: texts with a FAULT_MARKERS marker fail inside generation (see Settings.fault_injection).
+        self.fault_injection = fault_injection
         self._codec_checksum: str | None = None
         self.scheduler = BatchScheduler(model, max_batch=max_batch_size, max_tokens=max_batch_tokens)
         #: Streaming: frames before the first chunk (11 is about 0.5 s), the largest chunk, and the left
@@ -109,7 +115,7 @@ class FishEngine:
     def load(cls, checkpoint_dir: str | Path, device: str | torch.device | None = "auto",
              precision: str | torch.dtype | None = "auto", compile: bool = False,
              reference_cache_size: int = 16, max_batch_size: int = 4, max_batch_tokens: int | None = None,
-             stream_first_frames: int = 11) -> "FishEngine":
+             stream_first_frames: int = 11, fault_injection: bool = False) -> "FishEngine":
         """Load a checkpoint directory once. Raises CheckpointError naming a missing or mismatched file."""
         if compile:
             raise BadRequest("compile=True is not supported yet: torch.compile of the decode step arrives with "
@@ -125,7 +131,7 @@ class FishEngine:
         codec = load_codec(path / "codec.pth", codec_config, device=dev, dtype=torch.float32)
         return cls(model, codec, tokenizer, checkpoint_dir=path, reference_cache_size=reference_cache_size,
                    max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens,
-                   stream_first_frames=stream_first_frames)
+                   stream_first_frames=stream_first_frames, fault_injection=fault_injection)
 
     # -- references --------------------------------------------------------------------------------------------
     def encode_reference(self, reference: Reference) -> torch.Tensor:
@@ -135,15 +141,20 @@ class FishEngine:
             return self._check_codes(reference.codes)
         data = reference.read_bytes()
         key = hashlib.sha256(data).hexdigest()
-        codes = self._references.get(key) if reference.cache else None
-        if codes is not None:
-            self._references.move_to_end(key)
-            return codes
+        if reference.cache:
+            with self._references_lock:
+                codes = self._references.get(key)
+                if codes is not None:
+                    self._references.move_to_end(key)
+                    self.reference_cache_hits += 1
+                    return codes
+                self.reference_cache_misses += 1
         codes = torch.from_numpy(self.encode_audio(load_audio(data, target_sr=self.sample_rate)))
         if reference.cache and self.reference_cache_size > 0:
-            self._references[key] = codes
-            while len(self._references) > self.reference_cache_size:
-                self._references.popitem(last=False)
+            with self._references_lock:
+                self._references[key] = codes
+                while len(self._references) > self.reference_cache_size:
+                    self._references.popitem(last=False)
         return codes
 
     def encode_audio(self, audio: np.ndarray) -> np.ndarray:
@@ -251,6 +262,8 @@ class FishEngine:
                         return
                     frames.append(frame)
                     done += 1
+                    if self.fault_injection:
+                        inject_fault(request.text, len(frames))
                     if progress:
                         progress(done, total)
                     decodable = len(frames) - 1  # the newest frame may be the last, which is never decoded
@@ -337,6 +350,21 @@ def fade_joins(audio: np.ndarray, sample_rate: int, first: bool, last: bool) -> 
     if not last:
         audio[-n:] *= ramp[::-1]
     return audio
+
+
+#: Settings.fault_injection's markers: the exception each one raises once generation has started.
+FAULT_MARKERS = {"[[fault:error]]": lambda: RuntimeError("injected fault"),
+                 "[[fault:oom]]": lambda: torch.cuda.OutOfMemoryError("CUDA out of memory (injected fault)")}
+FAULT_AFTER_FRAMES = 2
+
+
+def inject_fault(text: str, frames: int) -> None:
+    """Raise the marked fault once `FAULT_AFTER_FRAMES` frames of this request exist, so the failure happens
+    mid-generation, beside other rows in the batch."""
+    if frames == FAULT_AFTER_FRAMES:
+        for marker, make in FAULT_MARKERS.items():
+            if marker in text:
+                raise make()
 
 
 def engine_failure(exc: Exception) -> Exception:

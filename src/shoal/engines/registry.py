@@ -51,7 +51,8 @@ def load_engines(settings) -> Engines:
                                                  reference_cache_size=settings.reference_cache_size,
                                                  max_batch_size=settings.max_batch_size,
                                                  max_batch_tokens=settings.max_batch_tokens,
-                                                 stream_first_frames=settings.stream_first_frames)
+                                                 stream_first_frames=settings.stream_first_frames,
+                                                 fault_injection=settings.fault_injection)
         result.checkpoint = checkpoint
     result.engines["piper"] = PiperEngine.load()
     if checkpoint is None:

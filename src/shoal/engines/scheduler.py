@@ -15,6 +15,7 @@ import atexit
 import logging
 import queue
 import threading
+import time
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ log = logging.getLogger("shoal.scheduler")
 
 #: KV caches grow in steps of this many positions (copying the rows in flight), never past max_seq_len.
 CACHE_STEP = 1024
+#: The window over which `tokens_per_second` is measured.
+RATE_WINDOW_SECONDS = 10.0
 _DONE = object()
 
 
@@ -88,6 +91,9 @@ class BatchScheduler:
         self._stopped = False
         self.steps = 0
         self.max_seen_batch = 0
+        #: Frames (tokens) generated since start, prefill frames included.
+        self.frames_generated = 0
+        self._recent: deque[tuple[float, int]] = deque()  # (time, frames) per step within RATE_WINDOW_SECONDS
         self._thread = threading.Thread(target=self._loop, name="shoal-scheduler", daemon=True)
         self._thread.start()
         # Stop the thread before the interpreter tears torch down under it (which aborts the process).
@@ -118,6 +124,14 @@ class BatchScheduler:
     @property
     def batch_size(self) -> int:
         return len(self._active)
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Frames generated per second over the last RATE_WINDOW_SECONDS (0 when idle)."""
+        now = time.monotonic()
+        with self._cond:
+            recent = [(t, n) for t, n in self._recent if now - t <= RATE_WINDOW_SECONDS]
+        return sum(n for _, n in recent) / RATE_WINDOW_SECONDS
 
     def stop(self) -> None:
         with self._cond:
@@ -217,10 +231,22 @@ class BatchScheduler:
             row.history[:, row.produced - 1] = frame
         row.produced += 1
         row.last = frame
+        self._count_frame()
         row.frames.put(frame.cpu())
         stopped = loop_frame and int(frame[0]) == row.im_end_id
         if stopped or row.produced >= row.max_new_tokens:
             self._finish(row)
+
+    def _count_frame(self) -> None:
+        now = time.monotonic()
+        self.frames_generated += 1
+        with self._cond:
+            if self._recent and now - self._recent[-1][0] < 0.05:  # one entry per step, roughly
+                self._recent[-1] = (self._recent[-1][0], self._recent[-1][1] + 1)
+            else:
+                self._recent.append((now, 1))
+            while self._recent and now - self._recent[0][0] > RATE_WINDOW_SECONDS:
+                self._recent.popleft()
 
     def _retire(self) -> None:
         for row in list(self._active):

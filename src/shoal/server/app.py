@@ -2,27 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Callable
 
+import uvicorn
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from shoal import __version__
 from shoal.engines.registry import Engines, load_engines
 from shoal.server import errors
-from shoal.server.deps import require_api_key
+from shoal.server.deps import rate_limit, require_api_key
+from shoal.server.metrics import Metrics, RequestLog
+from shoal.server.ratelimit import RateLimiter
 from shoal.service import Service
 from shoal.settings import Settings
 from shoal.voices import VoiceLibrary
 
 log = logging.getLogger("shoal.server")
-access_log = logging.getLogger("shoal.access")
 
 
 class BodyLimit:
@@ -84,11 +86,14 @@ def create_app(settings: Settings, engines_loader: Callable[[Settings], Engines]
     app.state.service = None
     app.state.load_error = None
     app.state.api_key = settings.api_key.get_secret_value() if settings.api_key else None
+    app.state.rate_limiter = (RateLimiter(settings.rate_limit, settings.rate_limit_burst)
+                              if settings.rate_limit > 0 else None)
+    app.state.metrics = metrics = Metrics(lambda: app.state.service)
     errors.install(app)
 
     from shoal.server import routes_fish, routes_openai
 
-    protected = [Depends(require_api_key)]
+    protected = [Depends(require_api_key), Depends(rate_limit)]
     app.include_router(routes_fish.router, dependencies=protected)
     app.include_router(routes_openai.router, dependencies=protected)
 
@@ -104,17 +109,14 @@ def create_app(settings: Settings, engines_loader: Callable[[Settings], Engines]
                 "queue_depth": service.dispatcher.depth, "notice": service.engines.notice,
                 "counters": service.counters()}
 
-    @app.middleware("http")
-    async def access(request: Request, call_next):
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex[:12]
-        start = time.perf_counter()
-        response = await call_next(request)
-        response.headers["X-Request-Id"] = request_id
-        access_log.info("request_id=%s method=%s path=%s status=%s latency_ms=%.1f", request_id, request.method,
-                        request.url.path, response.status_code, (time.perf_counter() - start) * 1000)
-        return response
+    @app.get("/metrics", summary="Prometheus metrics", dependencies=[Depends(require_api_key)],
+             response_class=Response)
+    async def prometheus_metrics():
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
 
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(RequestLog, metrics=metrics)  # outermost: it sees the 413s too
     if settings.ui:
         from shoal.server.ui import mount_ui
 
@@ -129,7 +131,9 @@ def _load(app: FastAPI, settings: Settings, loader: Callable[[Settings], Engines
         voices = VoiceLibrary(Path(settings.data_dir), max_upload_bytes=settings.max_upload_bytes,
                               min_seconds=settings.min_voice_seconds, max_seconds=settings.max_voice_seconds)
         _warm_up(engines)
-        app.state.service = Service(settings, engines, voices)
+        service = Service(settings, engines, voices)
+        service.dispatcher.listeners.append(app.state.metrics.observe_job)
+        app.state.service = service
         if engines.notice:
             log.warning(engines.notice)
         log.info("ready in %.1f s: models %s (default %s)", time.perf_counter() - start,
@@ -152,14 +156,28 @@ def _warm_up(engines: Engines) -> None:
 
 
 def serve(settings: Settings) -> int:
-    """Run the server until interrupted (SIGINT/SIGTERM: stop accepting, finish in-flight requests)."""
-    import uvicorn
-
+    """Run the server until SIGINT/SIGTERM, then stop accepting, let in-flight requests finish for up to
+    `shutdown_grace` seconds, and exit 0."""
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     app = create_app(settings)
     print(f"shoal {__version__} listening on http://{settings.host}:{settings.port} (API docs at /docs)",
           flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=False, timeout_graceful_shutdown=30)
-    return 0
+    server = GracefulServer(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                                           access_log=False, timeout_graceful_shutdown=settings.shutdown_grace))
+    server.run()
+    return 0 if server.started else 1
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's Server, except that the signal which stopped it gracefully is not raised again afterwards:
+    uvicorn re-raises it, so the process would die by SIGTERM instead of exiting 0 after a clean stop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        with super().capture_signals():
+            yield
+            if self._captured_signals:
+                log.info("stopped by signal %s after in-flight requests finished (grace period %g s)",
+                         self._captured_signals[0], self.config.timeout_graceful_shutdown)
+            self._captured_signals.clear()

@@ -20,6 +20,7 @@ log = logging.getLogger("shoal.server")
 
 
 async def audio_response(request: Request, service: Service, job: Job, fmt: str, stream: bool) -> Response:
+    request.state.job = job  # for the access log's audio seconds
     headers = {"Content-Disposition": f"attachment; filename=speech.{fmt}", "X-Shoal-Model": job.model}
     if stream:
         chunks = await started(service, job)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 
 from fastapi import Request
@@ -28,3 +29,17 @@ def require_api_key(request: Request) -> None:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
         raise Unauthorized("a valid API key is required: send `Authorization: Bearer <key>`")
+
+
+def rate_limit(request: Request) -> None:
+    """With a rate limit configured, each API key (each client address without a key) gets a token bucket;
+    past it, 429 with Retry-After. Runs after the key check, so wrong keys never reach a bucket."""
+    limiter = request.app.state.rate_limiter
+    if limiter is None:
+        return
+    if request.app.state.api_key is not None:
+        token = request.headers.get("authorization", "").partition(" ")[2].strip()
+        key = "key:" + hashlib.sha256(token.encode()).hexdigest()[:16]  # never keep the key itself around
+    else:
+        key = "addr:" + (request.client.host if request.client else "unknown")
+    limiter.take(key)

@@ -26,6 +26,7 @@ async def speech(body: SpeechRequest, request: Request, service: Service = Depen
         chunk_length=body.chunk_length, speed=body.speed)
     job = await asyncio.to_thread(service.prepare, params)
     if body.stream_format == "sse":
+        request.state.job = job  # for the access log's audio seconds
         chunks = await started(service, job)
         return StreamingResponse(sse_stream(chunks, job, body.response_format), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Shoal-Model": job.model})
