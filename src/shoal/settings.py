@@ -38,7 +38,10 @@ class Settings(BaseSettings):
     checkpoint: Path | None = Field(None, description="S1 checkpoint directory (default: search the usual places)")
     device: str = Field("auto", description="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
     precision: str = Field("auto", description="auto (bf16 on cuda, else float32), float32, bfloat16, float16")
-    compile: bool = Field(False, description="torch.compile the decode step (CUDA)")
+    compile: bool = Field(False, description="torch.compile the decode step (bucketed shapes, static KV caches; "
+                          "kernels cached under the data dir)")
+    cuda_graphs: bool = Field(False, description="also capture the compiled decode step as CUDA graphs (CUDA "
+                              "with compile only)")
     # The server
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8080, ge=0, le=65535, description="port to listen on")

@@ -28,6 +28,8 @@ from shoal.fish.tokenizer import FishTokenizer
 from shoal.text import split_text
 
 from .base import Progress, Reference, Synthesis, SynthesisRequest
+from shoal.fish.runner import ModelRunner
+
 from .scheduler import BatchScheduler
 
 PRECISIONS = {
@@ -79,7 +81,8 @@ class FishEngine:
 
     def __init__(self, model: DualARTransformer, codec: Codec, tokenizer: FishTokenizer, *,
                  checkpoint_dir: Path | None = None, reference_cache_size: int = 16, max_batch_size: int = 4,
-                 max_batch_tokens: int | None = None, stream_first_frames: int = 11, fault_injection: bool = False):
+                 max_batch_tokens: int | None = None, stream_first_frames: int = 11, fault_injection: bool = False,
+                 compile: bool = False, cuda_graphs: bool = False):
         self.model = model
         self.codec = codec
         self.tokenizer = tokenizer
@@ -100,7 +103,9 @@ class FishEngine:
         #: Testing only: texts with a FAULT_MARKERS marker fail inside generation (see Settings.fault_injection).
         self.fault_injection = fault_injection
         self._codec_checksum: str | None = None
-        self.scheduler = BatchScheduler(model, max_batch=max_batch_size, max_tokens=max_batch_tokens)
+        self.runner = ModelRunner(model, max_batch_size, compile=compile, cuda_graphs=cuda_graphs)
+        self.scheduler = BatchScheduler(model, max_batch=max_batch_size, max_tokens=max_batch_tokens,
+                                        runner=self.runner)
         #: Streaming: frames before the first chunk (11 is about 0.5 s), the largest chunk, and the left
         #: context each chunk is decoded with (the codec's attention window plus its convolutions' reach).
         self.stream_first_frames = max(1, stream_first_frames)
@@ -115,13 +120,18 @@ class FishEngine:
     def load(cls, checkpoint_dir: str | Path, device: str | torch.device | None = "auto",
              precision: str | torch.dtype | None = "auto", compile: bool = False,
              reference_cache_size: int = 16, max_batch_size: int = 4, max_batch_tokens: int | None = None,
-             stream_first_frames: int = 11, fault_injection: bool = False) -> "FishEngine":
-        """Load a checkpoint directory once. Raises CheckpointError naming a missing or mismatched file."""
-        if compile:
-            raise BadRequest("compile=True is not supported yet: torch.compile of the decode step arrives with "
-                             "the CUDA fast paths; run without it")
+             stream_first_frames: int = 11, fault_injection: bool = False, cuda_graphs: bool = False,
+             compile_cache_dir: str | Path | None = None) -> "FishEngine":
+        """Load a checkpoint directory once. Raises CheckpointError naming a missing or mismatched file.
+
+        `compile` runs the decode step through torch.compile (see shoal.fish.runner), `cuda_graphs` also
+        captures it as CUDA graphs (CUDA only); `compile_cache_dir` keeps compiled kernels across restarts."""
         path = check_checkpoint_dir(checkpoint_dir)
         dev = resolve_device(device)
+        if cuda_graphs and not (compile and dev.type == "cuda"):
+            raise BadRequest("cuda_graphs needs compile=True and a CUDA device")
+        if compile and compile_cache_dir is not None:
+            persist_compile_cache(Path(compile_cache_dir))
         dtype = resolve_precision(precision, dev)
         tokenizer = FishTokenizer.from_dir(path)
         model = load_dual_ar(path, tokenizer, dev, dtype)
@@ -131,7 +141,8 @@ class FishEngine:
         codec = load_codec(path / "codec.pth", codec_config, device=dev, dtype=torch.float32)
         return cls(model, codec, tokenizer, checkpoint_dir=path, reference_cache_size=reference_cache_size,
                    max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens,
-                   stream_first_frames=stream_first_frames, fault_injection=fault_injection)
+                   stream_first_frames=stream_first_frames, fault_injection=fault_injection, compile=compile,
+                   cuda_graphs=cuda_graphs)
 
     # -- references --------------------------------------------------------------------------------------------
     def encode_reference(self, reference: Reference) -> torch.Tensor:
@@ -332,6 +343,18 @@ class FishEngine:
 
     def close(self) -> None:
         self.scheduler.stop()
+
+
+def persist_compile_cache(directory: Path) -> None:
+    """Keep torch.compile's kernels and graphs in `directory`, so a restart reuses them instead of compiling
+    again. Inductor reads its cache location from the environment, so this is the one place shoal sets it."""
+    import os
+
+    import torch._inductor.config as inductor_config
+
+    directory.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory)
+    inductor_config.fx_graph_cache = True
 
 
 JOIN_FADE_SECONDS = 0.01

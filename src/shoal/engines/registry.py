@@ -52,7 +52,9 @@ def load_engines(settings) -> Engines:
                                                  max_batch_size=settings.max_batch_size,
                                                  max_batch_tokens=settings.max_batch_tokens,
                                                  stream_first_frames=settings.stream_first_frames,
-                                                 fault_injection=settings.fault_injection)
+                                                 fault_injection=settings.fault_injection,
+                                                 cuda_graphs=settings.cuda_graphs,
+                                                 compile_cache_dir=Path(settings.data_dir) / "compile-cache")
         result.checkpoint = checkpoint
     result.engines["piper"] = PiperEngine.load()
     if checkpoint is None:

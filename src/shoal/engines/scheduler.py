@@ -26,6 +26,7 @@ import torch
 from shoal.errors import Busy, Unavailable
 from shoal.fish.dual_ar import DualARTransformer
 from shoal.fish.generate import PENALTY_WINDOW, sample_frame
+from shoal.fish.runner import ModelRunner
 from shoal.fish.sampling import SamplingParams, params_tensor
 
 log = logging.getLogger("shoal.scheduler")
@@ -78,8 +79,9 @@ class BatchScheduler:
     """Decode up to `max_batch` rows together; `max_tokens` bounds positions (prompt + budget) in flight."""
 
     def __init__(self, model: DualARTransformer, max_batch: int = 8, max_tokens: int | None = None,
-                 max_waiting: int = 256):
+                 max_waiting: int = 256, runner: ModelRunner | None = None):
         self.model = model
+        self.runner = runner or ModelRunner(model, max_batch)
         self.max_batch = max_batch
         self.max_tokens = max_tokens or max_batch * model.config.max_seq_len
         self.max_waiting = max_waiting
@@ -175,6 +177,10 @@ class BatchScheduler:
 
     def _ensure_cache(self, positions: int) -> None:
         model = self.model
+        if self.runner.static_cache:
+            if model.cache_batch < self.runner.cache_rows:
+                model.setup_caches(batch=self.runner.cache_rows)  # once, at full length
+            return
         if model.cache_batch >= self.max_batch and model.cache_seq_len >= positions:
             return
         size = min(-(-positions // CACHE_STEP) * CACHE_STEP, model.config.max_seq_len)
@@ -200,7 +206,7 @@ class BatchScheduler:
             logits, hidden = self.model.forward_slow(row.prompt[None], torch.arange(length, device=self.device)[None],
                                                      rows=slot)
             frame = sample_frame(self.model, logits, hidden, row.params_t, [row.generator], window=None,
-                                 rows=slot)[0]
+                                 rows=slot, fast=self.runner.fast)[0]
         except BaseException as exc:
             self._finish(row, exc)
             return
@@ -212,10 +218,11 @@ class BatchScheduler:
         slots = torch.tensor([r.slot for r in rows], device=self.device)
         x = torch.stack([r.last for r in rows])[:, :, None]
         pos = torch.tensor([[r.prompt.shape[1] + r.produced - 1] for r in rows], device=self.device)
-        logits, hidden = self.model.forward_slow(x, pos, rows=slots)
+        logits, hidden = self.runner.slow(x, pos, slots)
         windows = torch.stack([self._window(r) for r in rows])
         params = torch.cat([r.params_t for r in rows])
-        frames = sample_frame(self.model, logits, hidden, params, [r.generator for r in rows], windows, rows=slots)
+        frames = sample_frame(self.model, logits, hidden, params, [r.generator for r in rows], windows, rows=slots,
+                              fast=self.runner.fast)
         self.steps += 1
         for row, frame in zip(list(rows), frames):
             self._emit(row, frame, loop_frame=True)

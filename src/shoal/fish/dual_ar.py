@@ -351,15 +351,22 @@ class DualARTransformer(nn.Module):
         return logits, self.fast_project_in(hidden)
 
     # -- fast transformer --------------------------------------------------------------------------------------
-    def forward_fast(self, x: Tensor, pos: int, rows: Tensor | None = None) -> Tensor:
+    def forward_fast(self, x: Tensor, pos: int | Tensor, rows: Tensor | None = None,
+                     n_keys: int | None = None) -> Tensor:
         """One fast step: x `[B, fast_dim]` at codebook position `pos` -> logits `[B, codebook_size]`.
 
         Position 0 takes the slow hidden state and overwrites the cache from the start, so no reset is needed
-        between frames: later positions only ever see keys written for the current frame.
+        between frames: later positions only ever see keys written for the current frame. `pos` may be an int
+        or a `[B, 1]` tensor (one graph for every position when compiled); `n_keys` (default pos + 1) may be
+        larger, the mask hides the keys past `pos`.
         """
-        input_pos = torch.full((x.shape[0], 1), pos, dtype=torch.long, device=x.device)
+        if isinstance(pos, Tensor):
+            input_pos, n_keys = pos, n_keys or self.config.num_codebooks
+        else:
+            input_pos = torch.full((x.shape[0], 1), pos, dtype=torch.long, device=x.device)
+            n_keys = n_keys or pos + 1
         rope = self.fast_rope[input_pos]
-        mask = causal_mask(input_pos, pos + 1)
+        mask = causal_mask(input_pos, n_keys)
         h = x[:, None]
         for layer in self.fast_layers:
             h = layer(h, rope, mask, rows, input_pos)

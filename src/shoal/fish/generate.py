@@ -17,7 +17,7 @@ Everything here works on a batch of rows, each with its own position, sampling p
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -39,18 +39,22 @@ def sample_frame(
     generators: list[torch.Generator],
     window: Tensor | None,
     rows: Tensor | None = None,
+    fast: Callable[[Tensor, int, Tensor | None], Tensor] | None = None,
 ) -> Tensor:
     """Sample one frame per row from the slow model's output. Returns `[B, 1 + num_codebooks]` int64.
 
     logits `[B, vocab]`, hidden `[B, fast_dim]`, window `[B, 1 + num_codebooks, W]` or None (prefill).
+    `fast(x, pos, rows)` runs one fast-transformer step (default `model.forward_fast`; a compiled runner's
+    otherwise).
     """
     num_codebooks = model.config.num_codebooks
+    fast = fast or model.forward_fast
     token = sample(logits, params, generators, None if window is None else window[:, :, 0])
     codes = [(token - model.semantic_begin_id).clamp(min=0)]
 
-    model.forward_fast(hidden, 0, rows)  # position 0 only fills the fast cache; its logits are unused
+    fast(hidden, 0, rows)  # position 0 only fills the fast cache; its logits are unused
     for k in range(1, num_codebooks):
-        fast_logits = model.forward_fast(model.fast_embeddings(codes[-1]), k, rows)[:, :RESIDUAL_CODEBOOK_SIZE]
+        fast_logits = fast(model.fast_embeddings(codes[-1]), k, rows)[:, :RESIDUAL_CODEBOOK_SIZE]
         codes.append(sample(fast_logits, params, generators, None if window is None else window[:, k + 1]))
     return torch.stack([token, *codes], dim=1)
 

@@ -1,0 +1,98 @@
+"""Where the scheduler's forward passes run: eagerly, or through `torch.compile` with bucketed shapes.
+
+Eager is the default and the reference-exact path. Compiled, the decode step sees a handful of shapes only, so
+it compiles a few times at most and never per request:
+
+- the batch is padded up to a bucket (1, 2, 4, 8, ... up to the scheduler's max batch); padded rows write into a
+  spare KV-cache row that no request owns, so they cannot disturb real rows;
+- the attended key length is rounded up to a power of two (at least `MIN_KEYS`); the causal mask hides the
+  extra keys;
+- the fast transformer always attends over its whole 10-position cache with a position tensor, so one graph
+  serves every codebook position;
+- the KV caches are allocated once at full length (static), so no graph is invalidated by a cache growing.
+
+With `cuda_graphs` the compiled graphs are also captured as CUDA graphs (mode "reduce-overhead"), one per
+bucket. Compiled output is allclose to eager output, not bit-identical (fused kernels sum in another order).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .dual_ar import DualARTransformer
+
+MIN_KEYS = 256
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """Powers of two below `max_batch`, then `max_batch` itself."""
+    buckets, b = [], 1
+    while b < max_batch:
+        buckets.append(b)
+        b *= 2
+    return buckets + [max_batch]
+
+
+def key_bucket(n_keys: int, max_seq_len: int) -> int:
+    size = MIN_KEYS
+    while size < n_keys:
+        size *= 2
+    return min(size, max_seq_len)
+
+
+class ModelRunner:
+    """The decode-step forwards of a DualARTransformer for a scheduler of up to `max_batch` rows."""
+
+    def __init__(self, model: DualARTransformer, max_batch: int, compile: bool = False, cuda_graphs: bool = False):
+        self.model = model
+        self.max_batch = max_batch
+        self.compiled = compile
+        self.buckets = batch_buckets(max_batch)
+        #: The cache row padded rows write to: one past the rows requests own (compiled only).
+        self.pad_row = max_batch
+        if compile:
+            mode = "reduce-overhead" if cuda_graphs else None
+            self._slow = torch.compile(model.forward_slow, mode=mode, dynamic=False)
+            self._fast = torch.compile(model.forward_fast, mode=mode, dynamic=False)
+
+    @property
+    def cache_rows(self) -> int:
+        return self.max_batch + (1 if self.compiled else 0)
+
+    @property
+    def static_cache(self) -> bool:
+        """Compiled graphs need caches that never move: allocate them once, at full length."""
+        return self.compiled
+
+    def _pad(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
+
+    def slow(self, x: Tensor, pos: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """One decode step of the slow transformer: x `[B, 11, 1]` at positions `pos` `[B, 1]` of cache
+        rows `rows` `[B]` -> (logits `[B, vocab]`, hidden `[B, fast_dim]`)."""
+        if not self.compiled:
+            return self.model.forward_slow(x, pos, rows=rows)
+        n, padded = x.shape[0], self._pad(x.shape[0])
+        n_keys = key_bucket(int(pos.max()) + 1, self.model.config.max_seq_len)
+        if padded > n:
+            extra = padded - n
+            x = torch.cat([x, x.new_zeros((extra, *x.shape[1:]))])
+            pos = torch.cat([pos, pos.new_zeros((extra, 1))])
+            rows = torch.cat([rows, rows.new_full((extra,), self.pad_row)])
+        logits, hidden = self._slow(x, pos, rows, n_keys)
+        # Clones: with CUDA graphs, a graph's outputs are overwritten by its next replay.
+        return logits[:n].clone(), hidden[:n].clone()
+
+    def fast(self, x: Tensor, k: int, rows: Tensor | None) -> Tensor:
+        """One fast-transformer step at codebook position `k` (sample_frame's `fast`)."""
+        if not self.compiled:
+            return self.model.forward_fast(x, k, rows)
+        n, padded = x.shape[0], self._pad(x.shape[0])
+        if rows is None:
+            rows = torch.arange(n, device=x.device)
+        if padded > n:
+            x = torch.cat([x, x.new_zeros((padded - n, x.shape[1]))])
+            rows = torch.cat([rows, rows.new_full((padded - n,), self.pad_row)])
+        pos = torch.full((padded, 1), k, dtype=torch.long, device=x.device)
+        return self._fast(x, pos, rows, self.model.config.num_codebooks)[:n].clone()

@@ -1,0 +1,105 @@
+"""The compiled decode step (torch.compile, bucketed shapes, static KV caches) against the eager one, on CPU.
+
+Compiled kernels may sum in another order than eager ones, so the logits are compared with a tolerance. On this
+fp32 fixture the sampled codes come out identical too, which the golden test pins down: a padding row that
+leaked into a real one, or a mask that let a padded key through, changes them at once.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from shoal.engines.base import SynthesisRequest
+from shoal.engines.fish import FishEngine
+from shoal.errors import BadRequest
+from shoal.fish.runner import ModelRunner, batch_buckets, key_bucket
+
+from test_fish_engine import as_request
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def compiled(fixture_dir, tmp_path_factory):
+    return FishEngine.load(fixture_dir, device="cpu", precision="float32", compile=True, max_batch_size=4,
+                           compile_cache_dir=tmp_path_factory.mktemp("compile-cache"))
+
+
+@pytest.fixture(scope="module")
+def eager(fixture_dir):
+    return FishEngine.load(fixture_dir, device="cpu", precision="float32", max_batch_size=4)
+
+
+def test_buckets():
+    assert batch_buckets(1) == [1] and batch_buckets(4) == [1, 2, 4] and batch_buckets(6) == [1, 2, 4, 6]
+    assert [key_bucket(n, 8192) for n in (1, 256, 257, 5000, 9000)] == [256, 256, 512, 8192, 8192]
+    assert key_bucket(3000, 2560) == 2560
+
+
+@torch.inference_mode()
+def test_padded_compiled_steps_match_eager_steps(compiled, eager):
+    """Three rows (padded to a bucket of 4) at different positions and cache rows: same logits, same caches."""
+    torch.manual_seed(0)
+    results = []
+    for engine in (eager, compiled):
+        model, runner = engine.model, engine.runner
+        engine.scheduler._ensure_cache(300)
+        for layer in model.layers:  # the same cache contents in both
+            g = torch.Generator().manual_seed(1)
+            kv = layer.attention.kv_cache
+            kv.k[:4, :, :300].copy_(torch.randn(kv.k[:4, :, :300].shape, generator=g))
+            kv.v[:4, :, :300].copy_(torch.randn(kv.v[:4, :, :300].shape, generator=g))
+        g = torch.Generator().manual_seed(2)
+        x = torch.randint(0, 100, (3, 1 + model.config.num_codebooks, 1), generator=g)
+        pos = torch.tensor([[5], [120], [299]])
+        rows = torch.tensor([2, 0, 3])
+        logits, hidden = runner.slow(x, pos, rows)
+        fast = [runner.fast(hidden, 0, rows)] + [runner.fast(model.fast_embeddings(x[:, k, 0]), k, rows)
+                                                  for k in range(1, model.config.num_codebooks)]
+        caches = torch.stack([layer.attention.kv_cache.k[:4, :, :300] for layer in model.layers])
+        results.append((logits, hidden, torch.stack(fast), caches))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_engine_gives_the_golden_codes_alone_and_batched(compiled, fixture_dir):
+    requests = json.loads((fixture_dir / "requests.json").read_text())["requests"]
+    golden = {r["name"]: np.load(fixture_dir / r["file"])["codes"] for r in requests}
+    for req in requests:
+        np.testing.assert_array_equal(compiled.run(as_request(fixture_dir, req)).codes, golden[req["name"]],
+                                      err_msg=req["name"])
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(compiled.run, [as_request(fixture_dir, r) for r in requests]))
+    for req, result in zip(requests, results):
+        np.testing.assert_array_equal(result.codes, golden[req["name"]], err_msg=req["name"])
+
+
+def test_compiled_caches_are_static(compiled):
+    model = compiled.model
+    assert model.cache_seq_len == model.config.max_seq_len and model.cache_batch == 5  # 4 rows + the pad row
+    before = model.layers[0].attention.kv_cache.k.data_ptr()
+    compiled.run(SynthesisRequest(text="Static caches stay put.", seed=1, max_new_tokens=20))
+    assert model.layers[0].attention.kv_cache.k.data_ptr() == before
+
+
+def test_compile_cache_is_written_under_the_given_dir(compiled, tmp_path_factory):
+    import os
+
+    cache = os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    assert any(os.scandir(cache))
+
+
+def test_cuda_graphs_need_compile_and_cuda(fixture_dir):
+    with pytest.raises(BadRequest, match="cuda_graphs"):
+        FishEngine.load(fixture_dir, device="cpu", compile=True, cuda_graphs=True)
+    with pytest.raises(BadRequest, match="cuda_graphs"):
+        FishEngine.load(fixture_dir, device="cpu", cuda_graphs=True)
+
+
+def test_eager_runner_is_the_model_itself(eager):
+    assert isinstance(eager.runner, ModelRunner) and not eager.runner.compiled and not eager.runner.static_cache
