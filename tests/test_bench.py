@@ -34,7 +34,7 @@ def test_bench_writes_the_table_and_the_json(fixture_dir, tmp_path):
     m = report["machine"]
     assert m["cores"] >= 1 and m["cpu"] and m["ram_gib"] > 0
     assert report["options"] == {"tokens": 8, "concurrency": [1, 2], "threads": None, "device": "cpu",
-                                 "precision": "float32"}
+                                 "precision": "float32", "compile": False, "cuda_graphs": False}
     assert report["bandwidth"]["gbps"] > 0 and report["floor"]["floor_s"] > 0
 
     s = report["shoal"]
@@ -135,3 +135,15 @@ def test_full_size_tokenizer_puts_the_semantic_tokens_at_the_real_ids():
     assert tok.vocab_size == S1_MINI_CONFIG["vocab_size"] == 155776
     assert (tok.semantic_begin_id, tok.semantic_end_id) == (151680, 155775)
     assert tok.decode(tok.encode("Hello there, world.")) == "Hello there, world."
+
+
+def test_quick_bench_runs_shoal_alone_on_the_tiny_fixture(fixture_dir, tmp_path):
+    """`shoal bench --quick`, as CI runs it so the bench cannot rot."""
+    proc = shoal("bench", "--quick", "--fixture", str(fixture_dir), "--out", str(tmp_path), "--bandwidth-mib", "64",
+                 timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    [js] = tmp_path.glob("*-quick.json")
+    report = json.loads(js.read_text())
+    assert report["options"]["tokens"] == 16 and report["options"]["concurrency"] == [1, 4]
+    assert report["reference"]["status"] == "not run (--no-reference)"
+    assert report["shoal"]["single"]["decode"]["median_step_s"] > 0

@@ -46,6 +46,7 @@ DEFAULTS = {  # per checkpoint kind: (max_new_tokens per request, concurrency le
     "tiny": (215, (1, 4, 8)),
     "full-size": (32, (1, 4)),
     "checkpoint": (215, (1, 4, 8)),
+    "quick": (16, (1, 4)),
 }
 
 # The requests. All texts are under 200 characters, so shoal (chunk_length 200) and the reference (which never
@@ -90,6 +91,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                        help="bench a random checkpoint of openaudio-s1-mini's shape (written once under --work-dir: "
                             "~3.3 GB, a minute or two; nothing is downloaded)")
     which.add_argument("--checkpoint", metavar="DIR", help="bench an existing S1 checkpoint directory")
+    which.add_argument("--quick", action="store_true", help="a smoke run: the tiny fixture, shoal only, 16 tokens, "
+                       "concurrency 1,4 (well under two minutes; CI runs it so the bench cannot rot)")
     parser.add_argument("--fixture", metavar="DIR", default=str(DEFAULT_FIXTURE), help="where --tiny looks")
     parser.add_argument("--work-dir", metavar="DIR", default=str(DEFAULT_WORK_DIR),
                         help=f"cache for the --full-size checkpoint (default {DEFAULT_WORK_DIR})")
@@ -111,6 +114,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--setup-reference", action="store_true",
                         help="build the reference venv with setup.sh if it is missing (~2.5 GB, a few minutes)")
     parser.add_argument("--no-reference", action="store_true", help="bench shoal only")
+    parser.add_argument("--compile", action="store_true", help="shoal with its compiled decode step (torch.compile; "
+                        "the warm-up request pays for compiling)")
+    parser.add_argument("--cuda-graphs", action="store_true", help="with --compile on CUDA: capture the compiled "
+                        "decode step as CUDA graphs")
     parser.add_argument("--label", help="name of this run in the result files (default: the checkpoint kind)")
     parser.add_argument("--out", metavar="DIR", default=str(DEFAULT_OUT),
                         help=f"where the .md and .json go (default {DEFAULT_OUT})")
@@ -133,7 +140,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def resolve_options(args: argparse.Namespace) -> dict:
-    kind = "full-size" if args.full_size else "checkpoint" if args.checkpoint else "tiny"
+    kind = ("full-size" if args.full_size else "checkpoint" if args.checkpoint else
+            "quick" if getattr(args, "quick", False) else "tiny")
     tokens, levels = DEFAULTS[kind]
     tokens = args.tokens if args.tokens is not None else tokens
     if tokens < 2:
@@ -152,6 +160,10 @@ def resolve_options(args: argparse.Namespace) -> dict:
     label = args.label or (Path(args.checkpoint).name if args.checkpoint else kind)
     if not re.fullmatch(r"[A-Za-z0-9._-]{1,80}", label):
         raise BenchError(f"--label may only use A-Z, a-z, 0-9, '.', '_' and '-', got {label!r}")
+    if kind == "quick":
+        args.no_reference = True
+        kind = "tiny"
+        label = args.label or "quick"
     return {
         "kind": kind,
         "checkpoint": args.checkpoint,
@@ -162,6 +174,8 @@ def resolve_options(args: argparse.Namespace) -> dict:
         "threads": args.threads,
         "device": args.device,
         "precision": args.precision,
+        "compile": args.compile or args.cuda_graphs,
+        "cuda_graphs": args.cuda_graphs,
         "reference_venv": Path(args.reference_venv).expanduser(),
         "reference_dir": Path(args.reference_dir).expanduser(),
         "setup_reference": args.setup_reference,
@@ -292,7 +306,8 @@ class Bench:
         spec = {
             "task": task, "n": n, "checkpoint": checkpoint["path"], "device": o["device"],
             "precision": o["precision"], "threads": o["threads"], "plan": plan, "voice_clip": str(clip),
-            "data_dir": str(tmp / f"data-{task}-{n}"), "debug": o["debug"],
+            "data_dir": str(tmp / f"data-{task}-{n}"), "debug": o["debug"], "compile": o["compile"],
+            "cuda_graphs": o["cuda_graphs"], "compile_cache": str(o["work_dir"] / "compile-cache"),
         }
         spec_path, out_path = tmp / f"spec-{task}-{n}.json", tmp / f"out-{task}-{n}.json"
         spec_path.write_text(json.dumps(spec))
@@ -620,7 +635,8 @@ def assemble(o, started, checkpoint, bandwidth, plan, shoal, reference, load_bef
         # the floor under every child's ru_maxrss, so under the reference's reported peak
         "orchestrator_peak_rss_mb": peak_rss_mb(),
         "options": {"tokens": o["tokens"], "concurrency": o["concurrency"], "threads": o["threads"],
-                    "device": o["device"], "precision": o["precision"]},
+                    "device": o["device"], "precision": o["precision"], "compile": o["compile"],
+                    "cuda_graphs": o["cuda_graphs"]},
         "checkpoint": checkpoint,
         "requests": plan,
         "bandwidth": bandwidth,
@@ -724,7 +740,8 @@ def render_markdown(report: dict) -> str:
         "",
         f"- checkpoint: `{ck['path']}`: {ck['description']} ({ck['bytes_on_disk'] / 1e9:.2f} GB on disk)",
         f"- requests: max_new_tokens {o['tokens']} each; concurrency {', '.join(map(str, o['concurrency']))}; "
-        f"{o['device']}, {o['precision']}",
+        f"{o['device']}, {o['precision']}"
+        + (f"; shoal compiled{' with CUDA graphs' if o.get('cuda_graphs') else ''}" if o.get("compile") else ""),
         f"- machine: {m['cpu']}, {m['cores']} cores ({m.get('cores_usable', m['cores'])} usable), "
         f"{m.get('ram_gib', '?')} GiB RAM; {m['platform']}; load average {fmt_load(m['loadavg_before'])} before, "
         f"{fmt_load(m['loadavg_after'])} after",
@@ -819,7 +836,9 @@ def run_worker(spec: dict) -> dict:
         torch.set_num_threads(spec["threads"])
     plan = spec["plan"]
     t0 = time.perf_counter()
-    engine = FishEngine.load(spec["checkpoint"], device=spec["device"], precision=spec["precision"])
+    engine = FishEngine.load(spec["checkpoint"], device=spec["device"], precision=spec["precision"],
+                             compile=spec.get("compile", False), cuda_graphs=spec.get("cuda_graphs", False),
+                             compile_cache_dir=spec.get("compile_cache"))
     result = {"load_s": time.perf_counter() - t0, "torch": torch.__version__, "threads": torch.get_num_threads(),
               "device": str(engine.device), "precision": str(engine.precision).removeprefix("torch.")}
     service = make_service(engine, spec)
