@@ -32,3 +32,12 @@ def test_no_fish_speech_import_anywhere():
     offenders = [str(p) for root in ("src", "tests", "bench") if (REPO / root).is_dir()
                  for p in (REPO / root).rglob("*.py") if pattern.search(p.read_text())]
     assert offenders == []
+
+
+def test_every_setting_is_in_the_configuration_table():
+    from shoal.settings import Settings
+
+    readme = (REPO / "README.md").read_text()
+    table = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    missing = [name for name in Settings.model_fields if f"`SHOAL_{name.upper()}`" not in table]
+    assert missing == []
