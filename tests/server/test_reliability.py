@@ -317,3 +317,33 @@ def test_access_log_has_one_line_per_request_and_never_the_text(make_server):
     assert "route=/v1/audio/speech" in line and "status=200" in line and "latency_ms=" in line
     assert float(line.split("audio_s=")[1].split()[0]) == pytest.approx(11 * 2048 / 44100, abs=0.05)
     assert sum("route=/v1/audio/speech" in l for l in log.splitlines() if "shoal.access" in l) == 2
+
+
+def test_clients_that_give_up_while_queued_never_reach_the_model(make_server):
+    """With one decode slot busy, requests whose clients leave before their first chunk are dropped from the
+    queue: they generate no frame at all (they used to run until their first chunk once admitted)."""
+    srv = make_server("--no-ui", env={"SHOAL_MAX_BATCH_SIZE": "1"})
+    before = counters(srv)["generated_tokens"]
+    pcm = bytearray()
+
+    def long_one():
+        with httpx.Client(base_url=srv.url, timeout=120) as c:
+            pcm.extend(c.post("/v1/audio/speech", json=LONG).content)
+
+    def gives_up(i):
+        with pytest.raises(httpx.ReadTimeout):
+            with httpx.Client(base_url=srv.url, timeout=httpx.Timeout(10, read=0.5)) as c:
+                c.post("/v1/audio/speech", json={**LONG, "seed": 100 + i})
+
+    first = threading.Thread(target=long_one)
+    first.start()
+    time.sleep(0.3)
+    quitters = [threading.Thread(target=gives_up, args=(i,)) for i in range(5)]
+    for t in quitters:
+        t.start()
+    for t in quitters + [first]:
+        t.join(120)
+    wait_idle(srv)
+    assert pcm, "the long request failed"
+    frames_of_long = len(pcm) // (2 * 2048) + 1  # the last generated frame is never decoded
+    assert counters(srv)["generated_tokens"] - before == frames_of_long

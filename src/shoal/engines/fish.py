@@ -264,7 +264,7 @@ class FishEngine:
             if prompt is None:
                 self._prompt(text, references, request.max_new_tokens, strict=True)
             total = done + max_new * (len(segments) - index)
-            row = self.scheduler.submit(prompt, params, generator, max_new, self.tokenizer.im_end_id)
+            row = self.scheduler.submit(prompt, params, generator, max_new, self.tokenizer.im_end_id, cancel=cancel)
             frames: list[torch.Tensor] = []
             emitted, chunk = 0, self.stream_first_frames
             try:
@@ -288,6 +288,8 @@ class FishEngine:
                 raise engine_failure(exc) from exc
             finally:
                 row.cancel()  # a no-op for a finished row; frees the slot of an abandoned one
+            if cancel is not None and cancel.is_set():  # the scheduler ended the row early: nothing more
+                return
             seg = SegmentCodes(torch.stack(frames, dim=1), self.tokenizer.im_end_id)
             if stream:
                 audio = self._decode_window(frames, emitted, len(frames) - 1)

@@ -50,6 +50,9 @@ class Row:
     im_end_id: int
     frames: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    #: The request's own cancel event, if it has one: set when its client goes away, even while the consumer
+    #: thread is still blocked waiting for this row's first frame.
+    request_cancel: threading.Event | None = None
     # Scheduler-side state
     slot: int = -1
     produced: int = 0
@@ -63,6 +66,10 @@ class Row:
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+    @property
+    def stopped(self) -> bool:
+        return self.cancelled.is_set() or (self.request_cancel is not None and self.request_cancel.is_set())
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         """Block for frames until the row finishes. Stopping early does not cancel: call cancel()."""
@@ -104,8 +111,11 @@ class BatchScheduler:
 
     # -- public, any thread ------------------------------------------------------------------------------------
     def submit(self, prompt: torch.Tensor, params: SamplingParams, generator: torch.Generator,
-               max_new_tokens: int, im_end_id: int) -> Row:
-        row = Row(prompt.long().to(self.device), params, generator, max_new_tokens, im_end_id)
+               max_new_tokens: int, im_end_id: int, cancel: threading.Event | None = None) -> Row:
+        """Queue a row. Setting `cancel` (the request's event) or calling `row.cancel()` drops it while it
+        waits and retires it at the next step once it runs."""
+        row = Row(prompt.long().to(self.device), params, generator, max_new_tokens, im_end_id,
+                  request_cancel=cancel)
         if row.positions_needed > self.model.config.max_seq_len:
             raise ValueError("prompt + max_new_tokens exceed the model's max_seq_len")
         with self._cond:
@@ -166,8 +176,10 @@ class BatchScheduler:
 
     def _next_admissible(self) -> Row | None:
         """Pop the first waiting row if a slot and the token budget allow it (cancelled ones are dropped)."""
-        while self._waiting and self._waiting[0].cancelled.is_set():
-            self._waiting.popleft().frames.put(_DONE)
+        if any(row.stopped for row in self._waiting):
+            for row in [r for r in self._waiting if r.stopped]:
+                self._waiting.remove(row)
+                row.frames.put(_DONE)
         if not self._waiting or not self._free:
             return None
         in_flight = sum(r.positions_needed for r in self._active)
@@ -257,7 +269,7 @@ class BatchScheduler:
 
     def _retire(self) -> None:
         for row in list(self._active):
-            if row.cancelled.is_set():
+            if row.stopped:
                 self._finish(row)
 
     def _finish(self, row: Row, error: BaseException | None = None) -> None:

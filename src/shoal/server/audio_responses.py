@@ -23,7 +23,7 @@ async def audio_response(request: Request, service: Service, job: Job, fmt: str,
     request.state.job = job  # for the access log's audio seconds
     headers = {"Content-Disposition": f"attachment; filename=speech.{fmt}", "X-Shoal-Model": job.model}
     if stream:
-        chunks = await started(service, job)
+        chunks = await started(request, service, job)
         return StreamingResponse(encoded_stream(chunks, job, fmt), media_type=MEDIA_TYPES[fmt], headers=headers)
     audio = await until_disconnect(request, service.synthesize(job))
     data = await asyncio.to_thread(encode_audio, audio, job.engine.sample_rate, fmt)
@@ -44,17 +44,19 @@ async def until_disconnect(request: Request, work):
     finally:
         if not task.done():
             task.cancel()
+            await asyncio.wait({task})  # let it unwind: the stream's own cleanup cancels the generation
 
 
-async def started(service: Service, job: Job) -> AsyncIterator[np.ndarray]:
+async def started(request: Request, service: Service, job: Job) -> AsyncIterator[np.ndarray]:
     """The job's chunks, with the first one already awaited.
 
     Waiting for the first chunk before answering means admission (429), bad references and early engine
-    failures still get a real status and JSON body; after that the status is sent and cannot change.
+    failures still get a real status and JSON body; after that the status is sent and cannot change. A client
+    that goes away during that wait (often while its request is still queued) cancels it there and then.
     """
     chunks = service.stream(job)
     try:
-        first = await anext(chunks)
+        first = await until_disconnect(request, anext(chunks))
     except StopAsyncIteration:
         first = np.zeros(0, np.float32)
 

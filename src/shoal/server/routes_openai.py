@@ -27,7 +27,7 @@ async def speech(body: SpeechRequest, request: Request, service: Service = Depen
     job = await asyncio.to_thread(service.prepare, params)
     if body.stream_format == "sse":
         request.state.job = job  # for the access log's audio seconds
-        chunks = await started(service, job)
+        chunks = await started(request, service, job)
         return StreamingResponse(sse_stream(chunks, job, body.response_format), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Shoal-Model": job.model})
     # Audio streams as it is produced (OpenAI's behaviour), except WAV: a streamed WAV header cannot state its
