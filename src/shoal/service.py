@@ -105,8 +105,10 @@ class Dispatcher:
             if self._closed:
                 raise Unavailable("the server is shutting down")
             if self._pending >= self.queue_size:
+                # A slot frees whenever any request ends, usually within a second under load: "1" keeps
+                # polite clients from waiting a queue's length in seconds (the old value) for a free slot.
                 raise Busy(f"{self._pending} requests are already queued or running; retry shortly",
-                           retry_after=max(1.0, float(self._pending)))
+                           retry_after=1.0)
             self._pending += 1
 
     def _release(self, _future=None) -> None:
@@ -294,9 +296,10 @@ class Service:
             max_new_tokens=params.max_new_tokens, chunk_length=params.chunk_length, speed=params.speed)
         return Job(model, engine, request, voice=voice)
 
-    async def stream(self, job: Job) -> AsyncIterator[np.ndarray]:
-        async for chunk in self.dispatcher.stream(job):
-            yield chunk
+    def stream(self, job: Job) -> AsyncIterator[np.ndarray]:
+        """The job's audio chunks as they come. The generator itself, not a wrapper: closing it (aclose) runs
+        its cleanup, which cancels the generation at once."""
+        return self.dispatcher.stream(job)
 
     async def synthesize(self, job: Job) -> np.ndarray:
         """The whole audio of a job, decoded segment by segment as the reference decodes (no streaming)."""

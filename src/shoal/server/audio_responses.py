@@ -23,8 +23,9 @@ async def audio_response(request: Request, service: Service, job: Job, fmt: str,
     request.state.job = job  # for the access log's audio seconds
     headers = {"Content-Disposition": f"attachment; filename=speech.{fmt}", "X-Shoal-Model": job.model}
     if stream:
-        chunks = await started(request, service, job)
-        return StreamingResponse(encoded_stream(chunks, job, fmt), media_type=MEDIA_TYPES[fmt], headers=headers)
+        chunks, source = await started(request, service, job)
+        return JobStreamingResponse(encoded_stream(chunks, job, fmt), source, media_type=MEDIA_TYPES[fmt],
+                                    headers=headers)
     audio = await until_disconnect(request, service.synthesize(job))
     data = await asyncio.to_thread(encode_audio, audio, job.engine.sample_rate, fmt)
     return Response(data, media_type=MEDIA_TYPES[fmt], headers=headers)
@@ -47,8 +48,25 @@ async def until_disconnect(request: Request, work):
             await asyncio.wait({task})  # let it unwind: the stream's own cleanup cancels the generation
 
 
-async def started(request: Request, service: Service, job: Job) -> AsyncIterator[np.ndarray]:
-    """The job's chunks, with the first one already awaited.
+class JobStreamingResponse(StreamingResponse):
+    """A StreamingResponse that closes the job's chunk source when it ends, however it ends: a client that
+    leaves mid-stream (even before the body's first read) cancels its generation now, not whenever the garbage
+    collector finds the abandoned generator."""
+
+    def __init__(self, content, source: AsyncIterator[np.ndarray], **kwargs):
+        super().__init__(content, **kwargs)
+        self.source = source
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.source.aclose()
+
+
+async def started(request: Request, service: Service,
+                  job: Job) -> tuple[AsyncIterator[np.ndarray], AsyncIterator[np.ndarray]]:
+    """(the job's chunks with the first one already awaited, their source to close when the response ends).
 
     Waiting for the first chunk before answering means admission (429), bad references and early engine
     failures still get a real status and JSON body; after that the status is sent and cannot change. A client
@@ -65,7 +83,7 @@ async def started(request: Request, service: Service, job: Job) -> AsyncIterator
         async for chunk in chunks:
             yield chunk
 
-    return resumed()
+    return resumed(), chunks
 
 
 async def encoded_stream(chunks: AsyncIterator[np.ndarray], job: Job, fmt: str) -> AsyncIterator[bytes]:

@@ -6,11 +6,11 @@ import asyncio
 import time
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import StreamingResponse
 
 from shoal.audio import MEDIA_TYPES
-from shoal.server.audio_responses import audio_response, sse_stream, started
+from shoal.server.audio_responses import JobStreamingResponse, audio_response, sse_stream, started
 from shoal.server.deps import get_service
+from shoal.server.routes_fish import UnsupportedMediaType
 from shoal.server.schemas import SpeechRequest
 from shoal.service import Service, SpeechParams
 
@@ -18,7 +18,17 @@ router = APIRouter(tags=["openai"])
 CREATED = int(time.time())
 
 
-@router.post("/v1/audio/speech", summary="Text to speech (OpenAI-compatible)")
+def json_content_type(request: Request) -> None:
+    """415 for a body that is not JSON (`curl -d` sends form encoding), as /v1/tts answers, rather than
+    FastAPI's 400 saying the body "should be a valid dictionary". Runs before the body is validated."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json" and not (content_type.startswith("application/")
+                                                  and content_type.endswith("+json")):
+        raise UnsupportedMediaType(f"send the body as application/json, not {content_type or 'no content type'}")
+
+
+@router.post("/v1/audio/speech", summary="Text to speech (OpenAI-compatible)",
+             dependencies=[Depends(json_content_type)])
 async def speech(body: SpeechRequest, request: Request, service: Service = Depends(get_service)):
     params = SpeechParams(
         text=body.input, model=body.model, voice=body.voice, seed=body.seed, temperature=body.temperature,
@@ -27,9 +37,10 @@ async def speech(body: SpeechRequest, request: Request, service: Service = Depen
     job = await asyncio.to_thread(service.prepare, params)
     if body.stream_format == "sse":
         request.state.job = job  # for the access log's audio seconds
-        chunks = await started(request, service, job)
-        return StreamingResponse(sse_stream(chunks, job, body.response_format), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Shoal-Model": job.model})
+        chunks, source = await started(request, service, job)
+        return JobStreamingResponse(sse_stream(chunks, job, body.response_format), source,
+                                    media_type="text/event-stream",
+                                    headers={"Cache-Control": "no-cache", "X-Shoal-Model": job.model})
     # Audio streams as it is produced (OpenAI's behaviour), except WAV: a streamed WAV header cannot state its
     # length, and many clients of this endpoint read WAVs with strict parsers.
     stream = body.response_format != "wav"
