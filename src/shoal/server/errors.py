@@ -40,6 +40,15 @@ def describe_validation(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+def cut_off_by_body_limit(exc: Exception) -> bool:
+    """Whether FastAPI's 400 "error parsing the body" is the body limit stopping a chunked body mid-read.
+    FastAPI turns any exception from reading a JSON or form body into that 400, so the limit's own exception
+    never reaches its middleware; only a handler route that reads the body itself (/v1/tts) got the 413."""
+    from shoal.server.app import BodyTooLarge  # app imports this module
+
+    return isinstance(exc.__cause__, BodyTooLarge)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ShoalError)
     async def _shoal(request: Request, exc: ShoalError):
@@ -51,6 +60,10 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
+        if cut_off_by_body_limit(exc):
+            limit = request.app.state.settings.max_body_bytes
+            return error_response(413, f"the request body is larger than the {limit} byte limit",
+                                  "payload_too_large")
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, message, code, getattr(exc, "headers", None))

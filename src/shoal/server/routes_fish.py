@@ -29,6 +29,8 @@ async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
     raw = await request.body()
     try:
         data = json.loads(raw) if content_type == "application/json" else ormsgpack.unpackb(raw)
+    except RecursionError:  # json's decoder recurses per level: `[[[[...` a few thousand deep is a 500 otherwise
+        raise BadRequest("the body is nested too deeply") from None
     except (ValueError, ormsgpack.MsgpackDecodeError, TypeError) as exc:
         kind = "JSON" if content_type == "application/json" else "msgpack"
         raise BadRequest(f"the body is not valid {kind}: {str(exc).splitlines()[0][:200]}") from None

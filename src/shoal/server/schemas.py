@@ -56,7 +56,9 @@ class ServeTTSRequest(Strict):
     streaming: bool = False
     max_new_tokens: int = Field(1024, ge=0, le=8192)
     top_p: Annotated[float, Field(ge=0.1, le=1.0)] = 0.8
-    repetition_penalty: Annotated[float, Field(ge=0.9, le=2.0)] = 1.1
+    # Fish's schema says le=2.0, but its sampler (and ours) asserts < 2: say so here, where the error names
+    # the field and the OpenAPI schema tells clients, instead of accepting 2.0 and refusing it later.
+    repetition_penalty: Annotated[float, Field(ge=0.9, lt=2.0)] = 1.1
     temperature: Annotated[float, Field(ge=0.1, le=1.0)] = 0.8
 
     @field_validator("chunk_length")
@@ -90,7 +92,7 @@ class SpeechRequest(Strict):
     seed: int | None = None
     temperature: Annotated[float, Field(ge=0.1, le=1.0)] = 0.8
     top_p: Annotated[float, Field(ge=0.1, le=1.0)] = 0.8
-    repetition_penalty: Annotated[float, Field(ge=0.9, le=2.0)] = 1.1
+    repetition_penalty: Annotated[float, Field(ge=0.9, lt=2.0)] = 1.1  # < 2, as ServeTTSRequest's
     max_new_tokens: int = Field(1024, ge=0, le=8192)
     chunk_length: int = Field(200, ge=0, le=1000)
 
