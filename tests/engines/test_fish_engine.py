@@ -182,6 +182,8 @@ def test_progress_is_reported_per_frame(engine):
     ({"text": "x", "chunk_length": -1}, "chunk_length"),
     ({"text": "x", "seed": 1.5}, "seed"),
     ({"text": "x", "references": (Reference(b"RIFF", ""),)}, "transcript"),
+    ({"text": "a\x00b"}, "NUL"),
+    ({"text": "lone \ud800 surrogate"}, "surrogate"),
 ])
 def test_bad_requests_are_rejected_with_the_field_named(kwargs, message):
     with pytest.raises(BadRequest, match=message):
@@ -195,6 +197,28 @@ def test_bad_requests_are_rejected_with_the_field_named(kwargs, message):
 def test_bad_reference_audio_is_a_bad_request(engine, audio, error, message):
     with pytest.raises(error, match=message):
         engine.run(SynthesisRequest(text="x", references=(Reference(audio, "words"),), seed=1))
+
+
+def noise_wav(seconds: float) -> bytes:
+    import io
+
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, (0.1 * np.random.default_rng(0).standard_normal(int(44100 * seconds))).astype(np.float32), 44100,
+             format="WAV")
+    return buf.getvalue()
+
+
+def test_references_longer_than_the_limit_or_the_codec_are_bad_requests(fixture_dir):
+    limited = FishEngine.load(fixture_dir, device="cpu", max_reference_seconds=2.0)
+    with pytest.raises(BadRequest, match="2 s"):
+        limited.encode_reference(Reference(noise_wav(3.0), "words", cache=False))
+    # The fixture's codec transformers take a bounded number of frames in one piece: past it, a clear 400
+    # instead of the codec's ValueError (which was a 500).
+    frames = limited.codec.config.quantizer_transformer.block_size
+    with pytest.raises(BadRequest, match="longer than this checkpoint's codec"):
+        limited.encode_audio(np.zeros(2048 * (frames + 8), np.float32))
 
 
 def test_missing_reference_file_is_named(engine, tmp_path):

@@ -77,6 +77,7 @@ class SynthesisRequest:
         """Raise BadRequest for anything the engine cannot honour, with the field's name and range."""
         if not isinstance(self.text, str) or not self.text.strip():
             raise BadRequest("text is empty")
+        check_speakable("text", self.text)
         _check_range("temperature", self.temperature, 0.0, 2.0, low_open=True, high_open=True)
         _check_range("top_p", self.top_p, 0.0, 1.0, low_open=True)
         _check_range("repetition_penalty", self.repetition_penalty, 0.0, 2.0, low_open=True, high_open=True)
@@ -100,6 +101,18 @@ class SynthesisRequest:
             return int.from_bytes(os.urandom(4), "little") % SEED_CAP
         seed = -self.seed if self.seed < 0 else self.seed
         return min(seed, SEED_CAP)
+
+
+def check_speakable(name: str, text: str) -> None:
+    """Text every engine can take. JSON's `\\ud800` escapes decode to lone surrogates, which are no Unicode
+    text (piper cannot encode them to UTF-8 for espeak), and espeak refuses NUL: both used to fail inside
+    generation as a 500."""
+    if "\x00" in text:
+        raise BadRequest(f"{name} must not contain NUL characters")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadRequest(f"{name} is not valid Unicode: lone surrogate at character {exc.start}") from None
 
 
 def _is_int(value) -> bool:

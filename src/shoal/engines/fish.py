@@ -82,7 +82,7 @@ class FishEngine:
     def __init__(self, model: DualARTransformer, codec: Codec, tokenizer: FishTokenizer, *,
                  checkpoint_dir: Path | None = None, reference_cache_size: int = 16, max_batch_size: int = 4,
                  max_batch_tokens: int | None = None, stream_first_frames: int = 11, fault_injection: bool = False,
-                 compile: bool = False, cuda_graphs: bool = False):
+                 compile: bool = False, cuda_graphs: bool = False, max_reference_seconds: float | None = None):
         self.model = model
         self.codec = codec
         self.tokenizer = tokenizer
@@ -92,6 +92,9 @@ class FishEngine:
         self.sample_rate = codec.config.sample_rate
         self.frame_length = codec.config.frame_length
         self.reference_cache_size = reference_cache_size
+        #: Inline reference clips longer than this are refused while decoding (a few KiB of FLAC can hold an
+        #: hour of silence); None: audio.load_audio's own cap.
+        self.max_reference_seconds = max_reference_seconds
         self._references: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._references_lock = threading.Lock()  # worker threads of concurrent requests share the cache
         self._lock = threading.Lock()
@@ -121,7 +124,8 @@ class FishEngine:
              precision: str | torch.dtype | None = "auto", compile: bool = False,
              reference_cache_size: int = 16, max_batch_size: int = 4, max_batch_tokens: int | None = None,
              stream_first_frames: int = 11, fault_injection: bool = False, cuda_graphs: bool = False,
-             compile_cache_dir: str | Path | None = None) -> "FishEngine":
+             compile_cache_dir: str | Path | None = None,
+             max_reference_seconds: float | None = None) -> "FishEngine":
         """Load a checkpoint directory once. Raises CheckpointError naming a missing or mismatched file.
 
         `compile` runs the decode step through torch.compile (see shoal.fish.runner), `cuda_graphs` also
@@ -142,7 +146,7 @@ class FishEngine:
         return cls(model, codec, tokenizer, checkpoint_dir=path, reference_cache_size=reference_cache_size,
                    max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens,
                    stream_first_frames=stream_first_frames, fault_injection=fault_injection, compile=compile,
-                   cuda_graphs=cuda_graphs)
+                   cuda_graphs=cuda_graphs, max_reference_seconds=max_reference_seconds)
 
     # -- references --------------------------------------------------------------------------------------------
     def encode_reference(self, reference: Reference) -> torch.Tensor:
@@ -160,7 +164,8 @@ class FishEngine:
                     self.reference_cache_hits += 1
                     return codes
                 self.reference_cache_misses += 1
-        codes = torch.from_numpy(self.encode_audio(load_audio(data, target_sr=self.sample_rate)))
+        limit = {} if self.max_reference_seconds is None else {"max_seconds": self.max_reference_seconds}
+        codes = torch.from_numpy(self.encode_audio(load_audio(data, target_sr=self.sample_rate, **limit)))
         if reference.cache and self.reference_cache_size > 0:
             with self._references_lock:
                 self._references[key] = codes
@@ -171,7 +176,13 @@ class FishEngine:
     def encode_audio(self, audio: np.ndarray) -> np.ndarray:
         """Codec codes int64 `[num_codebooks, F]` of float32 mono audio at `sample_rate` (always encodes)."""
         with self._lock, torch.inference_mode():
-            codes = self.codec.encode(torch.from_numpy(np.ascontiguousarray(audio, np.float32)).to(self.device))
+            try:
+                codes = self.codec.encode(torch.from_numpy(np.ascontiguousarray(audio, np.float32)).to(self.device))
+            except ValueError as exc:  # longer than the codec's transformers take in one piece
+                if "block_size" not in str(exc):
+                    raise
+                raise BadRequest(f"the reference clip is {len(audio) / self.sample_rate:.1f} s, longer than this "
+                                 "checkpoint's codec encodes in one piece; use a shorter clip") from None
         self.encode_count += 1
         return codes.cpu().numpy().astype(np.int64)
 

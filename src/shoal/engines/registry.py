@@ -49,6 +49,7 @@ def load_engines(settings) -> Engines:
         result.engines["fish"] = FishEngine.load(checkpoint, device=settings.device, precision=settings.precision,
                                                  compile=settings.compile,
                                                  reference_cache_size=settings.reference_cache_size,
+                                                 max_reference_seconds=settings.max_voice_seconds,
                                                  max_batch_size=settings.max_batch_size,
                                                  max_batch_tokens=settings.max_batch_tokens,
                                                  stream_first_frames=settings.stream_first_frames,

@@ -23,6 +23,9 @@ access_log = logging.getLogger("shoal.access")
 
 #: Seconds: from a tenth of a second (the tiny model, a warm GPU) to the 600 s request timeout.
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+#: Methods the request counter names; any other token (HTTP allows them all) counts as "other", so made-up
+#: methods cannot add label sets without bound.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"})
 #: Wall time over audio time: below 1 is faster than real time.
 RTF_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0, 10.0)
 
@@ -158,7 +161,8 @@ class RequestLog:
                 return
             logged = True
             route = route_label(scope)
-            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
+            method = scope["method"] if scope["method"] in HTTP_METHODS else "other"  # any token is a method
+            self.metrics.requests.labels(route, method, str(status)).inc()
             job = (scope.get("state") or {}).get("job")
             audio = job.audio_seconds if isinstance(job, Job) else 0.0
             access_log.info("request_id=%s method=%s route=%s status=%d audio_s=%.2f latency_ms=%.1f", request_id,

@@ -65,7 +65,7 @@ EXAMPLES = [
 ]
 #: Paths the API owns even where none of its routes match: a wrong method or an unknown /v1 path gets the API's
 #: JSON 405/404, not the UI's page.
-API_PATHS = ("/v1", "/docs", "/redoc", "/openapi.json")
+API_PATHS = ("/v1", "/docs", "/redoc", "/openapi.json", "/metrics")
 PREVIEW_TEXT = "Hello! This is how I sound when shoal borrows my voice."
 
 CSS = """
