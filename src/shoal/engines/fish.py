@@ -107,6 +107,9 @@ class FishEngine:
         self.fault_injection = fault_injection
         self._codec_checksum: str | None = None
         self.runner = ModelRunner(model, max_batch_size, compile=compile, cuda_graphs=cuda_graphs)
+        if compile:
+            model.setup_caches(batch=self.runner.cache_rows)  # static: allocated once, before compiling
+            self.runner.warm_up()
         self.scheduler = BatchScheduler(model, max_batch=max_batch_size, max_tokens=max_batch_tokens,
                                         runner=self.runner)
         #: Streaming: frames before the first chunk (11 is about 0.5 s), the largest chunk, and the left

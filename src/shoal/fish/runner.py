@@ -53,8 +53,11 @@ class ModelRunner:
         self.pad_row = max_batch
         if compile:
             mode = "reduce-overhead" if cuda_graphs else None
-            self._slow = torch.compile(model.forward_slow, mode=mode, dynamic=False)
-            self._fast = torch.compile(model.forward_fast, mode=mode, dynamic=False)
+            # dynamic=None: torch's automatic dynamic shapes. A size that changes between calls (the key length,
+            # the batch bucket) is recompiled once as a symbolic size, so buckets cost one extra graph, not one
+            # graph each; CUDA graphs still record one graph per bucket.
+            self._slow = torch.compile(model.forward_slow, mode=mode, dynamic=None)
+            self._fast = torch.compile(model.forward_fast, mode=mode, dynamic=None)
 
     @property
     def cache_rows(self) -> int:
@@ -64,6 +67,24 @@ class ModelRunner:
     def static_cache(self) -> bool:
         """Compiled graphs need caches that never move: allocate them once, at full length."""
         return self.compiled
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Compile before the first request does: every batch bucket at two key lengths (the second makes the
+        key length symbolic). Only the pad row's cache is written. Needs the static caches to exist."""
+        if not self.compiled:
+            return
+        model, c = self.model, self.model.config
+        device = model.embeddings.weight.device
+        for b in self.buckets:
+            rows = torch.full((b,), self.pad_row, dtype=torch.long, device=device)
+            for n_keys in (key_bucket(1, c.max_seq_len), key_bucket(MIN_KEYS + 1, c.max_seq_len)):
+                x = torch.zeros((b, 1 + c.num_codebooks, 1), dtype=torch.long, device=device)
+                pos = torch.full((b, 1), n_keys - 1, dtype=torch.long, device=device)
+                self._slow(x, pos, rows, n_keys)
+            hidden = torch.zeros((b, c.fast_dim), dtype=model.embeddings.weight.dtype, device=device)
+            for k in (0, 1):
+                self._fast(hidden, torch.full((b, 1), k, dtype=torch.long, device=device), rows, c.num_codebooks)
 
     def _pad(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
@@ -88,6 +109,7 @@ class ModelRunner:
         """One fast-transformer step at codebook position `k` (sample_frame's `fast`)."""
         if not self.compiled:
             return self.model.forward_fast(x, k, rows)
+        x = x.contiguous()  # the prefill's hidden state is a strided slice: one layout, one graph
         n, padded = x.shape[0], self._pad(x.shape[0])
         if rows is None:
             rows = torch.arange(n, device=x.device)
