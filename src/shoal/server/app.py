@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from shoal import __version__
 from shoal.engines.registry import Engines, load_engines
 from shoal.server import errors
+from shoal.server.errors import BodyTooLarge
 from shoal.server.deps import rate_limit, require_api_key
 from shoal.server.metrics import Metrics, RequestLog
 from shoal.server.ratelimit import RateLimiter
@@ -61,10 +62,6 @@ class BodyLimit:
         response = errors.error_response(413, f"the request body is larger than the {self.limit} byte limit",
                                          "payload_too_large")
         await response({"type": "http"}, None, send)
-
-
-class BodyTooLarge(Exception):
-    pass
 
 
 def create_app(settings: Settings, engines_loader: Callable[[Settings], Engines] = load_engines) -> FastAPI:

@@ -40,12 +40,14 @@ def describe_validation(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+class BodyTooLarge(Exception):
+    """Raised by the app's BodyLimit middleware when a streamed-in body passes the limit."""
+
+
 def cut_off_by_body_limit(exc: Exception) -> bool:
     """Whether FastAPI's 400 "error parsing the body" is the body limit stopping a chunked body mid-read.
     FastAPI turns any exception from reading a JSON or form body into that 400, so the limit's own exception
     never reaches its middleware; only a handler route that reads the body itself (/v1/tts) got the 413."""
-    from shoal.server.app import BodyTooLarge  # app imports this module
-
     return isinstance(exc.__cause__, BodyTooLarge)
 
 
