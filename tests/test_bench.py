@@ -22,7 +22,8 @@ def shoal(*args, timeout=600):
 # About 17 s on 2 quiet cores (four fresh processes, each loading the model), so not marked slow.
 def test_bench_writes_the_table_and_the_json(fixture_dir, tmp_path):
     proc = shoal("bench", "--tiny", "--fixture", str(fixture_dir), "--no-reference", "--tokens", "8",
-                 "--concurrency", "1,2", "--out", str(tmp_path), "--label", "test", "--bandwidth-mib", "64")
+                 "--concurrency", "1,2", "--out", str(tmp_path), "--label", "test", "--bandwidth-mib", "64",
+                 "--max-seq-len", "2400")
     assert proc.returncode == 0, proc.stderr
     [md] = tmp_path.glob("*-test.md")
     [js] = tmp_path.glob("*-test.json")
@@ -34,13 +35,13 @@ def test_bench_writes_the_table_and_the_json(fixture_dir, tmp_path):
     m = report["machine"]
     assert m["cores"] >= 1 and m["cpu"] and m["ram_gib"] > 0
     assert report["options"] == {"tokens": 8, "concurrency": [1, 2], "threads": None, "device": "cpu",
-                                 "precision": "float32", "compile": False, "cuda_graphs": False}
+                                 "precision": "float32", "compile": False, "cuda_graphs": False, "max_seq_len": 2400}
     assert report["bandwidth"]["gbps"] > 0 and report["floor"]["floor_s"] > 0
 
     s = report["shoal"]
     assert s["torch"] and s["threads"] >= 1 and s["device"] == "cpu" and s["precision"] == "float32"
     single = s["single"]
-    assert single["load_s"] > 0
+    assert single["load_s"] > 0 and single["max_seq_len"] == 2400  # capped below the fixture's 2560
     d = single["decode"]
     assert d["steps"] >= 1 and d["median_step_s"] > 0 and d["frames"] == d["steps"] + 1 <= 8
     assert single["decode_bytes"]["weights"] > 0
@@ -63,13 +64,14 @@ def test_bench_writes_the_table_and_the_json(fixture_dir, tmp_path):
     assert rows["saved voice, 2nd request: codec encodes"]["shoal"] == 0
     assert all(row["reference"] is None and row["ratio"] is None for row in report["summary"])
     text = md.read_text()
-    assert "| model load | s |" in text and "not run" in text and "throughput, 2 concurrent" in text
+    assert "| model load | s |" in text and "not run" in text and "max_seq_len 2400" in text and "throughput, 2 concurrent" in text
 
 
 @pytest.mark.parametrize("flags, says", [
     (["--concurrency", "1,0"], "--concurrency"),
     (["--tokens", "1"], "--tokens"),
     (["--label", "a/b"], "--label"),
+    (["--max-seq-len", "2048"], "--max-seq-len"),
 ])
 def test_bad_options_are_one_line(flags, says, tmp_path):
     proc = shoal("bench", "--no-reference", "--out", str(tmp_path), *flags, timeout=60)

@@ -36,6 +36,7 @@ def test_unknown_variables_warn_with_a_suggestion():
     ({"SHOAL_QUEUE_SIZE": "0"}, "queue_size"),
     ({"SHOAL_LOG_LEVEL": "loud"}, "log_level"),
     ({"SHOAL_DEFAULT_MODEL": "gpt"}, "default_model"),
+    ({"SHOAL_MAX_SEQ_LEN": "2048"}, "max_seq_len"),
 ])
 def test_invalid_values_are_bad_requests_naming_the_setting(env, needle):
     with pytest.raises(BadRequest, match=needle):
@@ -45,3 +46,20 @@ def test_invalid_values_are_bad_requests_naming_the_setting(env, needle):
 def test_the_real_environment_is_not_read_when_env_is_given(monkeypatch):
     monkeypatch.setenv("SHOAL_PORT", "1234")
     assert Settings.load(env={}, dotenv=None).port == 8080
+
+
+def test_the_max_seq_len_floor_is_the_prompt_rule_s_headroom():
+    from shoal import settings
+    from shoal.fish import prompt
+
+    assert settings.GENERATION_HEADROOM == prompt.GENERATION_HEADROOM
+    assert Settings.load(env={"SHOAL_MAX_SEQ_LEN": "4096"}, dotenv=None).max_seq_len == 4096
+
+
+def test_an_invalid_value_names_the_flag_only_where_the_cli_has_one():
+    with pytest.raises(BadRequest) as err:
+        Settings.load(cli={"port": None}, env={"SHOAL_PORT": "70000"}, dotenv=None)
+    assert "(SHOAL_PORT or --port)" in str(err.value)
+    with pytest.raises(BadRequest) as err:
+        Settings.load(cli={"port": None}, env={"SHOAL_QUEUE_SIZE": "0"}, dotenv=None)
+    assert "(SHOAL_QUEUE_SIZE)" in str(err.value)

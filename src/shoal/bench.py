@@ -118,6 +118,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         "the warm-up request pays for compiling)")
     parser.add_argument("--cuda-graphs", action="store_true", help="with --compile on CUDA: capture the compiled "
                         "decode step as CUDA graphs")
+    parser.add_argument("--max-seq-len", type=int, metavar="N", help="shoal's SHOAL_MAX_SEQ_LEN: cap the positions "
+                        "per request, which shrinks the KV caches (default: the checkpoint's own)")
     parser.add_argument("--label", help="name of this run in the result files (default: the checkpoint kind)")
     parser.add_argument("--out", metavar="DIR", default=str(DEFAULT_OUT),
                         help=f"where the .md and .json go (default {DEFAULT_OUT})")
@@ -157,6 +159,8 @@ def resolve_options(args: argparse.Namespace) -> dict:
         raise BenchError("--threads must be at least 1")
     if args.bandwidth_mib < 1:
         raise BenchError("--bandwidth-mib must be at least 1")
+    if args.max_seq_len is not None and args.max_seq_len <= 2048:
+        raise BenchError("--max-seq-len must be more than 2048 (the positions a prompt leaves free for generation)")
     label = args.label or (Path(args.checkpoint).name if args.checkpoint else kind)
     if not re.fullmatch(r"[A-Za-z0-9._-]{1,80}", label):
         raise BenchError(f"--label may only use A-Z, a-z, 0-9, '.', '_' and '-', got {label!r}")
@@ -176,6 +180,7 @@ def resolve_options(args: argparse.Namespace) -> dict:
         "precision": args.precision,
         "compile": args.compile or args.cuda_graphs,
         "cuda_graphs": args.cuda_graphs,
+        "max_seq_len": args.max_seq_len,
         "reference_venv": Path(args.reference_venv).expanduser(),
         "reference_dir": Path(args.reference_dir).expanduser(),
         "setup_reference": args.setup_reference,
@@ -308,6 +313,7 @@ class Bench:
             "precision": o["precision"], "threads": o["threads"], "plan": plan, "voice_clip": str(clip),
             "data_dir": str(tmp / f"data-{task}-{n}"), "debug": o["debug"], "compile": o["compile"],
             "cuda_graphs": o["cuda_graphs"], "compile_cache": str(o["work_dir"] / "compile-cache"),
+            "max_seq_len": o["max_seq_len"],
         }
         spec_path, out_path = tmp / f"spec-{task}-{n}.json", tmp / f"out-{task}-{n}.json"
         spec_path.write_text(json.dumps(spec))
@@ -636,7 +642,7 @@ def assemble(o, started, checkpoint, bandwidth, plan, shoal, reference, load_bef
         "orchestrator_peak_rss_mb": peak_rss_mb(),
         "options": {"tokens": o["tokens"], "concurrency": o["concurrency"], "threads": o["threads"],
                     "device": o["device"], "precision": o["precision"], "compile": o["compile"],
-                    "cuda_graphs": o["cuda_graphs"]},
+                    "cuda_graphs": o["cuda_graphs"], "max_seq_len": o["max_seq_len"]},
         "checkpoint": checkpoint,
         "requests": plan,
         "bandwidth": bandwidth,
@@ -741,7 +747,8 @@ def render_markdown(report: dict) -> str:
         f"- checkpoint: `{ck['path']}`: {ck['description']} ({ck['bytes_on_disk'] / 1e9:.2f} GB on disk)",
         f"- requests: max_new_tokens {o['tokens']} each; concurrency {', '.join(map(str, o['concurrency']))}; "
         f"{o['device']}, {o['precision']}"
-        + (f"; shoal compiled{' with CUDA graphs' if o.get('cuda_graphs') else ''}" if o.get("compile") else ""),
+        + (f"; shoal compiled{' with CUDA graphs' if o.get('cuda_graphs') else ''}" if o.get("compile") else "")
+        + (f"; shoal max_seq_len {o['max_seq_len']}" if o.get("max_seq_len") else ""),
         f"- machine: {m['cpu']}, {m['cores']} cores ({m.get('cores_usable', m['cores'])} usable), "
         f"{m.get('ram_gib', '?')} GiB RAM; {m['platform']}; load average {fmt_load(m['loadavg_before'])} before, "
         f"{fmt_load(m['loadavg_after'])} after",
@@ -838,9 +845,10 @@ def run_worker(spec: dict) -> dict:
     t0 = time.perf_counter()
     engine = FishEngine.load(spec["checkpoint"], device=spec["device"], precision=spec["precision"],
                              compile=spec.get("compile", False), cuda_graphs=spec.get("cuda_graphs", False),
-                             compile_cache_dir=spec.get("compile_cache"))
+                             compile_cache_dir=spec.get("compile_cache"), max_seq_len=spec.get("max_seq_len"))
     result = {"load_s": time.perf_counter() - t0, "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "device": str(engine.device), "precision": str(engine.precision).removeprefix("torch.")}
+              "device": str(engine.device), "precision": str(engine.precision).removeprefix("torch."),
+              "max_seq_len": engine.model.config.max_seq_len}
     service = make_service(engine, spec)
     try:
         asyncio.run(warm_up(service, plan["warmup"]))

@@ -21,6 +21,8 @@ from dotenv import dotenv_values
 from shoal.errors import BadRequest
 
 ENV_PREFIX = "SHOAL_"
+#: shoal.fish.prompt.GENERATION_HEADROOM, without importing torch here: a prompt leaves this many positions free.
+GENERATION_HEADROOM = 2048
 DOTENV = ".env"
 
 
@@ -42,6 +44,9 @@ class Settings(BaseSettings):
                           "kernels cached under the data dir)")
     cuda_graphs: bool = Field(False, description="also capture the compiled decode step as CUDA graphs (CUDA "
                               "with compile only)")
+    max_seq_len: int | None = Field(None, gt=GENERATION_HEADROOM, description="positions per request (prompt + "
+                                    "generated), capping the checkpoint's own (8192 for S1-mini): smaller KV caches, "
+                                    "shorter prompts and utterances (default: the checkpoint's)")
     # The server
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8080, ge=0, le=65535, description="port to listen on")
@@ -106,8 +111,8 @@ class Settings(BaseSettings):
         except ValidationError as exc:
             first = exc.errors()[0]
             name = ".".join(str(p) for p in first["loc"]) or "settings"
-            raise BadRequest(f"invalid setting {name} ({ENV_PREFIX}{name.upper()} or --{name.replace('_', '-')}): "
-                             f"{first['msg']}") from None
+            flag = f" or --{name.replace('_', '-')}" if name in (cli or {}) else ""  # only flags the CLI has
+            raise BadRequest(f"invalid setting {name} ({ENV_PREFIX}{name.upper()}{flag}): {first['msg']}") from None
         sources = {}
         for name in cls.model_fields:
             key = ENV_PREFIX + name.upper()

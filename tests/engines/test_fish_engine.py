@@ -232,6 +232,29 @@ def test_prompt_longer_than_the_model_allows(engine):
         engine.run(SynthesisRequest(text="zq" * 3000, chunk_length=0))
 
 
+def test_max_seq_len_caps_positions_and_keeps_the_codes(fixture_dir, golden_requests):
+    """A cap below the checkpoint's 2560 shortens the RoPE table and the longest prompt; requests that fit give
+    the same codes as uncapped."""
+    capped = FishEngine.load(fixture_dir, device="cpu", precision="float32", max_seq_len=2200)
+    assert capped.model.config.max_seq_len == 2200 and capped.model.rope.shape[0] == 2200
+    for req in golden_requests:
+        g = np.load(fixture_dir / req["file"])
+        np.testing.assert_array_equal(capped.run(as_request(fixture_dir, req)).codes, g["codes"],
+                                      err_msg=req["name"])
+    # 152 prompt positions now: a text the uncapped engine takes is refused, naming the cap.
+    text = "Hello world, this is a test. " * 12
+    assert len(capped.tokenizer.encode(text)) < 512
+    with pytest.raises(BadRequest, match="max_seq_len 2200"):
+        capped.run(SynthesisRequest(text=text, chunk_length=0, max_new_tokens=4))
+    # Full-length caches (the compiled path's static ones) are the cap's length.
+    capped.model.setup_caches(batch=1)
+    assert capped.model.cache_seq_len == 2200
+    # A cap above the checkpoint's changes nothing; one that leaves no room to generate is refused.
+    assert FishEngine.load(fixture_dir, device="cpu", max_seq_len=100_000).model.config.max_seq_len == 2560
+    with pytest.raises(BadRequest, match="more than 2048"):
+        FishEngine.load(fixture_dir, device="cpu", max_seq_len=2048)
+
+
 @pytest.mark.parametrize("missing", ["codec.pth", "model.pth", "config.json", "tokenizer.tiktoken",
                                      "special_tokens.json"])
 def test_incomplete_checkpoint_names_the_missing_file(fixture_dir, tmp_path, missing):

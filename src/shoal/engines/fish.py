@@ -22,7 +22,7 @@ from shoal.errors import BadRequest, Cancelled, EngineFailure, ShoalError
 from shoal.fish.checkpoint import CODEC_CONFIG_FILE, check_checkpoint_dir, load_dual_ar
 from shoal.fish.codec import Codec, CodecConfig, load_codec
 from shoal.fish.dual_ar import DualARTransformer
-from shoal.fish.prompt import build_prompt, check_prompt_length
+from shoal.fish.prompt import GENERATION_HEADROOM, build_prompt, check_prompt_length
 from shoal.fish.sampling import SamplingParams
 from shoal.fish.tokenizer import FishTokenizer
 from shoal.text import split_text
@@ -127,12 +127,14 @@ class FishEngine:
              precision: str | torch.dtype | None = "auto", compile: bool = False,
              reference_cache_size: int = 16, max_batch_size: int = 4, max_batch_tokens: int | None = None,
              stream_first_frames: int = 11, fault_injection: bool = False, cuda_graphs: bool = False,
-             compile_cache_dir: str | Path | None = None,
-             max_reference_seconds: float | None = None) -> "FishEngine":
+             compile_cache_dir: str | Path | None = None, max_reference_seconds: float | None = None,
+             max_seq_len: int | None = None) -> "FishEngine":
         """Load a checkpoint directory once. Raises CheckpointError naming a missing or mismatched file.
 
         `compile` runs the decode step through torch.compile (see shoal.fish.runner), `cuda_graphs` also
-        captures it as CUDA graphs (CUDA only); `compile_cache_dir` keeps compiled kernels across restarts."""
+        captures it as CUDA graphs (CUDA only); `compile_cache_dir` keeps compiled kernels across restarts.
+        `max_seq_len` caps the positions a request may take (prompt + generated) below the checkpoint's own, which
+        shrinks the KV caches (the compiled path allocates them at full length)."""
         path = check_checkpoint_dir(checkpoint_dir)
         dev = resolve_device(device)
         if cuda_graphs and not (compile and dev.type == "cuda"):
@@ -142,6 +144,8 @@ class FishEngine:
         dtype = resolve_precision(precision, dev)
         tokenizer = FishTokenizer.from_dir(path)
         model = load_dual_ar(path, tokenizer, dev, dtype)
+        if max_seq_len is not None:
+            cap_seq_len(model, max_seq_len)
         codec_yaml = path / CODEC_CONFIG_FILE
         codec_config = CodecConfig.from_yaml(codec_yaml) if codec_yaml.is_file() else CodecConfig()
         # The codec stays float32: it is a small share of the time and bf16 audibly degrades decoding.
@@ -359,6 +363,17 @@ class FishEngine:
 
     def close(self) -> None:
         self.scheduler.stop()
+
+
+def cap_seq_len(model: DualARTransformer, max_seq_len: int) -> None:
+    """Lower the model's max_seq_len (a cap above the checkpoint's own changes nothing). Positions past the cap
+    are never used, so the codes of a request that fits are the same either way."""
+    if max_seq_len <= GENERATION_HEADROOM:
+        raise BadRequest(f"max_seq_len must be more than {GENERATION_HEADROOM} (the positions a prompt leaves free "
+                         f"for generation), got {max_seq_len}")
+    if max_seq_len < model.config.max_seq_len:
+        model.config.max_seq_len = max_seq_len
+        model.reset_rope()
 
 
 def persist_compile_cache(directory: Path) -> None:

@@ -47,7 +47,7 @@ def load_engines(settings) -> Engines:
     checkpoint, searched = find_checkpoint(settings.checkpoint, settings.data_dir)
     if checkpoint is not None:
         result.engines["fish"] = FishEngine.load(checkpoint, device=settings.device, precision=settings.precision,
-                                                 compile=settings.compile,
+                                                 compile=settings.compile, max_seq_len=settings.max_seq_len,
                                                  reference_cache_size=settings.reference_cache_size,
                                                  max_reference_seconds=settings.max_voice_seconds,
                                                  max_batch_size=settings.max_batch_size,
