@@ -23,13 +23,12 @@ from shoal.fish.checkpoint import CODEC_CONFIG_FILE, check_checkpoint_dir, load_
 from shoal.fish.codec import Codec, CodecConfig, load_codec
 from shoal.fish.dual_ar import DualARTransformer
 from shoal.fish.prompt import GENERATION_HEADROOM, build_prompt, check_prompt_length
+from shoal.fish.runner import ModelRunner
 from shoal.fish.sampling import SamplingParams
 from shoal.fish.tokenizer import FishTokenizer
 from shoal.text import split_text
 
 from .base import Progress, Reference, Synthesis, SynthesisRequest
-from shoal.fish.runner import ModelRunner
-
 from .scheduler import BatchScheduler
 
 PRECISIONS = {
