@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from shoal.errors import Busy, ShoalError
+from shoal.errors import BadRequest, Busy, ShoalError
 
 log = logging.getLogger("shoal.server")
 
@@ -38,6 +38,13 @@ def describe_validation(exc: RequestValidationError) -> str:
         loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path"))
         parts.append(f"{loc or 'body'}: {err.get('msg', 'invalid')}")
     return "; ".join(parts) or "invalid request"
+
+
+class UnsupportedMediaType(BadRequest):
+    """A request body in a content type the route does not read (both speech routes answer it alike)."""
+
+    http_status = 415
+    code = "unsupported_media_type"
 
 
 class BodyTooLarge(Exception):

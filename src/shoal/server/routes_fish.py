@@ -12,6 +12,7 @@ from pydantic import BaseModel, ValidationError
 from shoal.errors import BadRequest, PayloadTooLarge
 from shoal.server.audio_responses import audio_response
 from shoal.server.deps import get_service
+from shoal.server.errors import UnsupportedMediaType
 from shoal.server.schemas import ReferenceIdBody, ReferenceRenameBody, ServeTTSRequest
 from shoal.service import Service, SpeechParams
 
@@ -42,11 +43,6 @@ async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first["loc"]) or "body"
         raise BadRequest(f"{loc}: {first['msg']}") from None
-
-
-class UnsupportedMediaType(BadRequest):
-    http_status = 415
-    code = "unsupported_media_type"
 
 
 @router.post("/v1/tts", summary="Text to speech (Fish Speech ServeTTSRequest, JSON or msgpack)")

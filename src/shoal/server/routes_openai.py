@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Request
 from shoal.audio import MEDIA_TYPES
 from shoal.server.audio_responses import JobStreamingResponse, audio_response, sse_stream, started
 from shoal.server.deps import get_service
-from shoal.server.routes_fish import UnsupportedMediaType
+from shoal.server.errors import UnsupportedMediaType
 from shoal.server.schemas import SpeechRequest
 from shoal.service import Service, SpeechParams
 
