@@ -13,6 +13,7 @@ from pathlib import Path
 
 from shoal import __version__
 from shoal.errors import BadRequest, CheckpointError, ShoalError
+from shoal.params import PARAMS
 
 def find_checkpoint(settings) -> Path:
     """The checkpoint to use: the configured one, else the first default location that exists."""
@@ -54,27 +55,30 @@ def cmd_say(args: argparse.Namespace) -> int:
     import numpy as np
 
     from shoal.audio import output_format, write_audio
-    from shoal.engines.base import Reference, SynthesisRequest
-    from shoal.engines.fish import FishEngine
+    from shoal.compose import build_service
+    from shoal.service import SpeechParams
 
     output_format(args.output)  # fail before loading anything
     if (args.reference_audio is None) != (args.reference_text is None):
         raise BadRequest("--reference-audio and --reference-text go together: a clip and what is said in it")
-    references = (Reference(args.reference_audio, args.reference_text),) if args.reference_audio else ()
-    request = SynthesisRequest(
-        text=args.text, references=references, seed=args.seed, temperature=args.temperature, top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
-        chunk_length=args.chunk_length,
-    )
+    references = [(args.reference_audio, args.reference_text)] if args.reference_audio else []
+    params = SpeechParams(text=args.text, model="fish", references=references, seed=args.seed,
+                          **{name: getattr(args, name) for name in PARAMS})
     settings = settings_from(args)
     checkpoint = find_checkpoint(settings)
     t0 = time.perf_counter()
-    engine = FishEngine.load(checkpoint, device=settings.device, precision=settings.precision)
-    print(f"loaded {checkpoint} on {engine.device} ({str(engine.precision).removeprefix('torch.')}) in "
-          f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    progress = ProgressLine(engine.sample_rate / engine.frame_length)
-    result = engine.run(request, progress=progress)
-    progress.finish()
+    service = build_service(settings.model_copy(update={"checkpoint": checkpoint, "default_model": "fish"}),
+                            warm_up=False)
+    try:
+        job = service.prepare(params)
+        engine = job.engine
+        print(f"loaded {checkpoint} on {engine.device} ({str(engine.precision).removeprefix('torch.')}) in "
+              f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        progress = ProgressLine(engine.sample_rate / engine.frame_length)
+        result = service.run(job, progress=progress)
+        progress.finish()
+    finally:
+        service.close(engines=True)
 
     write_audio(args.output, result.audio, result.sample_rate)
     if args.codes_out:
@@ -172,13 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     say.add_argument("--reference-audio", help="a clip of the voice to clone")
     say.add_argument("--reference-text", help="the transcript of --reference-audio")
     say.add_argument("--seed", type=int, help="same seed, same audio (default: random)")
-    say.add_argument("--temperature", type=float, default=0.8)
-    say.add_argument("--top-p", type=float, default=0.8)
-    say.add_argument("--repetition-penalty", type=float, default=1.1)
-    say.add_argument("--max-new-tokens", type=int, default=1024,
-                     help="cap on generated frames, ~21.5 per second of audio; 0 = as many as fit")
-    say.add_argument("--chunk-length", type=int, default=200,
-                     help="split texts longer than this many characters at sentence ends; 0 = never")
+    for param in PARAMS.values():
+        say.add_argument(f"--{param.name.replace('_', '-')}", type=int if param.integer else float,
+                         default=param.default, help=f"{param.help} (default {param.default:g}, "
+                         f"range {param.range_text})")
     say.add_argument("--codes-out", help="also save the generated codes as int64 [10, T] .npy")
 
     doctor = command("doctor", "check the environment, the checkpoint and the runtime", cmd_doctor)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,9 +18,10 @@ from typing import AsyncIterator, Callable, Sequence
 
 import numpy as np
 
-from shoal.engines.base import Engine, Reference, SynthesisRequest
+from shoal.engines.base import Engine, Progress, Reference, Synthesis, SynthesisRequest
 from shoal.engines.registry import Engines
 from shoal.errors import BadRequest, Busy, EngineFailure, NotFound, ShoalError, Timeout, Unavailable
+from shoal.params import CHUNK_LENGTH, MAX_NEW_TOKENS, REPETITION_PENALTY, SPEED, TEMPERATURE, TOP_P
 from shoal.settings import Settings
 from shoal.voices import Voice, VoiceLibrary
 
@@ -38,15 +40,15 @@ class SpeechParams:
     text: str
     model: str | None = None
     voice: str | None = None  # a saved voice id, or "default"
-    references: Sequence[tuple[bytes, str]] = ()  # inline clips and their transcripts
+    references: Sequence[tuple[bytes | str | os.PathLike, str]] = ()  # inline clips (bytes or paths), transcripts
     use_memory_cache: bool = True
     seed: int | None = None
-    temperature: float = 0.8
-    top_p: float = 0.8
-    repetition_penalty: float = 1.1
-    max_new_tokens: int = 1024
-    chunk_length: int = 200
-    speed: float = 1.0
+    temperature: float = TEMPERATURE.default
+    top_p: float = TOP_P.default
+    repetition_penalty: float = REPETITION_PENALTY.default
+    max_new_tokens: int = MAX_NEW_TOKENS.default
+    chunk_length: int = CHUNK_LENGTH.default
+    speed: float = SPEED.default
 
 
 @dataclass
@@ -306,5 +308,14 @@ class Service:
         chunks = [chunk async for chunk in self.dispatcher.stream(job, stream=False)]
         return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
 
-    def close(self) -> None:
+    def run(self, job: Job, progress: Progress | None = None) -> Synthesis:
+        """Run a job to the end in the calling thread and return everything it produced (codes, frames, stop
+        reasons), reporting `progress(done, total)`: for one-shot callers like `shoal say`, which have no
+        event loop and no queue to share."""
+        return job.engine.run(job.request, progress=progress)
+
+    def close(self, engines: bool = False) -> None:
+        """Stop admitting requests; with `engines`, also stop the engines (their threads end)."""
         self.dispatcher.close()
+        if engines:
+            self.engines.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from typing import Callable, Iterator, Protocol
 import numpy as np
 
 from shoal.errors import BadRequest, NotFound
+from shoal.params import CHUNK_LENGTH, MAX_NEW_TOKENS, PARAMS, REPETITION_PENALTY, SPEED, TEMPERATURE, TOP_P
 
 # Seeds as the reference normalises them: negative seeds are mirrored, large ones capped at 2**31.
 SEED_CAP = 1 << 31
@@ -50,24 +50,18 @@ class Reference:
 
 @dataclass(frozen=True)
 class SynthesisRequest:
-    """One text-to-speech request. Defaults are those of Fish Speech's `ServeTTSRequest`.
-
-    - `seed`: same seed and request give the same audio; None draws a fresh seed.
-    - `max_new_tokens`: cap on generated frames (about 21.5 per second of audio); 0 means as many as fit.
-    - `chunk_length`: texts longer than this many characters are generated in segments split at sentence
-      boundaries; 0 never splits (the reference never does).
-    - `speed`: playback speed, 0.25-4.0 (OpenAI's `speed`); 1.0 leaves the audio untouched.
-    """
+    """One text-to-speech request. Defaults and ranges are `shoal.params`' (those of Fish Speech's
+    `ServeTTSRequest`); `seed`: same seed and request give the same audio, None draws a fresh seed."""
 
     text: str
     references: tuple[Reference, ...] = ()
     seed: int | None = None
-    temperature: float = 0.8
-    top_p: float = 0.8
-    repetition_penalty: float = 1.1
-    max_new_tokens: int = 1024
-    chunk_length: int = 200
-    speed: float = 1.0
+    temperature: float = TEMPERATURE.default
+    top_p: float = TOP_P.default
+    repetition_penalty: float = REPETITION_PENALTY.default
+    max_new_tokens: int = MAX_NEW_TOKENS.default
+    chunk_length: int = CHUNK_LENGTH.default
+    speed: float = SPEED.default
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "references", tuple(self.references))
@@ -78,15 +72,11 @@ class SynthesisRequest:
         if not isinstance(self.text, str) or not self.text.strip():
             raise BadRequest("text is empty")
         check_speakable("text", self.text)
-        _check_range("temperature", self.temperature, 0.0, 2.0, low_open=True, high_open=True)
-        _check_range("top_p", self.top_p, 0.0, 1.0, low_open=True)
-        _check_range("repetition_penalty", self.repetition_penalty, 0.0, 2.0, low_open=True, high_open=True)
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0 or self.max_new_tokens == 1:
-            raise BadRequest("max_new_tokens must be 0 (as many as fit) or an integer >= 2: the last generated "
-                             "frame is never decoded")
-        _check_range("speed", self.speed, 0.25, 4.0)
-        if not _is_int(self.chunk_length) or self.chunk_length < 0:
-            raise BadRequest("chunk_length must be 0 (never split) or a positive number of characters")
+        for param in PARAMS.values():
+            param.check(getattr(self, param.name))
+        if self.max_new_tokens == 1:
+            raise BadRequest("max_new_tokens must be 0 (as many as fit) or at least 2: the last generated frame "
+                             "is never decoded")
         if self.seed is not None and not _is_int(self.seed):
             raise BadRequest("seed must be an integer")
         for ref in self.references:
@@ -117,15 +107,6 @@ def check_speakable(name: str, text: str) -> None:
 
 def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _check_range(name: str, value, low: float, high: float, low_open=False, high_open=False) -> None:
-    ok = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
-        raise BadRequest(f"{name} must be a number in {lo}{low:g}, {high:g}{hi}, got {value!r}")
 
 
 @dataclass

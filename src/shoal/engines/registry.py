@@ -26,6 +26,13 @@ class Engines:
     def get(self, name: str) -> Engine:
         return self.engines[name]
 
+    def close(self) -> None:
+        """Stop every engine that runs threads of its own (the fish engine's scheduler)."""
+        for engine in self.engines.values():
+            close = getattr(engine, "close", None)
+            if close is not None:
+                close()
+
 
 def find_checkpoint(configured: Path | None, data_dir: Path | None) -> tuple[Path | None, list[Path]]:
     """(the checkpoint directory to load or None, the places searched). A configured one is always used."""

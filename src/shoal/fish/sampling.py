@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from shoal.params import REPETITION_PENALTY, TEMPERATURE, TOP_P
+
 
 def reference_rounding(value: float) -> float:
     """The value the reference actually samples with: it turns each parameter into a float32 tensor and then
@@ -27,9 +29,9 @@ def reference_rounding(value: float) -> float:
 class SamplingParams:
     """Sampling knobs of one request, as given by the caller (rounding happens in `effective`)."""
 
-    temperature: float = 0.8
-    top_p: float = 0.8
-    repetition_penalty: float = 1.1
+    temperature: float = TEMPERATURE.default
+    top_p: float = TOP_P.default
+    repetition_penalty: float = REPETITION_PENALTY.default
 
     def effective(self) -> tuple[float, float, float]:
         """(temperature, top_p, repetition_penalty) as the reference applies them."""

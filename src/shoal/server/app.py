@@ -15,6 +15,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from shoal import __version__
+from shoal.compose import build_service
 from shoal.engines.registry import Engines, load_engines
 from shoal.server import errors
 from shoal.server.errors import BodyTooLarge
@@ -23,7 +24,6 @@ from shoal.server.metrics import Metrics, RequestLog
 from shoal.server.ratelimit import RateLimiter
 from shoal.service import Service
 from shoal.settings import Settings
-from shoal.voices import VoiceLibrary
 
 log = logging.getLogger("shoal.server")
 
@@ -124,13 +124,10 @@ def create_app(settings: Settings, engines_loader: Callable[[Settings], Engines]
 def _load(app: FastAPI, settings: Settings, loader: Callable[[Settings], Engines]) -> None:
     try:
         start = time.perf_counter()
-        engines = loader(settings)
-        voices = VoiceLibrary(Path(settings.data_dir), max_upload_bytes=settings.max_upload_bytes,
-                              min_seconds=settings.min_voice_seconds, max_seconds=settings.max_voice_seconds)
-        _warm_up(engines)
-        service = Service(settings, engines, voices)
+        service = build_service(settings, loader)
         service.dispatcher.listeners.append(app.state.metrics.observe_job)
         app.state.service = service
+        engines = service.engines
         if engines.notice:
             log.warning(engines.notice)
         log.info("ready in %.1f s: models %s (default %s)", time.perf_counter() - start,
@@ -138,18 +135,6 @@ def _load(app: FastAPI, settings: Settings, loader: Callable[[Settings], Engines
     except Exception as exc:  # shown by /v1/health and the API's 503s; the process stays up to say so
         app.state.load_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         log.error("loading the engines failed: %s", app.state.load_error, exc_info=settings.log_level == "debug")
-
-
-def _warm_up(engines: Engines) -> None:
-    """One tiny synthesis per engine, so the first user request does not pay for lazy initialisation."""
-    from shoal.engines.base import SynthesisRequest
-
-    for name, engine in engines.engines.items():
-        try:
-            for _ in engine.synthesize(SynthesisRequest(text="Hi.", seed=0, max_new_tokens=2)):
-                pass
-        except Exception as exc:  # a warm-up failure is not fatal; the real request will report properly
-            log.warning("warm-up of %s failed: %s", name, exc)
 
 
 def serve(settings: Settings) -> int:

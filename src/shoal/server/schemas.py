@@ -7,14 +7,20 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shoal.audio import FORMATS
+from shoal.params import CHUNK_LENGTH, MAX_NEW_TOKENS, REPETITION_PENALTY, SPEED, TEMPERATURE, TOP_P, Param
 
 AudioFormat = Literal["wav", "pcm", "mp3", "opus", "aac", "flac"]
 assert set(AudioFormat.__args__) == set(FORMATS)
+
+
+def field(param: Param):
+    """A pydantic field with the parameter's default, range and description (shoal.params is the one source)."""
+    return Field(param.default, description=param.help, **param.bounds)
 
 
 class Strict(BaseModel):
@@ -46,7 +52,7 @@ class ServeTTSRequest(Strict):
     """
 
     text: str
-    chunk_length: int = Field(200, description="split texts longer than this many characters; 0 = never")
+    chunk_length: int = Field(CHUNK_LENGTH.default, description=CHUNK_LENGTH.help)
     format: AudioFormat = "wav"
     references: list[ServeReferenceAudio] = Field(default_factory=list, max_length=8)
     reference_id: str | None = None
@@ -54,12 +60,10 @@ class ServeTTSRequest(Strict):
     use_memory_cache: Literal["on", "off"] = "off"
     normalize: bool = True
     streaming: bool = False
-    max_new_tokens: int = Field(1024, ge=0, le=8192)
-    top_p: Annotated[float, Field(ge=0.1, le=1.0)] = 0.8
-    # Fish's schema says le=2.0, but its sampler (and ours) asserts < 2: say so here, where the error names
-    # the field and the OpenAPI schema tells clients, instead of accepting 2.0 and refusing it later.
-    repetition_penalty: Annotated[float, Field(ge=0.9, lt=2.0)] = 1.1
-    temperature: Annotated[float, Field(ge=0.1, le=1.0)] = 0.8
+    max_new_tokens: int = field(MAX_NEW_TOKENS)
+    top_p: float = field(TOP_P)
+    repetition_penalty: float = field(REPETITION_PENALTY)
+    temperature: float = field(TEMPERATURE)
 
     @field_validator("chunk_length")
     @classmethod
@@ -85,16 +89,16 @@ class SpeechRequest(Strict):
     input: str
     voice: str | None = None
     response_format: AudioFormat = "mp3"
-    speed: Annotated[float, Field(ge=0.25, le=4.0)] = 1.0
+    speed: float = field(SPEED)
     stream_format: Literal["audio", "sse"] = "audio"
     instructions: str | None = None
     # Fish extensions
     seed: int | None = None
-    temperature: Annotated[float, Field(ge=0.1, le=1.0)] = 0.8
-    top_p: Annotated[float, Field(ge=0.1, le=1.0)] = 0.8
-    repetition_penalty: Annotated[float, Field(ge=0.9, lt=2.0)] = 1.1  # < 2, as ServeTTSRequest's
-    max_new_tokens: int = Field(1024, ge=0, le=8192)
-    chunk_length: int = Field(200, ge=0, le=1000)
+    temperature: float = field(TEMPERATURE)
+    top_p: float = field(TOP_P)
+    repetition_penalty: float = field(REPETITION_PENALTY)
+    max_new_tokens: int = field(MAX_NEW_TOKENS)
+    chunk_length: int = field(CHUNK_LENGTH)
 
     @field_validator("instructions")
     @classmethod

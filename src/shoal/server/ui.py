@@ -43,6 +43,7 @@ from starlette.routing import Match, Mount
 from shoal import __version__
 from shoal.audio import FORMATS, encode_audio
 from shoal.errors import BadRequest, ShoalError, Unavailable
+from shoal.params import CHUNK_LENGTH, MAX_NEW_TOKENS, REPETITION_PENALTY, SPEED, TEMPERATURE, TOP_P, Param
 from shoal.service import DEFAULT_VOICE, Service, SpeechParams
 from shoal.voices import ID_RULE
 
@@ -58,6 +59,14 @@ LOADING_POLL_SECONDS = 2.0
 MODEL_LABELS = {"fish": "fish · Fish Speech S1 (clones voices)", "piper": "piper · lite voice (no cloning)"}
 #: Settings that mean nothing to piper (a VITS model samples no tokens): greyed out while it is picked.
 FISH_ONLY = ("top_p", "repetition_penalty", "max_new_tokens", "chunk_length")
+
+
+def slider(param: Param, label: str, **kwargs) -> gr.Slider:
+    """A control for one request parameter, limited to what the API accepts (shoal.params)."""
+    low, high = param.ui_range
+    return gr.Slider(low, high, value=param.default, step=param.step, label=label, **kwargs)
+
+
 EXAMPLES = [
     "Hello! This is shoal, a self-hosted voice server. It speaks as it thinks, one sentence at a time.",
     "The quick brown fox jumps over the lazy dog. Then it takes a well-earned nap in the afternoon sun.",
@@ -507,18 +516,16 @@ class ShoalUI:
                                     fmt = gr.Dropdown(label="Download format", choices=list(FORMATS),
                                                       value="wav", elem_id="speak-format")
                                 with gr.Row():
-                                    temperature = gr.Slider(0.1, 1.5, value=0.8, step=0.05, label="Temperature")
-                                    top_p = gr.Slider(0.1, 1.0, value=0.8, step=0.01, label="Top-p")
+                                    temperature = slider(TEMPERATURE, "Temperature")
+                                    top_p = slider(TOP_P, "Top-p")
                                 with gr.Row():
-                                    repetition_penalty = gr.Slider(0.9, 1.5, value=1.1, step=0.01,
-                                                                   label="Repetition penalty")
-                                    speed = gr.Slider(0.25, 4.0, value=1.0, step=0.05, label="Speed")
+                                    repetition_penalty = slider(REPETITION_PENALTY, "Repetition penalty")
+                                    speed = slider(SPEED, "Speed")
                                 with gr.Row():
-                                    max_new_tokens = gr.Slider(0, 4096, value=1024, step=64,
-                                                               label="Max new tokens",
-                                                               info="0: as many as fit; ~21.5 per second")
-                                    chunk_length = gr.Slider(0, 1000, value=200, step=10, label="Chunk length",
-                                                             info="characters per segment; 0: never split")
+                                    max_new_tokens = slider(MAX_NEW_TOKENS, "Max new tokens",
+                                                            info="0: as many as fit; ~21.5 per second")
+                                    chunk_length = slider(CHUNK_LENGTH, "Chunk length",
+                                                          info="characters per segment; 0: never split")
                                 gr.Markdown("Top-p, repetition penalty, max new tokens and chunk length only "
                                             "apply to the fish model.", elem_classes="shoal-status")
                             with gr.Row():
@@ -620,10 +627,8 @@ class ShoalUI:
                 api_inputs = [
                     gr.Textbox(label="text"), gr.Textbox(label="model", value=""),
                     gr.Textbox(label="voice", value=DEFAULT_VOICE), gr.Textbox(label="seed", value=""),
-                    gr.Number(label="temperature", value=0.8), gr.Number(label="top_p", value=0.8),
-                    gr.Number(label="repetition_penalty", value=1.1),
-                    gr.Number(label="max_new_tokens", value=1024, precision=0),
-                    gr.Number(label="chunk_length", value=200, precision=0), gr.Number(label="speed", value=1.0),
+                    *(gr.Number(label=p.name, value=p.default, precision=0 if p.integer else None)
+                      for p in (TEMPERATURE, TOP_P, REPETITION_PENALTY, MAX_NEW_TOKENS, CHUNK_LENGTH, SPEED)),
                     gr.Textbox(label="format", value="wav")]
                 api_output = gr.File(label="audio")
                 api_button = gr.Button()
