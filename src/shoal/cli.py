@@ -1,7 +1,13 @@
 """The `shoal` command line.
 
 Every error shoal raises on purpose becomes one line on stderr and the exit code of its class; `--debug`
-shows the traceback as well.
+shows the traceback as well. Exit codes: 0 success, 1 other failures (and `shoal doctor` finding one), 2 bad input,
+3 missing checkpoint or file, 4 busy, 5 engine failure, 6 a dependency cannot be imported (a broken or shadowed
+environment: numpy, torch, ... fail at import; the line names the module, where it came from and the fix),
+130 interrupted.
+
+`serve`, `say` and `bench` first check that no other environment's site-packages leaks in (shoal.envcheck) and
+warn in one line if one does; `doctor` reports that itself, and must run even when numpy cannot be imported.
 """
 
 from __future__ import annotations
@@ -12,8 +18,14 @@ import time
 from pathlib import Path
 
 from shoal import __version__
+from shoal.envcheck import describe_import_failure, warn_if_polluted
 from shoal.errors import BadRequest, CheckpointError, ShoalError
-from shoal.params import PARAMS
+
+#: Exit code when a dependency cannot be imported (see describe_import_failure).
+EXIT_BROKEN_ENVIRONMENT = 6
+#: Commands that check the environment at start (doctor reports it in full itself).
+CHECKED_COMMANDS = ("serve", "say", "bench")
+
 
 def find_checkpoint(settings) -> Path:
     """The checkpoint to use: the configured one, else the first default location that exists."""
@@ -56,6 +68,7 @@ def cmd_say(args: argparse.Namespace) -> int:
 
     from shoal.audio import output_format, write_audio
     from shoal.compose import build_service
+    from shoal.params import PARAMS
     from shoal.service import SpeechParams
 
     output_format(args.output)  # fail before loading anything
@@ -146,7 +159,15 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", help="auto (bf16 on cuda, else float32), float32, bfloat16")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(lenient: bool = False) -> argparse.ArgumentParser:
+    """The parser. shoal.params imports numpy: with `lenient`, a numpy that cannot be imported leaves out say's
+    parameter flags instead of failing, so that `shoal doctor` still runs to explain it."""
+    try:
+        from shoal.params import PARAMS
+    except Exception:
+        if not lenient:
+            raise
+        PARAMS = {}
     parser = argparse.ArgumentParser(prog="shoal", description="A self-hosted voice server for Fish Speech / "
                                      "OpenAudio S1 checkpoints.")
     parser.add_argument("--version", action="version", version=f"shoal {__version__}")
@@ -200,18 +221,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)  # the top-level options take no values
+    debug = "--debug" in argv
     try:
+        # The parser imports numpy (through shoal.params): a broken one is reported once, as the error below,
+        # rather than as a warning and then that error.
+        parser = build_parser(lenient=command == "doctor")
+        if command in CHECKED_COMMANDS:
+            warn_if_polluted()
+        args = parser.parse_args(argv)
+        debug = args.debug
         return args.func(args)
     except ShoalError as exc:
-        if args.debug:
+        if debug:
             raise
         print(f"shoal: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("shoal: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        message = describe_import_failure(exc)
+        if message is None or debug:
+            raise
+        print(f"shoal: error: {message}", file=sys.stderr)
+        return EXIT_BROKEN_ENVIRONMENT
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,7 +7,8 @@ the exit code is 1 if anything failed.
 
 Every check survives anything its subject raises (a shadowed numpy breaks `import torch`): it reports the error
 instead. Doctor reads the process environment (PYTHONPATH, CONDA_PREFIX) only to explain it; configuration still
-comes from Settings alone. It creates nothing but a temporary file it deletes and a socket it closes.
+comes from Settings alone. It creates nothing but a temporary file it deletes and a socket it closes. The sys.path
+analysis lives in shoal.envcheck, which `shoal serve`, `say` and `bench` also run at start-up to warn in one line.
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ import importlib
 import json
 import os
 import shutil
-import site
 import socket
 import sys
-import sysconfig
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
+
+from shoal.envcheck import _in_pythonpath, _inside, _is_base, own_site_dirs, scan_sys_path
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 #: Libraries whose location and version matter: the ones a foreign environment most often shadows.
@@ -122,27 +123,10 @@ def check_environment(environ: Mapping[str, str]) -> Check:
     return Check("environment", OK, detail)
 
 
-def own_site_dirs() -> list[Path]:
-    """This interpreter's site-packages: its prefix's, and the user site (which only this Python reads)."""
-    dirs = {sysconfig.get_paths()[key] for key in ("purelib", "platlib")}
-    dirs.update(getattr(site, "getsitepackages", lambda: [])())
-    if site.ENABLE_USER_SITE:
-        dirs.add(site.getusersitepackages())
-    return [_resolve(d) for d in dirs]
-
-
-def is_site_dir(entry: str) -> bool:
-    return Path(entry).name in ("site-packages", "dist-packages")
-
-
 def check_sys_path(environ: Mapping[str, str]) -> Check:
     """Fail if another environment's site-packages comes before this one's: its packages win every import."""
-    own = own_site_dirs()
-    first_own = next((i for i, e in enumerate(sys.path) if e and _resolve(e) in own), len(sys.path))
-    others = [(i, e) for i, e in enumerate(sys.path) if e and is_site_dir(e) and _resolve(e) not in own]
-    shadowing = [e for i, e in others if i < first_own]
-    # After this environment's own, the base interpreter's packages are what --system-site-packages asks for.
-    foreign = [e for i, e in others if i > first_own and not _is_base(e)]
+    scan = scan_sys_path()
+    own, shadowing, foreign = scan.own, scan.shadowing, scan.foreign
     if shadowing:
         source = " (from PYTHONPATH)" if any(_in_pythonpath(e, environ) for e in shadowing) else ""
         return Check("sys.path", FAIL, f"another environment's packages come first{source}: {', '.join(shadowing)}",
@@ -456,27 +440,6 @@ def try_import(name: str):
         return importlib.import_module(name), None
     except Exception as exc:  # a shadowed dependency breaks imports in arbitrary ways
         return None, exc
-
-
-def _resolve(path: str | os.PathLike) -> Path:
-    try:
-        return Path(path).resolve()
-    except OSError:
-        return Path(os.path.abspath(path))
-
-
-def _inside(path: str | os.PathLike, root: str | os.PathLike) -> bool:
-    return _resolve(path).is_relative_to(_resolve(root))
-
-
-def _is_base(entry: str) -> bool:
-    """The base interpreter's own site-packages, which a venv made with --system-site-packages reads on purpose."""
-    return sys.prefix != sys.base_prefix and _inside(entry, sys.base_prefix)
-
-
-def _in_pythonpath(entry: str, environ: Mapping[str, str]) -> bool:
-    parts = [p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    return any(_resolve(p) == _resolve(entry) for p in parts)
 
 
 def _one_line(exc: BaseException) -> str:
