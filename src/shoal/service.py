@@ -234,6 +234,7 @@ class Service:
         if fish is not None:
             counters.update(in_flight=fish.scheduler.in_flight, batch_size=fish.scheduler.batch_size,
                             decode_steps=fish.scheduler.steps, generated_tokens=fish.scheduler.frames_generated,
+                            isolated_faults=fish.scheduler.isolated_faults,
                             reference_cache_hits=fish.reference_cache_hits,
                             reference_cache_misses=fish.reference_cache_misses)
         return counters

@@ -10,7 +10,7 @@ import torch
 
 from shoal.fish.checkpoint import normalise_model_keys, strict_load
 from shoal.fish.dual_ar import DualARConfig, DualARTransformer, rope_table
-from shoal.fish.generate import PENALTY_WINDOW, generate, sample_frame
+from shoal.fish.generate import DecodeBatch, generate, sample_frame
 from shoal.fish.sampling import SamplingParams, params_tensor
 
 IM_END, SEMANTIC_BEGIN, SEMANTIC_END = 516, 527, 4622
@@ -127,23 +127,25 @@ def test_noise_stream_matches_reference(fixture_dir, model, requests_by_name, na
 
 
 @pytest.mark.parametrize("name", CAPTURED)
-def test_penalty_windows_match_reference(fixture_dir, name):
-    """Rebuild the window of every frame from the golden frames with the loop's rule."""
-    from shoal.fish.generate import GenerationState
-
+def test_penalty_windows_match_reference(fixture_dir, model, name):
+    """The windows the serving path samples with (DecodeBatch, as the scheduler fills it), fed the golden frames,
+    are the reference's, frame by frame; in a slot that is not the first, beside another row."""
     g = golden(fixture_dir, name)
     generated = torch.from_numpy(g["generated"]).long()
     n = generated.shape[1]
-    state = GenerationState(0, 48, SamplingParams(), torch.Generator())
-    state.history = torch.zeros(11, max(48, PENALTY_WINDOW), dtype=torch.long)
+    batch = DecodeBatch(model, slots=2)
+    other = batch.add(5, 48, SamplingParams(), torch.Generator())
+    slot = batch.add(g["prompt"].shape[1], 48, SamplingParams(), torch.Generator())
+    assert (other, slot) == (0, 1)
     assert (g["slow_prev_ids"][0] == -1).all() and (g["fast_prev_ids"][0] == -1).all()
-    state.frames.append(generated[:, 0])
+    batch.record_prefill(other, generated[:, 0].flip(0))
+    batch.record_prefill(slot, generated[:, 0])
     for t in range(1, n):
-        window = state.window()
+        window = batch.windows(0, 2)[slot]
         np.testing.assert_array_equal(window[:, 0].numpy(), g["slow_prev_ids"][t])
         np.testing.assert_array_equal(window[2:].numpy(), g["fast_prev_ids"][t])
-        state.history[:, t - 1] = generated[:, t]
-        state.frames.append(generated[:, t])
+        batch.record(0, 2, torch.stack([generated[:, t].flip(0), generated[:, t]]))
+    assert batch.host_positions[slot] == g["prompt"].shape[1] + n - 1
 
 
 def test_batched_rows_equal_single_rows(model, fixture_dir, requests_by_name):
@@ -156,10 +158,10 @@ def test_batched_rows_equal_single_rows(model, fixture_dir, requests_by_name):
             singles.append(logits[0])
         # Prefill each prompt into its own cache row, then run one batched decode step.
         for row, p in enumerate(prompts):
-            model.forward_slow(p[None, :, :-1], torch.arange(p.shape[1] - 1)[None], rows=torch.tensor([row]))
+            model.forward_slow(p[None, :, :-1], torch.arange(p.shape[1] - 1)[None], rows=row)
         last = torch.stack([p[:, -1:] for p in prompts])
         pos = torch.tensor([[p.shape[1] - 1] for p in prompts])
-        logits, _ = model.forward_slow(last, pos, rows=torch.tensor([0, 1]))
+        logits, _ = model.forward_slow(last, pos)
     for row in range(2):
         torch.testing.assert_close(logits[row], singles[row], atol=1e-5, rtol=0)
 

@@ -12,7 +12,7 @@ import time
 from dataclasses import replace
 from collections import OrderedDict
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -105,9 +105,11 @@ class FishEngine:
         #: Testing only: texts with a FAULT_MARKERS marker fail inside generation (see Settings.fault_injection).
         self.fault_injection = fault_injection
         self._codec_checksum: str | None = None
+        #: Where compiled kernels are kept across restarts (load's compile_cache_dir, with compile only).
+        self.compile_cache_dir: Path | None = None
         self.runner = ModelRunner(model, max_batch_size, compile=compile, cuda_graphs=cuda_graphs)
         if compile:
-            model.setup_caches(batch=self.runner.cache_rows)  # static: allocated once, before compiling
+            model.setup_caches(batch=max_batch_size)  # static: allocated once, before compiling
             self.runner.warm_up()
         self.scheduler = BatchScheduler(model, max_batch=max_batch_size, max_tokens=max_batch_tokens,
                                         runner=self.runner)
@@ -138,8 +140,9 @@ class FishEngine:
         dev = resolve_device(device)
         if cuda_graphs and not (compile and dev.type == "cuda"):
             raise BadRequest("cuda_graphs needs compile=True and a CUDA device")
-        if compile and compile_cache_dir is not None:
-            persist_compile_cache(Path(compile_cache_dir))
+        cache_dir = Path(compile_cache_dir) if compile and compile_cache_dir is not None else None
+        if cache_dir is not None:
+            persist_compile_cache(cache_dir)
         dtype = resolve_precision(precision, dev)
         tokenizer = FishTokenizer.from_dir(path)
         model = load_dual_ar(path, tokenizer, dev, dtype)
@@ -149,10 +152,12 @@ class FishEngine:
         codec_config = CodecConfig.from_yaml(codec_yaml) if codec_yaml.is_file() else CodecConfig()
         # The codec stays float32: it is a small share of the time and bf16 audibly degrades decoding.
         codec = load_codec(path / "codec.pth", codec_config, device=dev, dtype=torch.float32)
-        return cls(model, codec, tokenizer, checkpoint_dir=path, reference_cache_size=reference_cache_size,
-                   max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens,
-                   stream_first_frames=stream_first_frames, fault_injection=fault_injection, compile=compile,
-                   cuda_graphs=cuda_graphs, max_reference_seconds=max_reference_seconds)
+        engine = cls(model, codec, tokenizer, checkpoint_dir=path, reference_cache_size=reference_cache_size,
+                     max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens,
+                     stream_first_frames=stream_first_frames, fault_injection=fault_injection, compile=compile,
+                     cuda_graphs=cuda_graphs, max_reference_seconds=max_reference_seconds)
+        engine.compile_cache_dir = cache_dir
+        return engine
 
     # -- references --------------------------------------------------------------------------------------------
     def encode_reference(self, reference: Reference) -> torch.Tensor:
@@ -281,7 +286,9 @@ class FishEngine:
             if prompt is None:
                 self._prompt(text, references, request.max_new_tokens, strict=True)
             total = done + max_new * (len(segments) - index)
-            row = self.scheduler.submit(prompt, params, generator, max_new, self.tokenizer.im_end_id, cancel=cancel)
+            fault = fault_for(request.text) if self.fault_injection else None
+            row = self.scheduler.submit(prompt, params, generator, max_new, self.tokenizer.im_end_id, cancel=cancel,
+                                        fault=fault)
             frames: list[torch.Tensor] = []
             emitted, chunk = 0, self.stream_first_frames
             try:
@@ -290,8 +297,6 @@ class FishEngine:
                         return
                     frames.append(frame)
                     done += 1
-                    if self.fault_injection:
-                        inject_fault(request.text, len(frames))
                     if progress:
                         progress(done, total)
                     decodable = len(frames) - 1  # the newest frame may be the last, which is never decoded
@@ -405,19 +410,28 @@ def fade_joins(audio: np.ndarray, sample_rate: int, first: bool, last: bool) -> 
     return audio
 
 
-#: Settings.fault_injection's markers: the exception each one raises once generation has started.
-FAULT_MARKERS = {"[[fault:error]]": lambda: RuntimeError("injected fault"),
-                 "[[fault:oom]]": lambda: torch.cuda.OutOfMemoryError("CUDA out of memory (injected fault)")}
+#: Settings.fault_injection's markers: the exception each one raises inside the batched decode step, and in which
+#: steps (given how many rows the step decodes). Each fires in every step its request is part of once
+#: FAULT_AFTER_FRAMES frames exist, as a real, deterministic failure would, so the scheduler can find its row.
+FAULT_MARKERS = {
+    "[[fault:error]]": (lambda: RuntimeError("injected fault"), lambda rows: True),
+    "[[fault:oom]]": (lambda: torch.cuda.OutOfMemoryError("CUDA out of memory (injected fault)"), lambda rows: True),
+    # Out of memory only while more than one row decodes: what halving the batch is for.
+    "[[fault:oom-batched]]": (lambda: torch.cuda.OutOfMemoryError("CUDA out of memory (injected fault)"),
+                              lambda rows: rows > 1),
+}
 FAULT_AFTER_FRAMES = 2
 
 
-def inject_fault(text: str, frames: int) -> None:
-    """Raise the marked fault once `FAULT_AFTER_FRAMES` frames of this request exist, so the failure happens
-    mid-generation, beside other rows in the batch."""
-    if frames == FAULT_AFTER_FRAMES:
-        for marker, make in FAULT_MARKERS.items():
-            if marker in text:
-                raise make()
+def fault_for(text: str) -> Callable[[int, int], None] | None:
+    """The scheduler's per-row fault hook for a text carrying a FAULT_MARKERS marker (None without one)."""
+    for marker, (make, when) in FAULT_MARKERS.items():
+        if marker in text:
+            def fault(produced: int, rows: int, make=make, when=when) -> None:
+                if produced >= FAULT_AFTER_FRAMES and when(rows):
+                    raise make()
+            return fault
+    return None
 
 
 def engine_failure(exc: Exception) -> Exception:

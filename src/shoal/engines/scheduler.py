@@ -1,12 +1,17 @@
 """Continuous batching for the dual-AR model.
 
-One scheduler thread owns the model. Requests are submitted from any thread and become *rows*: each has its own
-KV-cache slot, position, sampling parameters, repetition window and `torch.Generator`. At every step boundary
-the scheduler admits at most one newcomer (its prefill is the only thing running rows wait for), then runs one
-batched decode step for every active row and retires the rows that finished or were cancelled.
+One scheduler thread owns the model. Requests are submitted from any thread and become *rows*. A row holds one
+slot of the persistent `DecodeBatch` (shoal.fish.generate): its position, sampling parameters, penalty history
+and `torch.Generator` live there, on the device, and its KV cache in the same slot of the model's caches. Active
+rows hold slots 0..n-1; when one leaves, the last moves into its slot, so a decode step reads views, never a
+gather. At every step boundary the scheduler admits at most one newcomer (its prefill is the only thing running
+rows wait for), runs one batched decode step (`decode_one_token`) for every active row, copies the new frames to
+the host once, and retires the rows that finished or were cancelled.
 
 Because every row keeps its own state and its own generator, a request's codes are the same whether it runs
-alone or beside others.
+alone or beside others. That is also how a failed step is isolated: the generators are restored and the rows
+are stepped again one by one (a CUDA out-of-memory: in halves), so the row that fails is found and fails alone,
+while the others get exactly the frames they would have got.
 """
 
 from __future__ import annotations
@@ -19,15 +24,15 @@ import time
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
-from shoal.errors import Busy, Unavailable
+from shoal.errors import Unavailable
 from shoal.fish.dual_ar import DualARTransformer
-from shoal.fish.generate import PENALTY_WINDOW, sample_frame
+from shoal.fish.generate import DecodeBatch, decode_one_token, is_last, prefill
 from shoal.fish.runner import ModelRunner
-from shoal.fish.sampling import SamplingParams, params_tensor
+from shoal.fish.sampling import SamplingParams
 
 log = logging.getLogger("shoal.scheduler")
 
@@ -48,17 +53,15 @@ class Row:
     generator: torch.Generator
     max_new_tokens: int
     im_end_id: int
+    #: Testing only: called inside every decode step this row is part of, as fault(frames produced, rows in the
+    #: step); it may raise, as a real failure inside the batched step would (see Settings.fault_injection).
+    fault: Callable[[int, int], None] | None = None
     frames: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     #: The request's own cancel event, if it has one: set when its client goes away, even while the consumer
     #: thread is still blocked waiting for this row's first frame.
     request_cancel: threading.Event | None = None
-    # Scheduler-side state
-    slot: int = -1
-    produced: int = 0
-    history: torch.Tensor | None = None
-    last: torch.Tensor | None = None
-    params_t: torch.Tensor | None = None
+    slot: int = -1  # in the DecodeBatch, while active
 
     @property
     def positions_needed(self) -> int:
@@ -86,23 +89,25 @@ class BatchScheduler:
     """Decode up to `max_batch` rows together; `max_tokens` bounds positions (prompt + budget) in flight."""
 
     def __init__(self, model: DualARTransformer, max_batch: int = 8, max_tokens: int | None = None,
-                 max_waiting: int = 256, runner: ModelRunner | None = None):
+                 runner: ModelRunner | None = None):
         self.model = model
         self.runner = runner or ModelRunner(model, max_batch)
         self.max_batch = max_batch
         self.max_tokens = max_tokens or max_batch * model.config.max_seq_len
-        self.max_waiting = max_waiting
         self.device = model.embeddings.weight.device
+        self.batch = DecodeBatch(model, max_batch)
         self._waiting: deque[Row] = deque()
-        self._active: list[Row] = []
-        self._free = list(range(max_batch))
+        self._active: list[Row] = []  # index == slot in self.batch
         self._cond = threading.Condition()
         self._stopped = False
         self.steps = 0
         self.max_seen_batch = 0
         #: Frames (tokens) generated since start, prefill frames included.
         self.frames_generated = 0
+        #: Decode steps that failed and were replayed row by row (or in halves, for out-of-memory).
+        self.isolated_faults = 0
         self._recent: deque[tuple[float, int]] = deque()  # (time, frames) per step within RATE_WINDOW_SECONDS
+        self._ending: list[tuple[Row, BaseException | None]] = []  # rows to retire at the end of this step
         self._thread = threading.Thread(target=self._loop, name="shoal-scheduler", daemon=True)
         self._thread.start()
         # Stop the thread before the interpreter tears torch down under it (which aborts the process).
@@ -111,18 +116,17 @@ class BatchScheduler:
 
     # -- public, any thread ------------------------------------------------------------------------------------
     def submit(self, prompt: torch.Tensor, params: SamplingParams, generator: torch.Generator,
-               max_new_tokens: int, im_end_id: int, cancel: threading.Event | None = None) -> Row:
+               max_new_tokens: int, im_end_id: int, cancel: threading.Event | None = None,
+               fault: Callable[[int, int], None] | None = None) -> Row:
         """Queue a row. Setting `cancel` (the request's event) or calling `row.cancel()` drops it while it
-        waits and retires it at the next step once it runs."""
+        waits and retires it at the next step once it runs. (The service's admission limit bounds the queue.)"""
         row = Row(prompt.long().to(self.device), params, generator, max_new_tokens, im_end_id,
-                  request_cancel=cancel)
+                  request_cancel=cancel, fault=fault)
         if row.positions_needed > self.model.config.max_seq_len:
             raise ValueError("prompt + max_new_tokens exceed the model's max_seq_len")
         with self._cond:
             if self._stopped:
                 raise Unavailable("the engine is shutting down")
-            if len(self._waiting) >= self.max_waiting:
-                raise Busy("too many requests are waiting for the model", retry_after=2.0)
             self._waiting.append(row)
             self._cond.notify()
         return row
@@ -169,10 +173,11 @@ class BatchScheduler:
                     if self._active:
                         self._step()
                     self._retire()
-            except BaseException as exc:  # a failed step fails the rows in it, never the thread
-                log.exception("decode step failed")
+            except BaseException as exc:  # a bug outside the isolated step: fail the rows, never the thread
+                log.exception("scheduler step failed")
                 for row in list(self._active):
-                    self._finish(row, exc)
+                    self._end(row, exc)
+                self._retire()
 
     def _next_admissible(self) -> Row | None:
         """Pop the first waiting row if a slot and the token budget allow it (cancelled ones are dropped)."""
@@ -180,7 +185,7 @@ class BatchScheduler:
             for row in [r for r in self._waiting if r.stopped]:
                 self._waiting.remove(row)
                 row.frames.put(_DONE)
-        if not self._waiting or not self._free:
+        if not self._waiting or len(self._active) >= self.max_batch:
             return None
         in_flight = sum(r.positions_needed for r in self._active)
         if self._active and in_flight + self._waiting[0].positions_needed > self.max_tokens:
@@ -190,8 +195,8 @@ class BatchScheduler:
     def _ensure_cache(self, positions: int) -> None:
         model = self.model
         if self.runner.static_cache:
-            if model.cache_batch < self.runner.cache_rows:
-                model.setup_caches(batch=self.runner.cache_rows)  # once, at full length
+            if model.cache_batch < self.max_batch:
+                model.setup_caches(batch=self.max_batch)  # once, at full length
             return
         if model.cache_batch >= self.max_batch and model.cache_seq_len >= positions:
             return
@@ -207,54 +212,60 @@ class BatchScheduler:
 
     def _prefill(self, row: Row) -> None:
         self._ensure_cache(row.positions_needed)
-        row.slot = self._free.pop(0)
-        slot = torch.tensor([row.slot], device=self.device)
-        length = row.prompt.shape[1]
-        row.params_t = params_tensor([row.params], self.device)
-        row.history = torch.zeros(row.prompt.shape[0], max(row.max_new_tokens, PENALTY_WINDOW), dtype=torch.long,
-                                  device=self.device)
+        row.slot = self.batch.add(row.prompt.shape[1], row.max_new_tokens, row.params, row.generator)
         self._active.append(row)
         try:
-            logits, hidden = self.model.forward_slow(row.prompt[None], torch.arange(length, device=self.device)[None],
-                                                     rows=slot)
-            frame = sample_frame(self.model, logits, hidden, row.params_t, [row.generator], window=None,
-                                 rows=slot, fast=self.runner.fast)[0]
+            frame = prefill(self.model, self.batch, row.slot, row.prompt)
         except BaseException as exc:
-            self._finish(row, exc)
+            self._end(row, exc)
             return
-        self._emit(row, frame, loop_frame=False)
+        self._publish(row, frame.cpu(), loop_frame=False)
 
     def _step(self) -> None:
-        rows = self._active
-        self.max_seen_batch = max(self.max_seen_batch, len(rows))
-        slots = torch.tensor([r.slot for r in rows], device=self.device)
-        x = torch.stack([r.last for r in rows])[:, :, None]
-        pos = torch.tensor([[r.prompt.shape[1] + r.produced - 1] for r in rows], device=self.device)
-        logits, hidden = self.runner.slow(x, pos, slots)
-        windows = torch.stack([self._window(r) for r in rows])
-        params = torch.cat([r.params_t for r in rows])
-        frames = sample_frame(self.model, logits, hidden, params, [r.generator for r in rows], windows, rows=slots,
-                              fast=self.runner.fast)
+        n = len(self._active)
+        self.max_seen_batch = max(self.max_seen_batch, n)
         self.steps += 1
-        for row, frame in zip(list(rows), frames):
-            self._emit(row, frame, loop_frame=True)
+        self._run_range(0, n, isolate=True)
 
-    @staticmethod
-    def _window(row: Row) -> torch.Tensor:
-        i = row.produced - 1  # index of the decode-loop frame about to be sampled
-        start = max(0, i - PENALTY_WINDOW)
-        return row.history[:, start : start + PENALTY_WINDOW]
+    def _run_range(self, lo: int, hi: int, isolate: bool) -> None:
+        """Decode slots lo..hi-1 together. If that fails: restore their generators and, with `isolate`, replay
+        them in smaller groups (halves for out-of-memory, single rows otherwise) until the failing rows are found;
+        a single row that fails ends with its error."""
+        states = self.batch.snapshot(lo, hi)
+        try:
+            frames = decode_one_token(self.model, self.batch, lo, hi, slow=self.runner.slow, fast=self.runner.fast,
+                                      hook=self._faults)
+        except BaseException as exc:
+            self.batch.restore(lo, states)
+            if hi - lo == 1:
+                log.warning("decode step failed for one row: %s: %s", type(exc).__name__, exc)
+                self._end(self._active[lo], exc)
+                return
+            if not isolate or isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            self.isolated_faults += 1
+            log.warning("a batched decode step of %d rows failed (%s); replaying it %s", hi - lo,
+                        type(exc).__name__, "in halves" if is_out_of_memory(exc) else "row by row")
+            groups = halves(lo, hi) if is_out_of_memory(exc) else [(s, s + 1) for s in range(lo, hi)]
+            for a, b in groups:
+                self._run_range(a, b, isolate=True)
+            return
+        host = frames.cpu()  # the one device-to-host copy of the step
+        for row, frame in zip(self._active[lo:hi], host):
+            self._publish(row, frame, loop_frame=True)
 
-    def _emit(self, row: Row, frame: torch.Tensor, loop_frame: bool) -> None:
-        if loop_frame:
-            row.history[:, row.produced - 1] = frame
-        row.produced += 1
-        row.last = frame
+    def _faults(self, lo: int, hi: int) -> None:
+        for slot in range(lo, hi):
+            fault = self._active[slot].fault
+            if fault is not None:
+                fault(self.batch.produced[slot], hi - lo)
+
+    def _publish(self, row: Row, frame: torch.Tensor, loop_frame: bool) -> None:
+        """Hand a frame (on the host) to the row's consumer; mark the row to retire if it was its last."""
         self._count_frame()
-        row.frames.put(frame.cpu())
-        stopped = loop_frame and int(frame[0]) == row.im_end_id
-        if stopped or row.produced >= row.max_new_tokens:
-            self._finish(row)
+        row.frames.put(frame)
+        if is_last(int(frame[0]), self.batch.produced[row.slot], row.max_new_tokens, row.im_end_id, loop_frame):
+            self._end(row)
 
     def _count_frame(self) -> None:
         now = time.monotonic()
@@ -267,19 +278,39 @@ class BatchScheduler:
             while self._recent and now - self._recent[0][0] > RATE_WINDOW_SECONDS:
                 self._recent.popleft()
 
-    def _retire(self) -> None:
-        for row in list(self._active):
-            if row.stopped:
-                self._finish(row)
+    def _end(self, row: Row, error: BaseException | None = None) -> None:
+        """Retire `row` once the step is over (slots move when rows leave, so not in the middle of one)."""
+        if all(r is not row for r, _ in self._ending):
+            self._ending.append((row, error))
 
-    def _finish(self, row: Row, error: BaseException | None = None) -> None:
-        if row in self._active:
-            self._active.remove(row)
-            self._free.append(row.slot)
-            self._free.sort()
-        row.frames.put(error if error is not None else _DONE)
+    def _retire(self) -> None:
+        for row in self._active:
+            if row.stopped:
+                self._end(row)
+        ending, self._ending = self._ending, []
+        for row, error in ending:
+            with self._cond:
+                moved = self.batch.remove(row.slot)
+                if moved is not None:
+                    self._active[row.slot] = self._active[moved]
+                    self._active[row.slot].slot = row.slot
+                self._active.pop()
+            row.slot = -1
+            row.frames.put(error if error is not None else _DONE)
 
     def _fail_all(self, error: BaseException) -> None:
-        for row in list(self._active) + list(self._waiting):
-            self._finish(row, error)
+        for row in list(self._active):
+            self._end(row, error)
+        self._retire()
+        for row in self._waiting:
+            row.frames.put(error)
         self._waiting.clear()
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return type(exc).__name__ == "OutOfMemoryError"
+
+
+def halves(lo: int, hi: int) -> list[tuple[int, int]]:
+    mid = (lo + hi) // 2
+    return [(lo, mid), (mid, hi)]

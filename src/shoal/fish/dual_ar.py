@@ -175,20 +175,20 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, rows: Tensor | None, input_pos: Tensor, k: Tensor, v: Tensor,
+    def update(self, start: int | None, input_pos: Tensor, k: Tensor, v: Tensor,
                n_keys: int) -> tuple[Tensor, Tensor]:
-        """Write k/v `[B, S, H, D]` at positions `input_pos` `[B, S]` of cache rows `rows` `[B]`.
+        """Write k/v `[B, S, H, D]` at positions `input_pos` `[B, S]` of cache rows start..start+B-1 (None: 0).
 
-        `rows=None` means cache rows 0..B-1, which lets the common case read the cache as a view, without a
-        copy. Returns the first `n_keys` cached positions of those rows, `[B, H, n_keys, D]`.
+        Returns the first `n_keys` cached positions of those rows, `[B, H, n_keys, D]`: views of the cache,
+        never a copy (the scheduler keeps the rows it decodes together in contiguous slots for this).
         """
         bsz = k.shape[0]
-        r = torch.arange(bsz, device=k.device) if rows is None else rows
-        self.k[r[:, None], :, input_pos] = k
-        self.v[r[:, None], :, input_pos] = v
-        if rows is None:
-            return self.k[:bsz, :, :n_keys], self.v[:bsz, :, :n_keys]
-        return self.k[rows, :, :n_keys], self.v[rows, :, :n_keys]
+        lo = start or 0
+        keys, values = self.k[lo : lo + bsz], self.v[lo : lo + bsz]
+        batch = torch.arange(bsz, device=k.device)[:, None]
+        keys[batch, :, input_pos] = k
+        values[batch, :, input_pos] = v
+        return keys[:, :, :n_keys], values[:, :, :n_keys]
 
 
 class Attention(nn.Module):
@@ -202,7 +202,7 @@ class Attention(nn.Module):
             self.k_norm = nn.RMSNorm(d.head_dim, eps=d.norm_eps)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, rows: Tensor | None, input_pos: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, rows: int | None, input_pos: Tensor) -> Tensor:
         d = self.d
         bsz, seqlen, _ = x.shape
         q_size, kv_size = d.n_head * d.head_dim, d.n_local_heads * d.head_dim
@@ -243,7 +243,7 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(d.dim, d.norm_eps)
         self.ffn_norm = RMSNorm(d.dim, d.norm_eps)
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, rows: Tensor | None, input_pos: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, rows: int | None, input_pos: Tensor) -> Tensor:
         h = x + self.attention(self.attention_norm(x), rope, mask, rows, input_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -313,6 +313,14 @@ class DualARTransformer(nn.Module):
                                                dtype, device)
         self.cache_batch, self.cache_seq_len = batch, seq_len
 
+    def move_cache_row(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of slow-cache row `src` to row `dst` (a row changing slots). The
+        fast caches hold nothing between frames, so they are not copied."""
+        for layer in self.layers:
+            cache = layer.attention.kv_cache
+            cache.k[dst, :, :length] = cache.k[src, :, :length]
+            cache.v[dst, :, :length] = cache.v[src, :, :length]
+
     # -- slow transformer --------------------------------------------------------------------------------------
     def embed(self, inp: Tensor) -> Tensor:
         """inp `[B, 1 + num_codebooks, S]` -> `[B, S, dim]`.
@@ -331,13 +339,14 @@ class DualARTransformer(nn.Module):
             x = torch.where(is_semantic, x / math.sqrt(c.num_codebooks + 1), x)
         return x
 
-    def forward_slow(self, inp: Tensor, input_pos: Tensor, rows: Tensor | None = None,
+    def forward_slow(self, inp: Tensor, input_pos: Tensor, rows: int | None = None,
                      n_keys: int | None = None) -> tuple[Tensor, Tensor]:
         """Run the slow transformer over `inp` `[B, 11, S]` at positions `input_pos` `[B, S]`.
 
         Returns (logits of the last position `[B, vocab]`, hidden state of the last position before the final
-        norm `[B, dim]`, which is what the fast transformer reads). `rows` picks the cache rows (default 0..B-1);
-        `n_keys` bounds the attended cache length (default: up to the furthest position).
+        norm `[B, dim]`, which is what the fast transformer reads). The batch uses cache rows rows..rows+B-1
+        (default 0..B-1); `n_keys` bounds the attended cache length (default: up to the furthest position, which
+        costs a device-to-host copy: the scheduler passes it from its own bookkeeping).
         """
         n_keys = n_keys or int(input_pos.max()) + 1
         x = self.embed(inp)
@@ -351,7 +360,7 @@ class DualARTransformer(nn.Module):
         return logits, self.fast_project_in(hidden)
 
     # -- fast transformer --------------------------------------------------------------------------------------
-    def forward_fast(self, x: Tensor, pos: int | Tensor, rows: Tensor | None = None,
+    def forward_fast(self, x: Tensor, pos: int | Tensor, rows: int | None = None,
                      n_keys: int | None = None) -> Tensor:
         """One fast step: x `[B, fast_dim]` at codebook position `pos` -> logits `[B, codebook_size]`.
 

@@ -11,24 +11,30 @@ parity fixtures pin down:
 - generation stops after a decode-loop frame whose slow token is `<|im_end|>` (the prefill frame is not
   checked), and the last generated frame is never handed to the codec.
 
-Everything here works on a batch of rows, each with its own position, sampling parameters and generator.
+A frame is made in exactly two places, in the gpt-fast manner: `prefill` (a prompt into its cache slot, then
+its first frame) and `decode_one_token` (one batched step for the rows of a `DecodeBatch`); `is_last` is the stop
+rule. The engine's scheduler and the offline `generate()` both call them. Every row keeps its own position,
+sampling parameters, penalty history and generator, so its frames do not depend on what runs beside it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
 
 from .dual_ar import DualARTransformer
-from .sampling import SamplingParams, params_tensor, sample
+from .sampling import SamplingParams, sample
 
 PENALTY_WINDOW = 16
 # The fast head has codebook_size outputs but residual codebooks have 1024 entries; the reference samples from
 # the first 1024 logits only.
 RESIDUAL_CODEBOOK_SIZE = 1024
+
+#: slow(x `[B, 11, 1]`, pos `[B, 1]`, start, n_keys) -> (logits, hidden); fast(x, k, start) -> logits.
+SlowStep = Callable[[Tensor, Tensor, "int | None", int], "tuple[Tensor, Tensor]"]
+FastStep = Callable[[Tensor, int, "int | None"], Tensor]
 
 
 def sample_frame(
@@ -38,14 +44,14 @@ def sample_frame(
     params: Tensor,
     generators: list[torch.Generator],
     window: Tensor | None,
-    rows: Tensor | None = None,
-    fast: Callable[[Tensor, int, Tensor | None], Tensor] | None = None,
+    rows: int | None = None,
+    fast: FastStep | None = None,
 ) -> Tensor:
     """Sample one frame per row from the slow model's output. Returns `[B, 1 + num_codebooks]` int64.
 
     logits `[B, vocab]`, hidden `[B, fast_dim]`, window `[B, 1 + num_codebooks, W]` or None (prefill).
-    `fast(x, pos, rows)` runs one fast-transformer step (default `model.forward_fast`; a compiled runner's
-    otherwise).
+    `rows` is the first cache slot of the batch (None: 0). `fast(x, k, rows)` runs one fast-transformer step
+    (default `model.forward_fast`; a compiled runner's otherwise).
     """
     num_codebooks = model.config.num_codebooks
     fast = fast or model.forward_fast
@@ -59,27 +65,144 @@ def sample_frame(
     return torch.stack([token, *codes], dim=1)
 
 
-@dataclass
-class GenerationState:
-    """What one row carries between decode steps."""
+class DecodeBatch:
+    """The decode state of up to `slots` rows, slot-indexed, on the model's device, updated in place (the
+    persistent batch of vLLM v1's InputBatch).
 
-    prompt_len: int
-    max_new_tokens: int
-    params: SamplingParams
-    generator: torch.Generator
-    frames: list[Tensor] = field(default_factory=list)  # every generated frame, `[1 + num_codebooks]` each
-    history: Tensor | None = None  # decode-loop frames `[1 + num_codebooks, max(max_new_tokens, 16)]`
-    stopped_by_im_end: bool = False
+    Active rows hold slots 0..n-1, contiguous: the decode step reads `[:n]` views of these tensors and of the
+    KV caches, never a gather, and a row that leaves is replaced by the last one (`remove`). Per slot: the last
+    frame (the next input), its position, the effective sampling parameters, the repetition-penalty history and
+    the loop index into it, the generator. The host keeps the positions and frame counts too, so a step needs
+    no device-to-host copy to know how far to attend.
+    """
 
-    @property
-    def done(self) -> bool:
-        return self.stopped_by_im_end or len(self.frames) >= self.max_new_tokens
+    def __init__(self, model: DualARTransformer, slots: int, history_len: int | None = None):
+        device = model.embeddings.weight.device
+        c = model.config
+        self.model = model
+        self.slots = slots
+        self.n_rows = 1 + c.num_codebooks
+        self.history_len = max(history_len or c.max_seq_len, PENALTY_WINDOW)
+        self.last = torch.zeros(slots, self.n_rows, dtype=torch.long, device=device)
+        self.positions = torch.zeros(slots, 1, dtype=torch.long, device=device)
+        self.params = torch.zeros(slots, 3, dtype=torch.float32, device=device)
+        self.history = torch.zeros(slots, self.n_rows, self.history_len, dtype=torch.long, device=device)
+        self.loop_index = torch.zeros(slots, dtype=torch.long, device=device)
+        self.window_offsets = torch.arange(PENALTY_WINDOW, device=device)
+        self.generators: list[torch.Generator | None] = [None] * slots
+        self.host_positions = [0] * slots  # position of each slot's next input
+        self.produced = [0] * slots  # frames generated, prefill frame included
+        self.n = 0
 
-    def window(self) -> Tensor:
-        """The repetition-penalty window for the next decode-loop frame (loop index = frames so far - 1)."""
-        i = len(self.frames) - 1
-        start = max(0, i - PENALTY_WINDOW)
-        return self.history[:, start : start + PENALTY_WINDOW]
+    def add(self, prompt_len: int, max_new_tokens: int, params: SamplingParams, generator: torch.Generator) -> int:
+        """Take the next slot for a new row; `prefill` then fills it. Returns the slot."""
+        if self.n >= self.slots:
+            raise RuntimeError("no free slot in the decode batch")
+        if max_new_tokens > self.history_len:
+            raise ValueError(f"max_new_tokens {max_new_tokens} exceeds the batch's history ({self.history_len})")
+        s = self.n
+        self.n += 1
+        self.params[s] = torch.tensor(params.effective(), dtype=torch.float32)
+        # The reference's history starts as zeros, which early windows read: clear what this row can reach.
+        self.history[s, :, : max(max_new_tokens, PENALTY_WINDOW)] = 0
+        self.loop_index[s] = 0
+        self.positions[s] = prompt_len
+        self.generators[s] = generator
+        self.host_positions[s] = prompt_len
+        self.produced[s] = 0
+        return s
+
+    def remove(self, slot: int) -> int | None:
+        """Free `slot`. The last active row moves into it (tensors and KV-cache rows); returns the slot that
+        row came from, or None when `slot` was the last."""
+        last = self.n - 1
+        self.n -= 1
+        self.generators[last] = None if slot == last else self.generators[last]
+        if slot == last:
+            return None
+        for t in (self.last, self.positions, self.params, self.history, self.loop_index):
+            t[slot] = t[last]
+        self.model.move_cache_row(last, slot, self.host_positions[last])
+        self.generators[slot], self.generators[last] = self.generators[last], None
+        self.host_positions[slot] = self.host_positions[last]
+        self.produced[slot] = self.produced[last]
+        return last
+
+    def windows(self, lo: int, hi: int) -> Tensor:
+        """The repetition-penalty windows `[hi - lo, 1 + num_codebooks, PENALTY_WINDOW]` of slots lo..hi-1: columns
+        max(0, i - W) .. +W of each row's history, i being the index of the decode-loop frame about to be sampled.
+        """
+        start = (self.loop_index[lo:hi] - PENALTY_WINDOW).clamp(min=0)
+        index = (start[:, None] + self.window_offsets)[:, None, :].expand(-1, self.n_rows, -1)
+        return self.history[lo:hi].gather(2, index)
+
+    def record_prefill(self, slot: int, frame: Tensor) -> None:
+        """The prefill frame: the next input, but not part of the history (the reference keeps it out)."""
+        self.last[slot] = frame
+        self.produced[slot] = 1
+
+    def record(self, lo: int, hi: int, frames: Tensor) -> None:
+        """Decode-loop frames `[hi - lo, 1 + num_codebooks]` of slots lo..hi-1: into the history at each row's loop
+        index, as the next inputs, one position further."""
+        slots = torch.arange(lo, hi, device=frames.device)
+        self.history[slots, :, self.loop_index[lo:hi]] = frames
+        self.last[lo:hi] = frames
+        self.loop_index[lo:hi] += 1
+        self.positions[lo:hi] += 1
+        for s in range(lo, hi):
+            self.host_positions[s] += 1
+            self.produced[s] += 1
+
+    def snapshot(self, lo: int, hi: int) -> list[Tensor]:
+        """The generator states of slots lo..hi-1, to replay a failed step row by row with the same draws."""
+        return [g.get_state() for g in self.generators[lo:hi]]
+
+    def restore(self, lo: int, states: list[Tensor]) -> None:
+        for g, state in zip(self.generators[lo : lo + len(states)], states):
+            g.set_state(state)
+
+
+@torch.inference_mode()
+def prefill(model: DualARTransformer, batch: DecodeBatch, slot: int, prompt: Tensor) -> Tensor:
+    """Run a row's prompt `[1 + num_codebooks, L]` through the slow model into its cache slot and sample its first
+    frame (without repetition penalty). Returns the frame `[1 + num_codebooks]` on the model's device."""
+    length = prompt.shape[1]
+    positions = torch.arange(length, device=prompt.device)[None]
+    logits, hidden = model.forward_slow(prompt[None], positions, rows=slot, n_keys=length)
+    frame = sample_frame(model, logits, hidden, batch.params[slot : slot + 1], [batch.generators[slot]],
+                         window=None, rows=slot)[0]
+    batch.record_prefill(slot, frame)
+    return frame
+
+
+StepHook = Callable[[int, int], None]
+
+
+@torch.inference_mode()
+def decode_one_token(model: DualARTransformer, batch: DecodeBatch, lo: int = 0, hi: int | None = None,
+                     slow: SlowStep | None = None, fast: FastStep | None = None,
+                     hook: StepHook | None = None) -> Tensor:
+    """One decode step for slots lo..hi-1 (default: every active row): the slow model at each row's position,
+    sampling with its penalty window, the fast model for the codebooks. Returns the frames
+    `[hi - lo, 1 + num_codebooks]` on the model's device and records them in the batch.
+
+    `slow(x, pos, start, n_keys)` and `fast(x, k, start)` default to the model's own forwards (a compiled
+    runner's otherwise); `hook(lo, hi)` runs inside the step, after the slow forward (fault injection in tests).
+    """
+    hi = batch.n if hi is None else hi
+    n_keys = max(batch.host_positions[lo:hi]) + 1
+    start = None if lo == 0 else lo
+    if slow is None:
+        logits, hidden = model.forward_slow(batch.last[lo:hi, :, None], batch.positions[lo:hi], rows=start,
+                                            n_keys=n_keys)
+    else:
+        logits, hidden = slow(batch.last[lo:hi, :, None], batch.positions[lo:hi], start, n_keys)
+    if hook is not None:
+        hook(lo, hi)
+    frames = sample_frame(model, logits, hidden, batch.params[lo:hi], batch.generators[lo:hi],
+                          batch.windows(lo, hi), rows=start, fast=fast)
+    batch.record(lo, hi, frames)
+    return frames
 
 
 @torch.inference_mode()
@@ -92,7 +215,8 @@ def generate(
     im_end_id: int,
 ) -> Iterator[Tensor]:
     """Generate frames for one prompt `[1 + num_codebooks, L]`, yielding each frame `[1 + num_codebooks]`
-    (int64, on the model's device) as soon as it is sampled.
+    (int64, on the model's device) as soon as it is sampled: `prefill`, then `decode_one_token` on a batch of one
+    until the stop rule says so. The engine's scheduler runs the very same two functions on its batch.
 
     The caller decides what to keep: by the reference's rule the codec gets every frame but the last.
     Stopping iteration early cancels generation. Needs caches set up for at least 1 row and
@@ -106,21 +230,20 @@ def generate(
     if length + max_new_tokens > model.cache_seq_len:
         raise ValueError(f"prompt ({length}) + max_new_tokens ({max_new_tokens}) exceed the KV cache "
                          f"({model.cache_seq_len} positions)")
-    state = GenerationState(length, max_new_tokens, params, generator)
-    state.history = torch.zeros(n_rows, max(max_new_tokens, PENALTY_WINDOW), dtype=torch.long, device=device)
-    param_t = params_tensor([params], device)
-
-    input_pos = torch.arange(length, device=device)[None]
-    logits, hidden = model.forward_slow(prompt.to(device)[None].long(), input_pos)
-    frame = sample_frame(model, logits, hidden, param_t, [generator], window=None)[0]
-    state.frames.append(frame)
+    batch = DecodeBatch(model, 1, history_len=max_new_tokens)
+    slot = batch.add(length, max_new_tokens, params, generator)
+    frame = prefill(model, batch, slot, prompt.to(device).long())
     yield frame
-
-    while not state.done:
-        pos = torch.tensor([[length + len(state.frames) - 1]], device=device)
-        logits, hidden = model.forward_slow(frame[None, :, None], pos)
-        frame = sample_frame(model, logits, hidden, param_t, [generator], window=state.window()[None])[0]
-        state.history[:, len(state.frames) - 1] = frame
-        state.frames.append(frame)
-        state.stopped_by_im_end = bool(frame[0] == im_end_id)
+    if is_last(int(frame[0]), batch.produced[slot], max_new_tokens, im_end_id, loop_frame=False):
+        return
+    while True:
+        frame = decode_one_token(model, batch)[0]
         yield frame
+        if is_last(int(frame[0]), batch.produced[slot], max_new_tokens, im_end_id):
+            return
+
+
+def is_last(token: int, produced: int, max_new_tokens: int, im_end_id: int, loop_frame: bool = True) -> bool:
+    """The reference's stop rule, after a row's `produced`-th frame whose slow token is `token`: the budget is
+    spent, or a decode-loop frame (never the prefill frame) sampled `<|im_end|>`."""
+    return produced >= max_new_tokens or (loop_frame and token == im_end_id)

@@ -3,8 +3,8 @@
 Eager is the default and the reference-exact path. Compiled, the decode step sees a handful of shapes only, so
 it compiles a few times at most and never per request:
 
-- the batch is padded up to a bucket (1, 2, 4, 8, ... up to the scheduler's max batch); padded rows write into a
-  spare KV-cache row that no request owns, so they cannot disturb real rows;
+- the batch is padded up to a bucket (1, 2, 4, 8, ... up to the scheduler's max batch); the active rows hold
+  slots 0..n-1, so padded rows write into cache slots that no request holds, and cannot disturb real rows;
 - the attended key length is rounded up to a power of two (at least `MIN_KEYS`); the causal mask hides the
   extra keys;
 - the fast transformer always attends over its whole 10-position cache with a position tensor, so one graph
@@ -49,8 +49,6 @@ class ModelRunner:
         self.max_batch = max_batch
         self.compiled = compile
         self.buckets = batch_buckets(max_batch)
-        #: The cache row padded rows write to: one past the rows requests own (compiled only).
-        self.pad_row = max_batch
         if compile:
             mode = "reduce-overhead" if cuda_graphs else None
             # dynamic=None: torch's automatic dynamic shapes. A size that changes between calls (the key length,
@@ -60,10 +58,6 @@ class ModelRunner:
             self._fast = torch.compile(model.forward_fast, mode=mode, dynamic=None)
 
     @property
-    def cache_rows(self) -> int:
-        return self.max_batch + (1 if self.compiled else 0)
-
-    @property
     def static_cache(self) -> bool:
         """Compiled graphs need caches that never move: allocate them once, at full length."""
         return self.compiled
@@ -71,50 +65,46 @@ class ModelRunner:
     @torch.inference_mode()
     def warm_up(self) -> None:
         """Compile before the first request does: every batch bucket at two key lengths (the second makes the
-        key length symbolic). Only the pad row's cache is written. Needs the static caches to exist."""
+        key length symbolic). Needs the static caches to exist; what it writes there no request owns yet."""
         if not self.compiled:
             return
         model, c = self.model, self.model.config
         device = model.embeddings.weight.device
         for b in self.buckets:
-            rows = torch.full((b,), self.pad_row, dtype=torch.long, device=device)
             for n_keys in (key_bucket(1, c.max_seq_len), key_bucket(MIN_KEYS + 1, c.max_seq_len)):
                 x = torch.zeros((b, 1 + c.num_codebooks, 1), dtype=torch.long, device=device)
                 pos = torch.full((b, 1), n_keys - 1, dtype=torch.long, device=device)
-                self._slow(x, pos, rows, n_keys)
+                self._slow(x, pos, None, n_keys)
             hidden = torch.zeros((b, c.fast_dim), dtype=model.embeddings.weight.dtype, device=device)
             for k in (0, 1):
-                self._fast(hidden, torch.full((b, 1), k, dtype=torch.long, device=device), rows, c.num_codebooks)
+                self._fast(hidden, torch.full((b, 1), k, dtype=torch.long, device=device), None, c.num_codebooks)
 
     def _pad(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
 
-    def slow(self, x: Tensor, pos: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
-        """One decode step of the slow transformer: x `[B, 11, 1]` at positions `pos` `[B, 1]` of cache
-        rows `rows` `[B]` -> (logits `[B, vocab]`, hidden `[B, fast_dim]`)."""
-        if not self.compiled:
-            return self.model.forward_slow(x, pos, rows=rows)
+    def slow(self, x: Tensor, pos: Tensor, start: int | None, n_keys: int) -> tuple[Tensor, Tensor]:
+        """One decode step of the slow transformer: x `[B, 11, 1]` at positions `pos` `[B, 1]` of cache rows
+        start..start+B-1, attending `n_keys` positions -> (logits `[B, vocab]`, hidden `[B, fast_dim]`).
+        Compiled only for the whole batch (start None); a part of it (a failed step replayed row by row) runs
+        eagerly."""
+        if not self.compiled or start is not None:
+            return self.model.forward_slow(x, pos, rows=start, n_keys=n_keys)
         n, padded = x.shape[0], self._pad(x.shape[0])
-        n_keys = key_bucket(int(pos.max()) + 1, self.model.config.max_seq_len)
+        n_keys = key_bucket(n_keys, self.model.config.max_seq_len)
         if padded > n:
-            extra = padded - n
-            x = torch.cat([x, x.new_zeros((extra, *x.shape[1:]))])
-            pos = torch.cat([pos, pos.new_zeros((extra, 1))])
-            rows = torch.cat([rows, rows.new_full((extra,), self.pad_row)])
-        logits, hidden = self._slow(x, pos, rows, n_keys)
+            x = torch.cat([x, x.new_zeros((padded - n, *x.shape[1:]))])
+            pos = torch.cat([pos, pos.new_zeros((padded - n, 1))])
+        logits, hidden = self._slow(x, pos, None, n_keys)
         # Clones: with CUDA graphs, a graph's outputs are overwritten by its next replay.
         return logits[:n].clone(), hidden[:n].clone()
 
-    def fast(self, x: Tensor, k: int, rows: Tensor | None) -> Tensor:
+    def fast(self, x: Tensor, k: int, start: int | None) -> Tensor:
         """One fast-transformer step at codebook position `k` (sample_frame's `fast`)."""
-        if not self.compiled:
-            return self.model.forward_fast(x, k, rows)
-        x = x.contiguous()  # the prefill's hidden state is a strided slice: one layout, one graph
+        if not self.compiled or start is not None:
+            return self.model.forward_fast(x, k, start)
+        x = x.contiguous()  # one layout, one graph
         n, padded = x.shape[0], self._pad(x.shape[0])
-        if rows is None:
-            rows = torch.arange(n, device=x.device)
         if padded > n:
             x = torch.cat([x, x.new_zeros((padded - n, x.shape[1]))])
-            rows = torch.cat([rows, rows.new_full((padded - n,), self.pad_row)])
         pos = torch.full((padded, 1), k, dtype=torch.long, device=x.device)
-        return self._fast(x, pos, rows, self.model.config.num_codebooks)[:n].clone()
+        return self._fast(x, pos, None, self.model.config.num_codebooks)[:n].clone()
