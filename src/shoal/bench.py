@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from shoal.layout import GENERATION_HEADROOM
+
 SCHEMA_VERSION = 1
 SHARED = Path(__file__).resolve().parents[3] / "shared"  # ../shared beside a checkout, as the tests expect
 DEFAULT_FIXTURE = SHARED / "fixtures" / "fish-s1-tiny"
@@ -159,8 +161,9 @@ def resolve_options(args: argparse.Namespace) -> dict:
         raise BenchError("--threads must be at least 1")
     if args.bandwidth_mib < 1:
         raise BenchError("--bandwidth-mib must be at least 1")
-    if args.max_seq_len is not None and args.max_seq_len <= 2048:
-        raise BenchError("--max-seq-len must be more than 2048 (the positions a prompt leaves free for generation)")
+    if args.max_seq_len is not None and args.max_seq_len <= GENERATION_HEADROOM:
+        raise BenchError(f"--max-seq-len must be more than {GENERATION_HEADROOM} (the positions a prompt leaves "
+                         "free for generation)")
     label = args.label or (Path(args.checkpoint).name if args.checkpoint else kind)
     if not re.fullmatch(r"[A-Za-z0-9._-]{1,80}", label):
         raise BenchError(f"--label may only use A-Z, a-z, 0-9, '.', '_' and '-', got {label!r}")

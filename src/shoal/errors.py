@@ -31,9 +31,12 @@ class NotFound(ShoalError):
     code = "not_found"
 
 
-class CheckpointError(NotFound):
-    """A checkpoint directory is missing, incomplete, or its weights do not match the architecture."""
+class CheckpointError(ShoalError):
+    """A checkpoint directory is missing, incomplete, or its weights do not match the architecture: the server
+    cannot serve that model (503), and the CLI exits as for a missing file (3). Never a client's 404."""
 
+    http_status = 503
+    exit_code = 3
     code = "checkpoint_error"
 
 

@@ -6,6 +6,9 @@ from pathlib import Path
 
 CHECKPOINT_FILES = ("config.json", "model.pth", "tokenizer.tiktoken", "special_tokens.json", "codec.pth")
 CODEC_CONFIG_FILE = "codec_config.yaml"
+#: The reference refuses a prompt longer than max_seq_len minus this, leaving room to generate (shoal.fish.prompt;
+#: here, torch-free, so that the settings can check max_seq_len without importing torch).
+GENERATION_HEADROOM = 2048
 HOW_TO_GET = "run `shoal download` to fetch openaudio-s1-mini, or pass --checkpoint DIR"
 
 

@@ -1,6 +1,7 @@
 """What a request means: resolve the model and the voice, check limits, run the engine off the event loop.
 
-The HTTP routes, the web UI and the CLI all call this layer; none of them talks to an engine directly. Each
+The HTTP routes, the web UI, the CLI and the Python API all call this layer; none of them talks to an engine
+directly. Each
 admitted request runs in a worker thread (the fish engine's scheduler batches them into shared decode steps),
 so the event loop stays free to answer health checks and other clients while audio is generated.
 """
@@ -29,6 +30,8 @@ log = logging.getLogger("shoal.service")
 
 #: OpenAI model names that clients send by habit; they mean "the server's default model".
 OPENAI_MODEL_ALIASES = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
+#: Retry-After of a full queue: a slot frees whenever any request ends, usually within a second under load.
+BUSY_RETRY_AFTER_SECONDS = 1.0
 #: The voice name for "no cloning: the model's own voice".
 DEFAULT_VOICE = "default"
 
@@ -107,10 +110,8 @@ class Dispatcher:
             if self._closed:
                 raise Unavailable("the server is shutting down")
             if self._pending >= self.queue_size:
-                # A slot frees whenever any request ends, usually within a second under load: "1" keeps
-                # polite clients from waiting a queue's length in seconds (the old value) for a free slot.
                 raise Busy(f"{self._pending} requests are already queued or running; retry shortly",
-                           retry_after=1.0)
+                           retry_after=BUSY_RETRY_AFTER_SECONDS)
             self._pending += 1
 
     def _release(self, _future=None) -> None:

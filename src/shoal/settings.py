@@ -19,10 +19,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from dotenv import dotenv_values
 
 from shoal.errors import BadRequest
+from shoal.layout import GENERATION_HEADROOM
 
 ENV_PREFIX = "SHOAL_"
-#: shoal.fish.prompt.GENERATION_HEADROOM, without importing torch here: a prompt leaves this many positions free.
-GENERATION_HEADROOM = 2048
 DOTENV = ".env"
 
 

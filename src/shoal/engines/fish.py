@@ -1,7 +1,7 @@
 """The Fish Speech S1 engine: loads a checkpoint once and turns requests into audio.
 
-It owns the model, the codec and the tokenizer from `shoal.fish`, a bounded cache of encoded reference clips,
-and a lock: the model's KV caches are single-tenant until the scheduler of the performance work lands.
+It owns the model, the codec and the tokenizer from `shoal.fish`, the batch scheduler that decodes every request's
+rows together, a bounded cache of encoded reference clips, and a lock that serialises codec encodes.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ import torch
 from shoal.audio import load_audio
 from shoal.errors import BadRequest, Cancelled, EngineFailure, ShoalError
 from shoal.fish.checkpoint import CODEC_CONFIG_FILE, check_checkpoint_dir, load_dual_ar
+from shoal.layout import GENERATION_HEADROOM
 from shoal.fish.codec import Codec, CodecConfig, load_codec
 from shoal.fish.dual_ar import DualARTransformer
-from shoal.fish.prompt import GENERATION_HEADROOM, build_prompt, check_prompt_length
+from shoal.fish.prompt import build_prompt, check_prompt_length
 from shoal.fish.runner import ModelRunner
 from shoal.fish.sampling import SamplingParams
 from shoal.fish.tokenizer import FishTokenizer
@@ -39,6 +40,8 @@ PRECISIONS = {
 # Left context for streamed decoding beyond the codec's attention window: the causal convolutions' reach, in
 # frames, with room to spare (the test measures the error).
 STREAM_CONTEXT_MARGIN = 8
+#: The largest streamed chunk, in frames (~3 s): chunks double from the first one up to this.
+STREAM_MAX_FRAMES = 64
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -116,7 +119,7 @@ class FishEngine:
         #: Streaming: frames before the first chunk (11 is about 0.5 s), the largest chunk, and the left
         #: context each chunk is decoded with (the codec's attention window plus its convolutions' reach).
         self.stream_first_frames = max(1, stream_first_frames)
-        self.stream_max_frames = 64
+        self.stream_max_frames = STREAM_MAX_FRAMES
         window = codec.config.quantizer_transformer.window_size
         #: The most frames the codec decodes at once (its transformers' block size); longer codes go in pieces.
         self.decode_limit = codec.config.quantizer_transformer.block_size
@@ -252,11 +255,6 @@ class FishEngine:
             stopped_by_im_end=stops,
             seconds=time.perf_counter() - start,
         )
-
-    def tts(self, text: str, **kwargs) -> tuple[int, np.ndarray]:
-        """Convenience: `(sample_rate, float32 audio)` for a text; kwargs are SynthesisRequest fields."""
-        result = self.run(SynthesisRequest(text=text, **kwargs))
-        return result.sample_rate, result.audio
 
     def _segments(self, request: SynthesisRequest, progress: Progress | None,
                   cancel: threading.Event | None = None, stream: bool = False):

@@ -40,6 +40,8 @@ log = logging.getLogger("shoal.scheduler")
 CACHE_STEP = 1024
 #: The window over which `tokens_per_second` is measured.
 RATE_WINDOW_SECONDS = 10.0
+#: Frames counted within this long of each other share one entry of that window (about one step).
+RATE_BUCKET_SECONDS = 0.05
 _DONE = object()
 
 
@@ -271,7 +273,7 @@ class BatchScheduler:
         now = time.monotonic()
         self.frames_generated += 1
         with self._cond:
-            if self._recent and now - self._recent[-1][0] < 0.05:  # one entry per step, roughly
+            if self._recent and now - self._recent[-1][0] < RATE_BUCKET_SECONDS:  # one entry per step, roughly
                 self._recent[-1] = (self._recent[-1][0], self._recent[-1][1] + 1)
             else:
                 self._recent.append((now, 1))

@@ -22,12 +22,11 @@ import torch
 from torch import Tensor
 
 from shoal.errors import BadRequest
+from shoal.layout import GENERATION_HEADROOM
 
 from .tokenizer import IM_END_TOKEN, INTERLEAVE_TOKEN, FishTokenizer
 
 SPEAKER = "<|speaker:0|>"
-# The reference refuses a prompt longer than max_seq_len minus this, leaving room to generate.
-GENERATION_HEADROOM = 2048
 
 Codes = Tensor | np.ndarray
 

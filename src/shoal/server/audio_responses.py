@@ -123,9 +123,10 @@ async def sse_stream(chunks: AsyncIterator[np.ndarray], job: Job, fmt: str) -> A
         tail = encoder.finish()
         if tail:
             yield event({"type": "speech.audio.delta", "audio": base64.b64encode(tail).decode()})
-        chars = len(job.request.text)
+        # What was spent, by its real units: shoal counts no OpenAI tokens (it used to report samples as such).
         yield event({"type": "speech.audio.done",
-                     "usage": {"input_tokens": chars, "output_tokens": samples, "total_tokens": chars + samples}})
+                     "usage": {"input_characters": len(job.request.text),
+                               "output_audio_seconds": round(samples / job.engine.sample_rate, 3)}})
     except ShoalError as exc:
         log.warning("stream ended early: %s", exc)
         yield event({"type": "error", "error": {"message": str(exc), "code": exc.code}})

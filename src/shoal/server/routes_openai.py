@@ -7,7 +7,6 @@ import time
 
 from fastapi import APIRouter, Depends, Request
 
-from shoal.audio import MEDIA_TYPES
 from shoal.server.audio_responses import JobStreamingResponse, audio_response, sse_stream, started
 from shoal.server.deps import get_service
 from shoal.server.errors import UnsupportedMediaType
@@ -63,4 +62,4 @@ async def voices(model: str | None = None, service: Service = Depends(get_servic
             "details": [{"id": n, **(saved[n].to_dict() if n in saved else {"builtin": True})} for n in names]}
 
 
-__all__ = ["router", "MEDIA_TYPES"]
+__all__ = ["router"]
