@@ -36,6 +36,8 @@ from pathlib import Path
 from shoal.layout import GENERATION_HEADROOM
 
 SCHEMA_VERSION = 1
+#: A request's timeout inside the bench: full-size CPU runs take minutes; only a hang should end one.
+BENCH_TIMEOUT_SECONDS = 7 * 86400.0
 SHARED = Path(__file__).resolve().parents[3] / "shared"  # ../shared beside a checkout, as the tests expect
 DEFAULT_FIXTURE = SHARED / "fixtures" / "fish-s1-tiny"
 DEFAULT_REFERENCE_DIR = SHARED / "reference"
@@ -840,19 +842,25 @@ def run_worker(spec: dict) -> dict:
 
     import torch
 
-    from shoal.engines.fish import FishEngine
+    from shoal.compose import build_service
+    from shoal.settings import Settings
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     plan = spec["plan"]
     t0 = time.perf_counter()
-    engine = FishEngine.load(spec["checkpoint"], device=spec["device"], precision=spec["precision"],
-                             compile=spec.get("compile", False), cuda_graphs=spec.get("cuda_graphs", False),
-                             compile_cache_dir=spec.get("compile_cache"), max_seq_len=spec.get("max_seq_len"))
+    # The composition root every entry point uses, with the bench's settings only (no environment, no .env).
+    settings = Settings.load(cli={
+        "checkpoint": spec["checkpoint"], "device": spec["device"], "precision": spec["precision"],
+        "compile": spec.get("compile", False), "cuda_graphs": spec.get("cuda_graphs", False),
+        "compile_cache": spec.get("compile_cache"), "max_seq_len": spec.get("max_seq_len"),
+        "data_dir": spec["data_dir"], "queue_size": max(16, 2 * spec["n"]), "request_timeout": BENCH_TIMEOUT_SECONDS,
+        "default_model": "fish", "lite_voice": False}, env={}, dotenv=None)
+    service = build_service(settings, warm_up=False)
+    engine = service.engines.get("fish")
     result = {"load_s": time.perf_counter() - t0, "torch": torch.__version__, "threads": torch.get_num_threads(),
               "device": str(engine.device), "precision": str(engine.precision).removeprefix("torch."),
               "max_seq_len": engine.model.config.max_seq_len}
-    service = make_service(engine, spec)
     try:
         asyncio.run(warm_up(service, plan["warmup"]))
         if spec["task"] == "single":
@@ -862,7 +870,7 @@ def run_worker(spec: dict) -> dict:
         else:
             result.update(asyncio.run(burst(service, engine, plan["throughput"][: spec["n"]])))
     finally:
-        service.close()
+        service.close(engines=True)
     result["peak_rss_mb"] = peak_rss_mb()
     return result
 
@@ -892,21 +900,6 @@ async def warm_up(service, spec: dict) -> None:
 def request_fields(spec: dict) -> dict:
     keys = ("text", "seed", "temperature", "top_p", "repetition_penalty", "max_new_tokens")
     return {k: spec[k] for k in keys}
-
-
-def make_service(engine, spec: dict):
-    from shoal.engines.registry import Engines
-    from shoal.service import Service
-    from shoal.settings import Settings
-    from shoal.voices import VoiceLibrary
-
-    settings = Settings.load(cli={"data_dir": spec["data_dir"], "queue_size": max(16, 2 * spec["n"]),
-                                  "request_timeout": 7 * 86400.0, "device": spec["device"],
-                                  "precision": spec["precision"]}, env={}, dotenv=None)
-    engines = Engines(engines={"fish": engine}, default="fish", checkpoint=Path(spec["checkpoint"]))
-    voices = VoiceLibrary(Path(settings.data_dir), max_upload_bytes=settings.max_upload_bytes,
-                          min_seconds=settings.min_voice_seconds, max_seconds=settings.max_voice_seconds)
-    return Service(settings, engines, voices)
 
 
 def decode_timing(engine, spec: dict) -> dict:

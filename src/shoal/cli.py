@@ -80,8 +80,8 @@ def cmd_say(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     checkpoint = find_checkpoint(settings)
     t0 = time.perf_counter()
-    service = build_service(settings.model_copy(update={"checkpoint": checkpoint, "default_model": "fish"}),
-                            warm_up=False)
+    service = build_service(settings.model_copy(update={"checkpoint": checkpoint, "default_model": "fish",
+                                                        "lite_voice": False}), warm_up=False)
     try:
         job = service.prepare(params)
         engine = job.engine

@@ -43,6 +43,8 @@ class Settings(BaseSettings):
                           "kernels cached under the data dir)")
     cuda_graphs: bool = Field(False, description="also capture the compiled decode step as CUDA graphs (CUDA "
                               "with compile only)")
+    compile_cache: Path | None = Field(None, description="where compiled kernels are kept across restarts "
+                                       "(default: <data dir>/compile-cache)")
     max_seq_len: int | None = Field(None, gt=GENERATION_HEADROOM, description="positions per request (prompt + "
                                     "generated), capping the checkpoint's own (8192 for S1-mini): smaller KV caches, "
                                     "shorter prompts and utterances (default: the checkpoint's)")
@@ -77,6 +79,8 @@ class Settings(BaseSettings):
     default_model: Literal["auto", "fish", "piper"] = Field("auto", description="auto: fish if a checkpoint "
                                                             "loads, else piper")
     default_voice: str | None = Field(None, description="saved voice used when a request names none")
+    lite_voice: bool = Field(True, description="also load the bundled piper voice (the fallback when no "
+                             "checkpoint is found); false saves its start-up time and memory")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log verbosity")
     # Testing
     fault_injection: bool = Field(False, description="testing only: a request whose text contains "

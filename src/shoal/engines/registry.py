@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shoal.errors import CheckpointError
-from shoal.layout import checkpoint_search_paths
+from shoal.layout import HOW_TO_GET, checkpoint_search_paths
 
 from .base import Engine
 
@@ -62,9 +62,14 @@ def load_engines(settings) -> Engines:
                                                  stream_first_frames=settings.stream_first_frames,
                                                  fault_injection=settings.fault_injection,
                                                  cuda_graphs=settings.cuda_graphs,
-                                                 compile_cache_dir=Path(settings.data_dir) / "compile-cache")
+                                                 compile_cache_dir=settings.compile_cache
+                                                 or Path(settings.data_dir) / "compile-cache")
         result.checkpoint = checkpoint
-    result.engines["piper"] = PiperEngine.load()
+    if checkpoint is None and not settings.lite_voice:
+        raise CheckpointError(f"no Fish Speech checkpoint was found at {', '.join(str(p) for p in searched)} and "
+                              f"the lite voice is off (lite_voice); {HOW_TO_GET}")
+    if settings.lite_voice:
+        result.engines["piper"] = PiperEngine.load()
     if checkpoint is None:
         result.notice = (f"no Fish Speech checkpoint was found at {', '.join(str(p) for p in searched)}; "
                          "serving the bundled lite voice (piper); `shoal download` gets openaudio-s1-mini")
