@@ -170,3 +170,16 @@ def test_import_shoal_stays_light():
     code = "import sys, shoal; print(sorted(m for m in ('numpy', 'torch') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_load_warns_once_when_another_environment_leaks_in(fixture_dir, tmp_path, monkeypatch, caplog):
+    """shoal.load runs the same start-up check as the CLI: a foreign site-packages ahead on sys.path holding a
+    core package is named in one warning line."""
+    foreign = tmp_path / "envs" / "other" / "lib" / "python3.11" / "site-packages"
+    (foreign / "numpy").mkdir(parents=True)
+    (foreign / "numpy" / "__init__.py").write_text("__version__ = '1.0'\n")
+    monkeypatch.syspath_prepend(str(foreign))
+    with caplog.at_level("WARNING", logger="shoal"):
+        shoal.load(fixture_dir, device="cpu", data_dir=tmp_path / "data", warm_up=False, lite_voice=False).close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and str(foreign) in r.getMessage()]
+    assert len(warnings) == 1 and "shoal doctor" in warnings[0]
