@@ -45,6 +45,10 @@ class Settings(BaseSettings):
                               "with compile only)")
     compile_cache: Path | None = Field(None, description="where compiled kernels are kept across restarts "
                                        "(default: <data dir>/compile-cache)")
+    quantize: Literal["none", "int8"] = Field("none", description="int8: the slow and fast transformers' linear "
+                                              "layers run with int8 weights per output channel (CPU only, float32; "
+                                              "the embeddings and the codec stay float32; output is close to, not "
+                                              "identical with, float32's)")
     max_seq_len: int | None = Field(None, gt=GENERATION_HEADROOM, description="positions per request (prompt + "
                                     "generated), capping the checkpoint's own (8192 for S1-mini): smaller KV caches, "
                                     "shorter prompts and utterances (default: the checkpoint's)")

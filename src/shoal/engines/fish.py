@@ -24,6 +24,7 @@ from shoal.layout import GENERATION_HEADROOM
 from shoal.fish.codec import Codec, CodecConfig, load_codec
 from shoal.fish.dual_ar import DualARTransformer
 from shoal.fish.prompt import build_prompt, check_prompt_length
+from shoal.fish.quant import quantize_int8
 from shoal.fish.runner import ModelRunner
 from shoal.fish.sampling import SamplingParams
 from shoal.fish.tokenizer import FishTokenizer
@@ -61,6 +62,20 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise BadRequest("device mps was asked for, but it is not available")
     return dev
+
+
+def check_quantize(quantize: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse a `quantize` setting this device and precision cannot run: int8 weights are CPU kernels on float32
+    activations (on a GPU, bfloat16 is the way to halve the weights)."""
+    if quantize == "none":
+        return
+    if quantize != "int8":
+        raise BadRequest(f"unknown quantize {quantize!r} (SHOAL_QUANTIZE): use none or int8")
+    if device.type != "cpu":
+        raise BadRequest(f"quantize=int8 (SHOAL_QUANTIZE) runs on the CPU only, not on {device.type}; "
+                         "leave it at none (bfloat16 is the default on CUDA)")
+    if dtype != torch.float32:
+        raise BadRequest(f"quantize=int8 (SHOAL_QUANTIZE) needs precision float32, not {str(dtype)[6:]}")
 
 
 def resolve_precision(precision: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -110,6 +125,8 @@ class FishEngine:
         self._codec_checksum: str | None = None
         #: Where compiled kernels are kept across restarts (load's compile_cache_dir, with compile only).
         self.compile_cache_dir: Path | None = None
+        #: "int8" when the transformers' linear layers run with int8 weights (load's quantize), else "none".
+        self.quantize = "none"
         self.runner = ModelRunner(model, max_batch_size, compile=compile, cuda_graphs=cuda_graphs)
         if compile:
             model.setup_caches(batch=max_batch_size)  # static: allocated once, before compiling
@@ -132,13 +149,14 @@ class FishEngine:
              reference_cache_size: int = 16, max_batch_size: int = 4, max_batch_tokens: int | None = None,
              stream_first_frames: int = 11, fault_injection: bool = False, cuda_graphs: bool = False,
              compile_cache_dir: str | Path | None = None, max_reference_seconds: float | None = None,
-             max_seq_len: int | None = None) -> "FishEngine":
+             max_seq_len: int | None = None, quantize: str = "none") -> "FishEngine":
         """Load a checkpoint directory once. Raises CheckpointError naming a missing or mismatched file.
 
         `compile` runs the decode step through torch.compile (see shoal.fish.runner), `cuda_graphs` also
         captures it as CUDA graphs (CUDA only); `compile_cache_dir` keeps compiled kernels across restarts.
         `max_seq_len` caps the positions a request may take (prompt + generated) below the checkpoint's own, which
-        shrinks the KV caches (the compiled path allocates them at full length)."""
+        shrinks the KV caches (the compiled path allocates them at full length). `quantize` "int8" runs the
+        transformers' linear layers with int8 weights (`shoal.fish.quant`; CPU and float32 only)."""
         path = check_checkpoint_dir(checkpoint_dir)
         dev = resolve_device(device)
         if cuda_graphs and not (compile and dev.type == "cuda"):
@@ -147,8 +165,11 @@ class FishEngine:
         if cache_dir is not None:
             persist_compile_cache(cache_dir)
         dtype = resolve_precision(precision, dev)
+        check_quantize(quantize, dev, dtype)
         tokenizer = FishTokenizer.from_dir(path)
         model = load_dual_ar(path, tokenizer, dev, dtype)
+        if quantize == "int8":
+            quantize_int8(model)
         if max_seq_len is not None:
             cap_seq_len(model, max_seq_len)
         codec_yaml = path / CODEC_CONFIG_FILE
@@ -160,6 +181,7 @@ class FishEngine:
                      stream_first_frames=stream_first_frames, fault_injection=fault_injection, compile=compile,
                      cuda_graphs=cuda_graphs, max_reference_seconds=max_reference_seconds)
         engine.compile_cache_dir = cache_dir
+        engine.quantize = quantize
         return engine
 
     # -- references --------------------------------------------------------------------------------------------

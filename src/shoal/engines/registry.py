@@ -62,6 +62,7 @@ def load_engines(settings) -> Engines:
                                                  stream_first_frames=settings.stream_first_frames,
                                                  fault_injection=settings.fault_injection,
                                                  cuda_graphs=settings.cuda_graphs,
+                                                 quantize=settings.quantize,
                                                  compile_cache_dir=settings.compile_cache
                                                  or Path(settings.data_dir) / "compile-cache")
         result.checkpoint = checkpoint
