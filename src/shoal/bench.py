@@ -124,6 +124,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         "decode step as CUDA graphs")
     parser.add_argument("--max-seq-len", type=int, metavar="N", help="shoal's SHOAL_MAX_SEQ_LEN: cap the positions "
                         "per request, which shrinks the KV caches (default: the checkpoint's own)")
+    parser.add_argument("--max-batch-size", type=int, metavar="N", help="shoal's SHOAL_MAX_BATCH_SIZE: rows decoded "
+                        "together (default: the setting's default, 4; concurrency above it queues)")
+    parser.add_argument("--quantize", choices=("none", "int8"), default="none", help="shoal's SHOAL_QUANTIZE: int8 "
+                        "weights for the transformers' linear layers (CPU, float32 only; default none)")
+    parser.add_argument("--one-process", action="store_true", help="run shoal's single stream and every "
+                        "concurrency level in one process: one load and one compile in all (peak RSS is then "
+                        "cumulative); bench/gpu.sh uses it to fit its time")
     parser.add_argument("--label", help="name of this run in the result files (default: the checkpoint kind)")
     parser.add_argument("--out", metavar="DIR", default=str(DEFAULT_OUT),
                         help=f"where the .md and .json go (default {DEFAULT_OUT})")
@@ -163,6 +170,8 @@ def resolve_options(args: argparse.Namespace) -> dict:
         raise BenchError("--threads must be at least 1")
     if args.bandwidth_mib < 1:
         raise BenchError("--bandwidth-mib must be at least 1")
+    if args.max_batch_size is not None and args.max_batch_size < 1:
+        raise BenchError("--max-batch-size must be at least 1")
     if args.max_seq_len is not None and args.max_seq_len <= GENERATION_HEADROOM:
         raise BenchError(f"--max-seq-len must be more than {GENERATION_HEADROOM} (the positions a prompt leaves "
                          "free for generation)")
@@ -186,6 +195,9 @@ def resolve_options(args: argparse.Namespace) -> dict:
         "compile": args.compile or args.cuda_graphs,
         "cuda_graphs": args.cuda_graphs,
         "max_seq_len": args.max_seq_len,
+        "max_batch_size": args.max_batch_size,
+        "quantize": args.quantize,
+        "one_process": args.one_process,
         "reference_venv": Path(args.reference_venv).expanduser(),
         "reference_dir": Path(args.reference_dir).expanduser(),
         "setup_reference": args.setup_reference,
@@ -225,11 +237,16 @@ class Bench:
             bandwidth = self.bandwidth()
             progress(f"memory bandwidth {bandwidth['gbps']:.1f} GB/s")
 
-            # Shoal and the reference alternate: shoal's single-stream run, the reference, then shoal's bursts.
-            shoal = {"single": self.shoal_worker(tmp, "single", checkpoint, plan, clip), "concurrency": {}}
-            reference = self.reference(tmp, reference_venv, checkpoint, plan, clip)
-            for n in o["concurrency"]:
-                shoal["concurrency"][str(n)] = self.shoal_worker(tmp, "concurrent", checkpoint, plan, clip, n)
+            if o["one_process"]:
+                single = self.shoal_worker(tmp, "all", checkpoint, plan, clip)
+                shoal = {"single": single, "concurrency": single.pop("concurrency")}
+                reference = self.reference(tmp, reference_venv, checkpoint, plan, clip)
+            else:
+                # Shoal and the reference alternate: shoal's single-stream run, the reference, then shoal's bursts.
+                shoal = {"single": self.shoal_worker(tmp, "single", checkpoint, plan, clip), "concurrency": {}}
+                reference = self.reference(tmp, reference_venv, checkpoint, plan, clip)
+                for n in o["concurrency"]:
+                    shoal["concurrency"][str(n)] = self.shoal_worker(tmp, "concurrent", checkpoint, plan, clip, n)
 
         load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
         report = assemble(o, started, checkpoint, bandwidth, plan, shoal, reference, load_before, load_after)
@@ -295,7 +312,8 @@ class Bench:
 
     def bandwidth(self) -> dict:
         """Measured in a process of its own, so that its 2 x MIB of arrays never count in anyone's peak RSS."""
-        proc = subprocess.run([sys.executable, "-m", "shoal.bench", "bandwidth", str(self.o["bandwidth_mib"])],
+        device = self.o["device"] if self.o["device"].startswith("cuda") else "cpu"
+        proc = subprocess.run([sys.executable, "-m", "shoal.bench", "bandwidth", str(self.o["bandwidth_mib"]), device],
                               capture_output=True, text=True)
         if proc.returncode:
             raise BenchError(f"measuring memory bandwidth failed: {last_line(proc.stderr)}")
@@ -311,14 +329,16 @@ class Bench:
     # -- shoal -------------------------------------------------------------------------------------------------
     def shoal_worker(self, tmp: Path, task: str, checkpoint: dict, plan: dict, clip: Path, n: int = 1) -> dict:
         o = self.o
-        name = "single stream" if task == "single" else f"{n} concurrent"
+        name = {"single": "single stream", "all": "single stream, then each concurrency level"}.get(
+            task, f"{n} concurrent")
         progress(f"shoal: {name} (fresh process)")
         spec = {
             "task": task, "n": n, "checkpoint": checkpoint["path"], "device": o["device"],
             "precision": o["precision"], "threads": o["threads"], "plan": plan, "voice_clip": str(clip),
             "data_dir": str(tmp / f"data-{task}-{n}"), "debug": o["debug"], "compile": o["compile"],
             "cuda_graphs": o["cuda_graphs"], "compile_cache": str(o["work_dir"] / "compile-cache"),
-            "max_seq_len": o["max_seq_len"],
+            "max_seq_len": o["max_seq_len"], "max_batch_size": o["max_batch_size"], "quantize": o["quantize"],
+            "levels": o["concurrency"],
         }
         spec_path, out_path = tmp / f"spec-{task}-{n}.json", tmp / f"out-{task}-{n}.json"
         spec_path.write_text(json.dumps(spec))
@@ -519,6 +539,25 @@ def measure_bandwidth(size: int, repeats: int = 5) -> dict:
             "bytes": size, "best_s": best, "gbps": 2 * size / best / 1e9}
 
 
+def measure_device_bandwidth(size: int, device: str, repeats: int = 5) -> dict:
+    """The same copy on a CUDA device (torch), best of `repeats`: the floor of a GPU decode step reads weights
+    from the GPU's memory, not the host's."""
+    import torch
+
+    src = torch.ones(size, dtype=torch.uint8, device=device)
+    dst = torch.zeros_like(src)
+    dst.copy_(src)  # once untimed: the copy kernel's first launch
+    best = math.inf
+    for _ in range(repeats):
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return {"method": f"torch copy of {size / 2**20:.0f} MiB on {torch.cuda.get_device_name(device)}, best of "
+            f"{repeats}, (read + write bytes) / s", "bytes": size, "best_s": best, "gbps": 2 * size / best / 1e9}
+
+
 def machine() -> dict:
     info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "platform": platform.platform(), "python": platform.python_version()}
@@ -647,7 +686,9 @@ def assemble(o, started, checkpoint, bandwidth, plan, shoal, reference, load_bef
         "orchestrator_peak_rss_mb": peak_rss_mb(),
         "options": {"tokens": o["tokens"], "concurrency": o["concurrency"], "threads": o["threads"],
                     "device": o["device"], "precision": o["precision"], "compile": o["compile"],
-                    "cuda_graphs": o["cuda_graphs"], "max_seq_len": o["max_seq_len"]},
+                    "cuda_graphs": o["cuda_graphs"], "max_seq_len": o["max_seq_len"],
+                    "max_batch_size": o["max_batch_size"], "quantize": o["quantize"],
+                    "one_process": o["one_process"]},
         "checkpoint": checkpoint,
         "requests": plan,
         "bandwidth": bandwidth,
@@ -753,7 +794,11 @@ def render_markdown(report: dict) -> str:
         f"- requests: max_new_tokens {o['tokens']} each; concurrency {', '.join(map(str, o['concurrency']))}; "
         f"{o['device']}, {o['precision']}"
         + (f"; shoal compiled{' with CUDA graphs' if o.get('cuda_graphs') else ''}" if o.get("compile") else "")
-        + (f"; shoal max_seq_len {o['max_seq_len']}" if o.get("max_seq_len") else ""),
+        + (f"; shoal max_seq_len {o['max_seq_len']}" if o.get("max_seq_len") else "")
+        + (f"; shoal max_batch_size {o['max_batch_size']}" if o.get("max_batch_size") else "")
+        + ("; shoal with int8 weights (SHOAL_QUANTIZE=int8)" if o.get("quantize") == "int8" else "")
+        + ("; shoal in one process for every level (--one-process: its peak RSS rows are cumulative)"
+           if o.get("one_process") else ""),
         f"- machine: {m['cpu']}, {m['cores']} cores ({m.get('cores_usable', m['cores'])} usable), "
         f"{m.get('ram_gib', '?')} GiB RAM; {m['platform']}; load average {fmt_load(m['loadavg_before'])} before, "
         f"{fmt_load(m['loadavg_after'])} after",
@@ -854,6 +899,7 @@ def run_worker(spec: dict) -> dict:
         "checkpoint": spec["checkpoint"], "device": spec["device"], "precision": spec["precision"],
         "compile": spec.get("compile", False), "cuda_graphs": spec.get("cuda_graphs", False),
         "compile_cache": spec.get("compile_cache"), "max_seq_len": spec.get("max_seq_len"),
+        "max_batch_size": spec.get("max_batch_size"), "quantize": spec.get("quantize", "none"),
         "data_dir": spec["data_dir"], "queue_size": max(16, 2 * spec["n"]), "request_timeout": BENCH_TIMEOUT_SECONDS,
         "default_model": "fish", "lite_voice": False}, env={}, dotenv=None)
     service = build_service(settings, warm_up=False)
@@ -863,11 +909,15 @@ def run_worker(spec: dict) -> dict:
               "max_seq_len": engine.model.config.max_seq_len}
     try:
         asyncio.run(warm_up(service, plan["warmup"]))
-        if spec["task"] == "single":
+        if spec["task"] in ("single", "all"):
             result["decode"] = decode_timing(engine, plan["throughput"][0])
             result["decode_bytes"] = decode_step_bytes(engine.model, result["decode"]["mid_position"])
             result.update(asyncio.run(single_stream(service, engine, plan, spec)))
-        else:
+        if spec["task"] == "all":
+            result["concurrency"] = {
+                str(n): {**asyncio.run(burst(service, engine, plan["throughput"][:n])), "peak_rss_mb": peak_rss_mb()}
+                for n in spec["levels"]}
+        elif spec["task"] != "single":
             result.update(asyncio.run(burst(service, engine, plan["throughput"][: spec["n"]])))
     finally:
         service.close(engines=True)
@@ -921,18 +971,18 @@ def decode_timing(engine, spec: dict) -> dict:
 def decode_step_bytes(model, position: int) -> dict:
     """Bytes one decode step reads: every weight of the slow stack and its output head, the fast stack and its
     head once per codebook (fish runs it num_codebooks times per frame), and the embedding rows it looks up;
-    plus, separately, the slow KV cache up to `position`."""
+    plus, separately, the slow KV cache up to `position`. Bytes as stored: int8 weights (SHOAL_QUANTIZE) count
+    one byte each, plus their scales."""
+    from shoal.fish.quant import weight_bytes
+
     c = model.config
     size = model.embeddings.weight.element_size()
-
-    def numel(module) -> int:
-        return sum(p.numel() for p in module.parameters())
-
-    head = model.embeddings.weight if c.tie_word_embeddings else model.output.weight
-    slow = sum(numel(layer) for layer in model.layers) + numel(model.norm) + head.numel()
-    fast_once = sum(numel(layer) for layer in model.fast_layers) + numel(model.fast_norm) + numel(model.fast_output)
-    rows = (1 + c.num_codebooks) * c.dim + (c.num_codebooks - 1) * c.fast_dim
-    weights = (slow + numel(model.fast_project_in) + c.num_codebooks * fast_once + rows) * size
+    head = model.embeddings.weight.numel() * size if c.tie_word_embeddings else weight_bytes(model.output)
+    slow = sum(weight_bytes(layer) for layer in model.layers) + weight_bytes(model.norm) + head
+    fast_once = (sum(weight_bytes(layer) for layer in model.fast_layers) + weight_bytes(model.fast_norm)
+                 + weight_bytes(model.fast_output))
+    rows = ((1 + c.num_codebooks) * c.dim + (c.num_codebooks - 1) * c.fast_dim) * size
+    weights = slow + weight_bytes(model.fast_project_in) + c.num_codebooks * fast_once + rows
     kv = 2 * c.n_layer * c.n_local_heads * c.head_dim * position * size
     return {"weights": weights, "kv_mid": kv, "element_size": size, "position": position}
 
@@ -1000,13 +1050,15 @@ def main(argv: list[str]) -> int:
     command, rest = (argv[0], argv[1:]) if argv else ("", [])
     if command == "worker" and len(rest) == 2:
         return worker_main(*rest)
-    if command == "bandwidth" and len(rest) == 1:
-        print(json.dumps(measure_bandwidth(int(rest[0]) * 2**20)))
+    if command == "bandwidth" and len(rest) in (1, 2):
+        size = int(rest[0]) * 2**20
+        print(json.dumps(measure_bandwidth(size) if rest[1:] in ([], ["cpu"]) else
+                         measure_device_bandwidth(size, rest[1])))
         return 0
     if command == "write-full-size" and len(rest) == 2:
         write_full_size(*rest)
         return 0
-    print("internal entry points of `shoal bench`: worker SPEC OUT | bandwidth MIB | write-full-size DIR SEED; "
+    print("internal entry points of `shoal bench`: worker SPEC OUT | bandwidth MIB [DEVICE] | write-full-size DIR SEED; "
           "run `shoal bench` instead", file=sys.stderr)
     return 2
 
