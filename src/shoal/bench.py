@@ -752,6 +752,9 @@ def summary(report: dict) -> list[dict]:
     row("utterance: time to first audio", "s", u["first_audio_s"], r("utterance", "first_audio_s"), "lower",
         first_note)
     row("utterance: total", "s", u["total_s"], r("utterance", "total_s"), "lower", note)
+    if "codec_frames" in u:  # the streamed decode's work: about the frames generated, each decoded once
+        row("utterance: frames through the codec", "frames", u["codec_frames"], None, None,
+            f"{u['codec_frames'] / max(u['tokens'], 1):.2f}x the {u['tokens']} decoded frames (target <= 1.1x)")
     v = single["voice"]
     row("saved voice, 2nd request: latency", "s", v["second_request_s"], r("voice", "second_request_s"), "lower",
         "reference: no saved voices, the clip is sent and re-encoded each time" if ref else "")
@@ -994,13 +997,15 @@ async def single_stream(service, engine, plan: dict, spec: dict) -> dict:
     u = plan["utterance"]
     job = service.prepare(SpeechParams(**request_fields(u)))
     samples, first, t0 = 0, None, time.perf_counter()
+    codec_frames = engine.codec_frames
     async for chunk in service.stream(job):
         if first is None:
             first = time.perf_counter() - t0
         samples += len(chunk)
     total = time.perf_counter() - t0
     out["utterance"] = {"first_audio_s": first, "total_s": total, "tokens": samples // engine.frame_length,
-                        "audio_s": samples / engine.sample_rate}
+                        "audio_s": samples / engine.sample_rate,
+                        "codec_frames": engine.codec_frames - codec_frames}
 
     v = plan["voice"]
     before = engine.encode_count

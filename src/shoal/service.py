@@ -231,7 +231,8 @@ class Service:
     def counters(self) -> dict[str, int]:
         """Process-lifetime counters operators and tests watch (codec encodes: zero for saved voices)."""
         fish = self.engines.engines.get("fish")
-        counters = {"codec_encodes": getattr(fish, "encode_count", 0), **self.voices.cache_counters()}
+        counters = {"codec_encodes": getattr(fish, "encode_count", 0), "codec_frames": getattr(fish, "codec_frames", 0),
+                    **self.voices.cache_counters()}
         if fish is not None:
             counters.update(in_flight=fish.scheduler.in_flight, batch_size=fish.scheduler.batch_size,
                             decode_steps=fish.scheduler.steps, generated_tokens=fish.scheduler.frames_generated,

@@ -63,11 +63,14 @@ def relative_l2(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-# Streamed audio is decoded in pieces with bounded left context. Two things separate it from the one-shot
-# decode: float reduction order (~1e-6), and, once the context is cut, the codec's bf16-rounded RoPE tables,
-# which make attention depend slightly on absolute position (~1e-3 measured). 1e-2 relative L2 is an error
-# 40 dB below the signal: inaudible, yet a wrong chunk boundary or a missing frame (errors of order 1) fails.
-STREAM_TOLERANCE = 1e-2
+# Streamed audio goes through an incremental decoder that keeps every module's past, so only float reduction
+# order separates it from the one-shot decode (~1e-5 measured). A wrong chunk boundary, a missing frame or a lost
+# state (errors of order 1e-1 to 1) fails at once.
+STREAM_TOLERANCE = 1e-4
+# Codes longer than the codec's block are decoded in pieces with bounded left context: once the context is cut,
+# the codec's bf16-rounded RoPE tables make attention depend slightly on absolute position (~1e-3 measured).
+# 1e-2 relative L2 is an error 40 dB below the signal.
+PIECES_TOLERANCE = 1e-2
 
 
 @pytest.mark.parametrize("tokens", [20, 48, 120])
@@ -83,6 +86,14 @@ def test_synthesize_streams_frame_chunks_matching_the_one_shot_decode(engine, to
     streamed = np.concatenate(chunks)
     assert streamed.shape == whole.shape
     assert relative_l2(streamed, whole) < STREAM_TOLERANCE
+
+
+def test_a_streamed_request_puts_each_frame_through_the_codec_once(engine):
+    request = SynthesisRequest(text="Each frame once.", seed=5, max_new_tokens=120, chunk_length=0)
+    before = engine.codec_frames
+    chunks = list(engine.synthesize(request))
+    decoded = engine.codec_frames - before
+    assert len(chunks) >= 3 and decoded == sum(len(c) for c in chunks) // engine.frame_length
 
 
 def test_golden_requests_in_one_batch_give_the_golden_codes(engine, fixture_dir, golden_requests):
@@ -350,11 +361,11 @@ def test_full_size_s1_mini_builds_on_meta_with_official_key_names(fixture_dir):
 def test_segments_longer_than_the_codec_block_are_decoded_in_pieces(engine):
     """The tiny codec's transformers take 512 frames at once; a longer segment must still decode, and match
     the one-shot decode of the same codes where one is possible (first 512 frames)."""
-    # seed 12 runs 699 frames on the fixture checkpoint (it used to fail with "exceeds block_size 512")
-    request = SynthesisRequest(text="Long. " * 20, seed=12, max_new_tokens=700, chunk_length=0, temperature=0.9)
+    # seed 10 runs 601 frames on the fixture checkpoint (it used to fail with "exceeds block_size 512")
+    request = SynthesisRequest(text="Long. " * 20, seed=10, max_new_tokens=700, chunk_length=0, temperature=0.9)
     result = engine.run(request)
     frames = result.codes.shape[1]
     assert frames > engine.decode_limit == 512
     assert result.audio.shape[0] == frames * 2048
     head = engine._decode(result.codes[:, : engine.decode_limit])
-    assert relative_l2(result.audio[: len(head)], head) < STREAM_TOLERANCE
+    assert relative_l2(result.audio[: len(head)], head) < PIECES_TOLERANCE

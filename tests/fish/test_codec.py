@@ -151,6 +151,39 @@ def test_decode_matches_reference_audio(codec, golden):
     assert rel < 1e-4, f"relative L2 error {rel:.3g}, max abs diff {max_abs:.3g}"
 
 
+@pytest.mark.parametrize("pushes", [[1] * 52, [11, 22, 19], [52], [5, 3, 40, 4]])
+def test_incremental_decode_is_the_one_shot_decode(codec, golden, pushes):
+    """Pushed a few frames at a time (single frames included), the stream keeps every convolution's and the
+    window-limited transformers' past: the audio is the reference's one-shot decode to float rounding, though
+    the clip (52 frames) is several times the tiny codec's attention window (16)."""
+    codes = torch.from_numpy(golden["codes"])
+    stream, pieces, start = codec.stream(), [], 0
+    for n in pushes:
+        pieces.append(stream.push(codes[:, start : start + n]))
+        assert pieces[-1].shape == (n * 2048,)
+        start += n
+    audio = torch.cat(pieces).numpy()
+    expected = golden["decoded"]
+    assert np.linalg.norm(audio - expected) / np.linalg.norm(expected) < 1e-4
+    assert stream.frames == 52
+
+
+def test_decode_streams_are_independent_and_bounded(codec, golden):
+    codes = torch.from_numpy(golden["codes"])
+    a, b = codec.stream(), codec.stream()
+    interleaved = [a.push(codes[:, :20]), b.push(codes[:, 30:40]), a.push(codes[:, 20:52])]
+    alone = codec.stream()
+    np.testing.assert_allclose(torch.cat(interleaved[::2]).numpy(),
+                               torch.cat([alone.push(codes[:, :20]), alone.push(codes[:, 20:52])]).numpy(),
+                               rtol=0, atol=1e-6)
+    limit = codec.config.quantizer_transformer.block_size
+    long = codes.repeat(1, -(-limit // 52))[:, :limit]
+    full = codec.stream()
+    full.push(long)
+    with pytest.raises(ValueError, match="at most"):
+        full.push(codes[:, :1])
+
+
 def test_batch_equals_one_at_a_time(codec, golden):
     a = torch.from_numpy(golden["audio"][:40000])
     b = torch.from_numpy(golden["audio"][30000:70000]) * 0.5

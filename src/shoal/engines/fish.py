@@ -21,7 +21,7 @@ from shoal.audio import load_audio
 from shoal.errors import BadRequest, Cancelled, EngineFailure, ShoalError
 from shoal.fish.checkpoint import CODEC_CONFIG_FILE, check_checkpoint_dir, load_dual_ar
 from shoal.layout import GENERATION_HEADROOM
-from shoal.fish.codec import Codec, CodecConfig, load_codec
+from shoal.fish.codec import Codec, CodecConfig, DecodeStream, load_codec
 from shoal.fish.dual_ar import DualARTransformer
 from shoal.fish.prompt import build_prompt, check_prompt_length
 from shoal.fish.quant import quantize_int8
@@ -38,8 +38,8 @@ PRECISIONS = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16,
 }
-# Left context for streamed decoding beyond the codec's attention window: the causal convolutions' reach, in
-# frames, with room to spare (the test measures the error).
+# Left context for decoding codes longer than the codec's block in overlapping pieces, beyond its attention window:
+# the causal convolutions' reach, in frames, with room to spare (the test measures the error).
 STREAM_CONTEXT_MARGIN = 8
 #: The largest streamed chunk, in frames (~3 s): chunks double from the first one up to this.
 STREAM_MAX_FRAMES = 64
@@ -117,6 +117,9 @@ class FishEngine:
         self._lock = threading.Lock()
         #: How many times a reference clip went through the codec encoder (cache misses).
         self.encode_count = 0
+        #: Frames through the codec decoder since start (left context included): with incremental streaming,
+        #: about the frames generated.
+        self.codec_frames = 0
         #: Inline reference clips found in (hits) or missing from (misses) the in-memory cache.
         self.reference_cache_hits = 0
         self.reference_cache_misses = 0
@@ -133,8 +136,9 @@ class FishEngine:
             self.runner.warm_up()
         self.scheduler = BatchScheduler(model, max_batch=max_batch_size, max_tokens=max_batch_tokens,
                                         runner=self.runner)
-        #: Streaming: frames before the first chunk (11 is about 0.5 s), the largest chunk, and the left
-        #: context each chunk is decoded with (the codec's attention window plus its convolutions' reach).
+        #: Streaming: frames before the first chunk (11 is about 0.5 s) and the largest chunk. Past the codec's
+        #: block, pieces are decoded with `stream_context` frames of left context (its attention window plus
+        #: its convolutions' reach).
         self.stream_first_frames = max(1, stream_first_frames)
         self.stream_max_frames = STREAM_MAX_FRAMES
         window = codec.config.quantizer_transformer.window_size
@@ -284,9 +288,9 @@ class FishEngine:
         each segment's audio, its SegmentCodes.
 
         With `stream`, audio is decoded while frames arrive: the first chunk after `stream_first_frames`
-        frames, then chunks twice as long each time up to `stream_max_frames`, each decoded with enough left
-        context (the codec's attention window) to match the one-shot decode. Without it, each segment is
-        decoded once, exactly as the reference decodes.
+        frames, then chunks twice as long each time up to `stream_max_frames`, each pushed through the segment's
+        incremental codec stream (`Codec.stream`), so each frame is decoded once and the audio is the one-shot
+        decode's to float rounding. Without it, each segment is decoded once, exactly as the reference decodes.
 
         From the second segment on, the previous segment's text and codes follow the references in the prompt,
         as the reference's iterative prompt did, so the voice carries over from segment to segment.
@@ -311,6 +315,7 @@ class FishEngine:
                                         fault=fault)
             frames: list[torch.Tensor] = []
             emitted, chunk = 0, self.stream_first_frames
+            decoder = self.codec.stream() if stream else None
             try:
                 for frame in row:
                     if cancel is not None and cancel.is_set():
@@ -321,7 +326,7 @@ class FishEngine:
                         progress(done, total)
                     decodable = len(frames) - 1  # the newest frame may be the last, which is never decoded
                     if stream and decodable - emitted >= chunk:
-                        audio = self._decode_window(frames, emitted, decodable)
+                        audio = self._decode_chunk(decoder, frames, emitted, decodable)
                         yield self._finish_audio(audio, request, fade_in=not first and emitted == 0)
                         emitted, chunk = decodable, min(chunk * 2, self.stream_max_frames)
             except ShoalError:
@@ -334,7 +339,7 @@ class FishEngine:
                 return
             seg = SegmentCodes(torch.stack(frames, dim=1), self.tokenizer.im_end_id)
             if stream:
-                audio = self._decode_window(frames, emitted, len(frames) - 1)
+                audio = self._decode_chunk(decoder, frames, emitted, len(frames) - 1)
                 yield self._finish_audio(audio, request, fade_in=not first and emitted == 0, fade_out=not last)
             else:
                 yield self._finish_audio(self._decode(seg.codes), request, fade_in=not first, fade_out=not last)
@@ -347,10 +352,16 @@ class FishEngine:
         return fade_joins(apply_speed(audio, self.sample_rate, request.speed), self.sample_rate,
                           first=not fade_in, last=not fade_out)
 
-    def _decode_window(self, frames: list[torch.Tensor], start: int, end: int) -> np.ndarray:
-        """Audio of frames [start, end), decoded with up to `stream_context` frames of left context."""
+    def _decode_chunk(self, decoder: DecodeStream, frames: list[torch.Tensor], start: int, end: int) -> np.ndarray:
+        """Audio of frames [start, end) of a streamed segment: pushed through its incremental decoder, or, past
+        the codec transformers' block size (a segment longer than the reference can decode at all), decoded
+        again with `stream_context` frames of left context."""
         if end <= start:
             return np.zeros(0, np.float32)
+        if decoder.frames + end - start <= decoder.limit:
+            codes = torch.stack(frames[start:end], dim=1)[1:].to(self.device)
+            self.codec_frames += end - start
+            return decoder.push(codes).cpu().numpy()
         left = max(0, start - self.stream_context)
         codes = torch.stack(frames[left:end], dim=1)[1:].numpy().astype(np.int64)
         return self._decode(codes)[(start - left) * self.frame_length :]
@@ -374,6 +385,7 @@ class FishEngine:
         if frames == 0:
             return np.zeros(0, np.float32)
         if frames <= self.decode_limit:
+            self.codec_frames += frames
             with torch.inference_mode():
                 audio = self.codec.decode(torch.from_numpy(codes).to(self.device))
             return audio.float().cpu().numpy()

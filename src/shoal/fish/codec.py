@@ -8,7 +8,10 @@
     decode: codes -> sum of the projected codebook vectors -> transformer -> 2 x (stride-2 transposed conv +
             ConvNeXt) -> causal conv decoder -> tanh -> audio [F * 2048]
 
-Everything is causal, so a frame's codes depend only on audio up to the end of that frame.
+Everything is causal, so a frame's codes depend only on audio up to the end of that frame, and decoding can be
+incremental: `DecodeStream` pushes codes a few frames at a time through the same modules, which keep what they
+need of the past (each causal convolution its last inputs, each window-limited transformer its keys and values
+within the window), so every frame goes through the codec once and the audio is the one-shot decode's.
 
 The module tree mirrors the reference's exactly: parameter and buffer names equal the keys of the released
 `codec.pth`, so it loads with `strict=True` and nothing is renamed. Numerics follow the reference operation by
@@ -19,6 +22,7 @@ float32 decode that matches to rounding.
 from __future__ import annotations
 
 import math
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -399,6 +403,25 @@ def _parse_dac(data: Mapping[str, Any]) -> CodecConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Incremental decoding: what each stateful module keeps between pushes
+# ----------------------------------------------------------------------------------------------------------------
+
+#: The stream being decoded in this thread (or context), if any: modules read and write their state in it.
+_STREAM: ContextVar["dict[Any, Any] | None"] = ContextVar("codec_stream", default=None)
+
+
+def _with_past(key: Any, x: Tensor, keep: int, initial: Tensor | None, dim: int = -1) -> Tensor:
+    """`x` preceded along `dim` (time) by what was kept under `key` from earlier pushes (`initial` the first
+    time, nothing if None); keeps the last `keep` frames of the result for the next push."""
+    state = _STREAM.get()
+    past = state.get(key, initial)
+    full = x if past is None else torch.cat([past, x], dim=dim)
+    length = full.shape[dim]
+    state[key] = full.narrow(dim, max(0, length - keep), min(keep, length))
+    return full
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Convolutions (causal; two weight-norm spellings)
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -421,6 +444,9 @@ class CausalConv1d(nn.Module):
         self.left_pad = (kernel_size - 1) * dilation + 1 - stride
 
     def forward(self, x: Tensor) -> Tensor:
+        if _STREAM.get() is not None and self.stride == 1:  # incremental: the left padding is the past input
+            zeros = x.new_zeros(*x.shape[:-1], self.left_pad)
+            return self.conv(_with_past(self, x, self.left_pad, zeros))
         right_pad = -x.shape[-1] % self.stride
         return self.conv(F.pad(x, (self.left_pad, right_pad)))
 
@@ -436,8 +462,15 @@ class CausalConvTranspose1d(nn.Module):
         conv = nn.ConvTranspose1d(in_channels, out_channels, kernel_size, stride=stride)
         self.conv = weight_norm(conv) if weight_normed else conv
         self.trim = kernel_size - stride
+        self.stride = stride
+        #: Input frames whose output overlaps a later frame's: what an incremental decode must keep.
+        self.overlap = -(-self.trim // stride)
 
     def forward(self, x: Tensor) -> Tensor:
+        if _STREAM.get() is not None and self.overlap:
+            n = x.shape[-1]
+            y = self.conv(_with_past(self, x, self.overlap, None))
+            return y[..., y.shape[-1] - self.trim - n * self.stride : y.shape[-1] - self.trim]
         y = self.conv(x)
         return y[..., : y.shape[-1] - self.trim]
 
@@ -629,10 +662,15 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(c.dim, 3 * c.n_head * c.head_dim, bias=False)
         self.wo = nn.Linear(c.n_head * c.head_dim, c.dim, bias=False)
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, keep: int = 0) -> Tensor:
+        """`keep` > 0 (incremental decoding): attend over the keys and values kept from earlier pushes too
+        (`mask` covers them), and keep the last `keep` of them."""
         b, t, _ = x.shape
         q, k, v = self.wqkv(x).view(b, t, 3, self.n_head, self.head_dim).unbind(2)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if keep:  # [B, T, H, D]: time is dim 1
+            k = _with_past((self, "k"), k, keep, None, dim=1)
+            v = _with_past((self, "v"), v, keep, None, dim=1)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            attn_mask=mask)
         return self.wo(y.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim))
@@ -650,8 +688,8 @@ class TransformerBlock(nn.Module):
         self.attention_layer_scale = LayerScale(c.dim)
         self.ffn_layer_scale = LayerScale(c.dim)
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor) -> Tensor:
-        h = x + self.attention_layer_scale(self.attention(self.attention_norm(x), rope, mask))
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, keep: int = 0) -> Tensor:
+        h = x + self.attention_layer_scale(self.attention(self.attention_norm(x), rope, mask, keep))
         return h + self.ffn_layer_scale(self.feed_forward(self.ffn_norm(h)))
 
 
@@ -673,13 +711,22 @@ class WindowLimitedTransformer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         t = x.shape[-1]
-        if t > self.config.block_size:
-            raise ValueError(f"input of {t} frames exceeds this codec transformer's block_size "
+        state = _STREAM.get()
+        start = 0 if state is None else state.get(self, 0)  # absolute position of x's first frame
+        if start + t > self.config.block_size:
+            raise ValueError(f"input of {start + t} frames exceeds this codec transformer's block_size "
                              f"{self.config.block_size}; encode/decode shorter pieces")
         x = x.transpose(1, 2)
-        rope, mask = self.freqs_cis[:t], window_mask(t, self.config.window_size, x.device)
+        rope = self.freqs_cis[start : start + t]
+        keep = 0
+        if state is None:
+            mask = window_mask(t, self.config.window_size, x.device)
+        else:  # incremental: the queries see the keys kept from earlier pushes, within the window
+            state[self] = start + t
+            keep = min(self.config.window_size or self.config.block_size, self.config.block_size) - 1
+            mask = window_mask(start + t, self.config.window_size, x.device)[..., start:, max(0, start - keep):]
         for layer in self.layers:
-            x = layer(x, rope, mask)
+            x = layer(x, rope, mask, keep)
         return self.norm(x).transpose(1, 2)
 
 
@@ -855,7 +902,12 @@ class Codec(nn.Module):
         are an error.
         """
         squeeze = codes.ndim == 2
-        c = codes[None] if squeeze else codes
+        audio = self.decoder(self.quantizer.decode(self._checked_codes(codes)))[:, 0].float()
+        return audio[0] if squeeze else audio
+
+    def _checked_codes(self, codes: Tensor) -> Tensor:
+        """codes [10, F] or [B, 10, F] as int64 [B, 10, F] on the codec's device, or ValueError."""
+        c = codes[None] if codes.ndim == 2 else codes
         if c.ndim != 3 or c.shape[1] != self.config.num_codebooks or c.shape[-1] == 0:
             raise ValueError(f"expected codes [{self.config.num_codebooks}, F] or [B, "
                              f"{self.config.num_codebooks}, F] with F > 0, got shape {tuple(codes.shape)}")
@@ -864,8 +916,41 @@ class Codec(nn.Module):
         c = c.to(device=self.device, dtype=torch.long)
         if bool((c < 0).any()):
             raise ValueError("codes must be non-negative")
-        audio = self.decoder(self.quantizer.decode(c))[:, 0].float()
-        return audio[0] if squeeze else audio
+        return c
+
+    def stream(self) -> "DecodeStream":
+        """An incremental decoder for one stream of codes (see DecodeStream)."""
+        return DecodeStream(self)
+
+
+class DecodeStream:
+    """Decodes one stream of codes a few frames at a time, each frame through the codec once.
+
+    `push(codes)` returns the audio of just those frames (`F * frame_length` samples): the concatenation of the
+    pushes is the one-shot `Codec.decode` of all the codes, to float rounding (the sums are split differently).
+    The modules keep their past in this object, so streams are independent and may run in several threads. At
+    most `limit` frames in all (the codec transformers' block size).
+    """
+
+    def __init__(self, codec: Codec):
+        self.codec = codec
+        self.state: dict[nn.Module, Any] = {}
+        self.frames = 0
+        self.limit = codec.config.quantizer_transformer.block_size
+
+    @torch.inference_mode()
+    def push(self, codes: Tensor) -> Tensor:
+        """codes [10, F] (F >= 1) -> float32 audio [F * frame_length] continuing the stream."""
+        c = self.codec._checked_codes(codes)
+        if self.frames + c.shape[-1] > self.limit:
+            raise ValueError(f"a decode stream takes at most {self.limit} frames; start a new one")
+        token = _STREAM.set(self.state)
+        try:
+            audio = self.codec.decoder(self.codec.quantizer.decode(c))[0, 0].float()
+        finally:
+            _STREAM.reset(token)
+        self.frames += c.shape[-1]
+        return audio
 
 
 # ----------------------------------------------------------------------------------------------------------------

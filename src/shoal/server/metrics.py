@@ -91,6 +91,8 @@ class _ServiceCollector:
         counters = service.counters()
         yield _counter("shoal_codec_encodes", "Reference clips run through the codec encoder",
                        counters["codec_encodes"])
+        yield _counter("shoal_codec_decoded_frames", "Frames run through the codec decoder (left context "
+                       "included)", counters["codec_frames"])
         yield _counter("shoal_voice_cache_hits", "Saved-voice requests whose codes were in memory",
                        counters["voice_cache_hits"])
         yield _counter("shoal_voice_cache_misses", "Saved-voice requests whose codes were read from disk or "
