@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURE_DIR = REPO.parent / "shared" / "fixtures" / "fish-s1-tiny"
+FIXTURE_DIR = REPO / "tests" / "fixtures" / "fish-s1-tiny"  # regenerate: bash tools/reference/s1/regenerate.sh
 
 
 @pytest.fixture(scope="session")
@@ -21,9 +20,8 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def fixture_dir() -> Path:
-    """The reference's golden fixture set. In CI (CI set) its absence is a failure, never a skip."""
-    if not FIXTURE_DIR.is_dir():
-        if os.environ.get("CI"):
-            pytest.fail(f"golden fixtures missing at {FIXTURE_DIR}: CI must have ../shared beside the clone")
-        pytest.skip(f"golden fixtures not found at {FIXTURE_DIR}")
+    """The reference's golden fixture set, committed in the repository. Its absence is a failure, never a skip."""
+    if not (FIXTURE_DIR / "requests.json").is_file():
+        pytest.fail(f"golden fixtures missing at {FIXTURE_DIR}: they are part of the repository "
+                    "(bash tools/reference/s1/regenerate.sh rebuilds them)")
     return FIXTURE_DIR

@@ -38,9 +38,12 @@ from shoal.layout import GENERATION_HEADROOM
 SCHEMA_VERSION = 1
 #: A request's timeout inside the bench: full-size CPU runs take minutes; only a hang should end one.
 BENCH_TIMEOUT_SECONDS = 7 * 86400.0
-SHARED = Path(__file__).resolve().parents[3] / "shared"  # ../shared beside a checkout, as the tests expect
-DEFAULT_FIXTURE = SHARED / "fixtures" / "fish-s1-tiny"
-DEFAULT_REFERENCE_DIR = SHARED / "reference"
+# The tiny fixture and the reference harness live in the repository, not in the installed package: they are found
+# from a checkout or an editable install (src/shoal/bench.py -> the repository root), else named with --fixture /
+# --checkpoint and --reference-dir.
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_FIXTURE = REPO_ROOT / "tests" / "fixtures" / "fish-s1-tiny"
+DEFAULT_REFERENCE_DIR = REPO_ROOT / "tools" / "reference" / "s1"
 DEFAULT_REFERENCE_VENV = Path("~/.cache/shoal-reference")
 DEFAULT_WORK_DIR = Path("~/.cache/shoal-bench")
 DEFAULT_OUT = Path("bench/results")
@@ -114,7 +117,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference-venv", metavar="DIR", default=str(DEFAULT_REFERENCE_VENV),
                         help=f"venv of the reference engine (default {DEFAULT_REFERENCE_VENV})")
     parser.add_argument("--reference-dir", metavar="DIR", default=str(DEFAULT_REFERENCE_DIR),
-                        help="folder holding the reference's setup.sh and run_reference.py")
+                        help="folder holding the reference's setup.sh and run_reference.py (default: "
+                             "tools/reference/s1 of this checkout)")
     parser.add_argument("--setup-reference", action="store_true",
                         help="build the reference venv with setup.sh if it is missing (~2.5 GB, a few minutes)")
     parser.add_argument("--no-reference", action="store_true", help="bench shoal only")
@@ -267,8 +271,9 @@ class Bench:
         if o["kind"] == "tiny":
             path = o["fixture"]
             if not path.is_dir():
-                raise BenchError(f"the tiny fixture is not at {path}; pass --fixture DIR, --checkpoint DIR or "
-                                 "--full-size")
+                raise BenchError(f"the tiny fixture is not at {path} (it ships with a checkout of the shoal "
+                                 "repository, not with an installed package); pass --fixture DIR, --checkpoint DIR "
+                                 "or --full-size")
             description = "fish-s1-tiny fixture (random weights, tiny dims)"
         elif o["kind"] == "full-size":
             path = o["work_dir"] / "openaudio-s1-mini-random-seed0"
@@ -296,7 +301,9 @@ class Bench:
             return "not run (--no-reference)"
         venv, ref_dir = o["reference_venv"], o["reference_dir"]
         if not (ref_dir / "run_reference.py").is_file():
-            return f"not run (no run_reference.py in {ref_dir}; pass --reference-dir)"
+            raise BenchError(f"the reference harness is not at {ref_dir} (run_reference.py and setup.sh ship with a "
+                             "checkout of the shoal repository, in tools/reference/s1); pass --reference-dir DIR, "
+                             "or --no-reference to bench shoal alone")
         if not (venv / READY_MARKER).is_file():
             if not o["setup_reference"]:
                 return f"not run (no reference venv at {venv}; --setup-reference builds it)"
