@@ -12,7 +12,7 @@ FIXTURE_DIR = REPO / "tests" / "fixtures" / "fish-s1-tiny"  # regenerate: bash t
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A random tiny S1 checkpoint (shoal.testing), shared by the server, UI and bench tests."""
+    """A random tiny S1 checkpoint (shoal.testing), used by the server, UI and bench tests."""
     from shoal.testing import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", seed=1)
