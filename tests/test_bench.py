@@ -35,7 +35,8 @@ def test_bench_writes_the_table_and_the_json(fixture_dir, tmp_path):
     m = report["machine"]
     assert m["cores"] >= 1 and m["cpu"] and m["ram_gib"] > 0
     assert report["options"] == {"tokens": 8, "concurrency": [1, 2], "threads": None, "device": "cpu",
-                                 "precision": "float32", "compile": False, "cuda_graphs": False, "max_seq_len": 2400}
+                                 "precision": "float32", "compile": False, "cuda_graphs": False, "max_seq_len": 2400,
+                                 "max_batch_size": None, "quantize": "none", "one_process": False}
     assert report["bandwidth"]["gbps"] > 0 and report["floor"]["floor_s"] > 0
 
     s = report["shoal"]

@@ -4,8 +4,9 @@
 `fast_project_in`, `fast_output`, and the slow output head when it is not tied to the embeddings) for torch's
 dynamic-quantized int8 Linear: weights int8 per output channel (symmetric), activations quantized per call,
 int32 accumulation in fbgemm on x86. At batch 1 a decode step is bound by reading weights, and int8 reads a
-quarter of float32's bytes. The kernel was chosen by measurement (`bench/int8_kernels.py`): ATen's
-`_weight_int8pack_mm` was several times slower than float32 on this project's CPUs, the dynamic Linear faster.
+quarter of float32's bytes. The kernel was chosen by measurement (`bench/int8_kernels.py`, one 8192x1024 linear
+at batch 1 on this project's 2-core AMD EPYC): the dynamic Linear 3-5x faster than float32, ATen's
+`_weight_int8pack_mm` 2-4x slower.
 
 The embeddings (and so a tied output head, which reads the embedding table), the norms, RoPE, the KV caches and
 the codec stay float32. Output is close to float32's, not identical: the parity guarantee is for float32.
