@@ -183,3 +183,27 @@ def test_load_warns_once_when_another_environment_leaks_in(fixture_dir, tmp_path
         shoal.load(fixture_dir, device="cpu", data_dir=tmp_path / "data", warm_up=False, lite_voice=False).close()
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and str(foreign) in r.getMessage()]
     assert len(warnings) == 1 and "shoal doctor" in warnings[0]
+
+
+def test_without_the_lite_voice_only_fish_loads_and_no_checkpoint_is_an_error(fixture_dir, tmp_path, monkeypatch):
+    from shoal.errors import CheckpointError
+
+    with shoal.load(fixture_dir, device="cpu", data_dir=tmp_path, warm_up=False, lite_voice=False) as tts:
+        assert tts.models == ["fish"]
+    monkeypatch.chdir(tmp_path)  # no ./checkpoints here, and none in the data dir
+    with pytest.raises(CheckpointError, match="lite_voice"):
+        shoal.load(data_dir=tmp_path / "empty", warm_up=False, lite_voice=False)
+
+
+def test_the_compile_cache_setting_reaches_the_engine(fixture_dir, tmp_path, monkeypatch):
+    """SHOAL_COMPILE_CACHE (default <data dir>/compile-cache) is where load_engines tells the engine to keep
+    compiled kernels."""
+    from shoal.engines import fish, registry
+    from shoal.settings import Settings
+
+    seen = []
+    monkeypatch.setattr(fish.FishEngine, "load", classmethod(lambda cls, *a, **kw: seen.append(kw) or object()))
+    base = {"checkpoint": fixture_dir, "data_dir": tmp_path / "data", "lite_voice": False}
+    registry.load_engines(Settings.load(cli=base, env={}, dotenv=None))
+    registry.load_engines(Settings.load(cli={**base, "compile_cache": tmp_path / "kernels"}, env={}, dotenv=None))
+    assert [kw["compile_cache_dir"] for kw in seen] == [tmp_path / "data" / "compile-cache", tmp_path / "kernels"]

@@ -143,3 +143,18 @@ def test_cancelled_rows_free_their_slots(scheduler, goldens):
     for i in (2, 3):
         np.testing.assert_array_equal(results[i], goldens[i][4])
     assert scheduler.in_flight == 0 and scheduler.batch.n == 0
+
+
+def test_a_failure_that_does_not_happen_again_when_replayed_fails_no_row(scheduler, goldens):
+    """A transient fault (raised once, inside a batched step) is replayed away: every row keeps its frames."""
+    fired = []
+
+    def once(produced, rows):
+        if produced >= 2 and rows > 1 and not fired:
+            fired.append(rows)
+            raise RuntimeError("transient, injected inside the decode step")
+
+    results = collect([submit(scheduler, g, fault=once if i == 0 else None) for i, g in enumerate(goldens)])
+    assert fired and scheduler.isolated_faults >= 1
+    for golden, frames in zip(goldens, results):
+        np.testing.assert_array_equal(frames, golden[4])
