@@ -117,8 +117,8 @@ class DecodeBatch:
         row came from, or None when `slot` was the last."""
         last = self.n - 1
         self.n -= 1
-        self.generators[last] = None if slot == last else self.generators[last]
         if slot == last:
+            self.generators[last] = None
             return None
         for t in (self.last, self.positions, self.params, self.history, self.loop_index):
             t[slot] = t[last]
