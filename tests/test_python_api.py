@@ -108,10 +108,10 @@ def test_leaving_a_stream_early_frees_its_slot(tts):
         break
     deadline = threading.Event()
     for _ in range(100):
-        if fish.scheduler.in_flight == 0 and tts.service.dispatcher.depth == 0:
+        if fish.stats().in_flight == 0 and tts.service.dispatcher.depth == 0:
             break
         deadline.wait(0.05)
-    assert fish.scheduler.in_flight == 0 and tts.service.dispatcher.depth == 0
+    assert fish.stats().in_flight == 0 and tts.service.dispatcher.depth == 0
 
 
 def test_saved_voice_gives_the_same_audio_as_its_clip_without_encoding(tts, fixture_dir, golden):

@@ -1004,7 +1004,7 @@ async def single_stream(service, engine, plan: dict, spec: dict) -> dict:
     u = plan["utterance"]
     job = service.prepare(SpeechParams(**request_fields(u)))
     samples, first, t0 = 0, None, time.perf_counter()
-    codec_frames = engine.codec_frames
+    codec_frames = engine.stats().codec_frames
     async for chunk in service.stream(job):
         if first is None:
             first = time.perf_counter() - t0
@@ -1012,7 +1012,7 @@ async def single_stream(service, engine, plan: dict, spec: dict) -> dict:
     total = time.perf_counter() - t0
     out["utterance"] = {"first_audio_s": first, "total_s": total, "tokens": samples // engine.frame_length,
                         "audio_s": samples / engine.sample_rate,
-                        "codec_frames": engine.codec_frames - codec_frames}
+                        "codec_frames": engine.stats().codec_frames - codec_frames}
 
     v = plan["voice"]
     before = engine.encode_count

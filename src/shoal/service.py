@@ -1,25 +1,24 @@
-"""What a request means: resolve the model and the voice, check limits, run the engine off the event loop.
+"""What a request means: resolve the model and the voice, check limits, hand it to the engine, await its audio.
 
 The HTTP routes, the web UI, the CLI and the Python API all call this layer; none of them talks to an engine
-directly. Each
-admitted request runs in a worker thread (the fish engine's scheduler batches them into shared decode steps),
-so the event loop stays free to answer health checks and other clients while audio is generated.
+directly. An admitted request is submitted to its engine, whose own thread generates the audio and publishes
+each chunk to the request's asyncio queue (`call_soon_threadsafe`): no thread waits per request, and the event
+loop stays free to answer health checks and other clients while audio is generated.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import AsyncIterator, Callable, Sequence
 
 import numpy as np
 
-from shoal.engines.base import Engine, Progress, Reference, Synthesis, SynthesisRequest
+from shoal.engines.base import Engine, EngineStats, Progress, Reference, Sink, Synthesis, SynthesisRequest
 from shoal.engines.registry import Engines
 from shoal.errors import BadRequest, Busy, EngineFailure, NotFound, ShoalError, Timeout, Unavailable
 from shoal.params import CHUNK_LENGTH, MAX_NEW_TOKENS, REPETITION_PENALTY, SPEED, TEMPERATURE, TOP_P
@@ -75,7 +74,7 @@ class Job:
 
 
 class Dispatcher:
-    """Admission control and the bridge from worker threads to asyncio.
+    """Admission control and the bridge from the engines' threads to asyncio.
 
     At most `queue_size` requests wait or run at once; beyond that, Busy (HTTP 429 with Retry-After). A request
     that outlives `timeout` is cancelled and fails with Timeout. A consumer that goes away (client disconnect)
@@ -87,23 +86,14 @@ class Dispatcher:
         self.timeout = timeout
         self._pending = 0
         self._lock = threading.Lock()
-        self._executors: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
         self._closed = False
         #: Called with each job once it has ended (metrics); a failing listener is logged, never raised.
         self.listeners: list[Callable[[Job], None]] = []
 
     @property
     def depth(self) -> int:
-        """Requests waiting or running, including cancelled ones whose thread has not yet stopped."""
+        """Requests waiting or running, including cancelled ones the engine has not yet let go of."""
         return self._pending
-
-    def _executor(self, model: str) -> concurrent.futures.ThreadPoolExecutor:
-        with self._lock:
-            if model not in self._executors:
-                # One thread per admitted request: they mostly wait on the engine, which batches them.
-                self._executors[model] = concurrent.futures.ThreadPoolExecutor(
-                    self.queue_size, thread_name_prefix=f"shoal-{model}")
-            return self._executors[model]
 
     def _admit(self) -> None:
         with self._lock:
@@ -114,7 +104,7 @@ class Dispatcher:
                            retry_after=BUSY_RETRY_AFTER_SECONDS)
             self._pending += 1
 
-    def _release(self, _future=None) -> None:
+    def _release(self) -> None:
         with self._lock:
             self._pending -= 1
 
@@ -126,57 +116,35 @@ class Dispatcher:
         except Busy:
             self._ended(job, "busy")
             raise
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
-
-        def post(kind: str, value) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
-            except RuntimeError:  # the loop has closed under us (shutdown): nobody is listening any more
-                cancel.set()
-
-        def work() -> None:
-            try:
-                for chunk in job.engine.synthesize(job.request, cancel=cancel, stream=stream):
-                    post("chunk", chunk)
-                    if cancel.is_set():
-                        return
-                post("done", None)
-            except BaseException as exc:  # handed to the consumer, which maps it to one of ours
-                post("error", exc)
-
-        try:
-            future = self._executor(job.model).submit(work)
-        except RuntimeError:
-            self._release()
-            raise Unavailable("the server is shutting down") from None
-        future.add_done_callback(self._release)
-        deadline = loop.time() + self.timeout
+        sink = LoopSink(asyncio.get_running_loop(), on_end=self._release)
         outcome = "cancelled"  # unless it ends otherwise: the consumer stopped reading (client went away)
         try:
+            try:  # reference clips are read and decoded in submit: off the event loop
+                await asyncio.to_thread(job.engine.submit, job.request, sink, sink.cancel, stream)
+            except BaseException as exc:
+                sink.end(None)  # never submitted: nothing else will end it
+                outcome = "error"
+                raise engine_error(exc) from None
+            deadline = asyncio.get_running_loop().time() + self.timeout
             while True:
-                remaining = deadline - loop.time()
                 try:
-                    if remaining <= 0:  # checked first: a steady flow of chunks must not outrun the deadline
-                        raise asyncio.TimeoutError
-                    kind, value = await asyncio.wait_for(queue.get(), remaining)
+                    kind, value = await sink.get(deadline)
                 except asyncio.TimeoutError:
                     outcome = "timeout"
                     raise Timeout(f"the request took longer than {self.timeout:g} s") from None
-                if kind == "chunk":
+                if kind == "audio":
                     if job.first_audio is None:
                         job.first_audio = time.perf_counter() - job.started
                     job.samples += len(value)
                     yield value
-                elif kind == "done":
+                elif value is None:
                     outcome = "ok"
                     return
                 else:
                     outcome = "error"
                     raise engine_error(value)
         finally:
-            cancel.set()
+            sink.cancel.set()
             self._ended(job, outcome)
 
     def _ended(self, job: Job, outcome: str) -> None:
@@ -190,9 +158,41 @@ class Dispatcher:
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            executors = list(self._executors.values())
-        for executor in executors:
-            executor.shutdown(wait=False, cancel_futures=True)
+
+
+class LoopSink(Sink):
+    """A request's sink on an event loop: the engine's thread puts each event on an asyncio queue with
+    `call_soon_threadsafe`; `on_end` runs (on that thread) once the engine has let the request go."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_end: Callable[[], None]):
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.cancel = threading.Event()
+        self._on_end = on_end
+        self._ended = False
+
+    def audio(self, chunk: np.ndarray) -> None:
+        self._post(("audio", chunk))
+
+    def end(self, error: BaseException | None = None) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        self._on_end()
+        self._post(("end", error))
+
+    def _post(self, event: tuple) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # the loop has closed under us (shutdown): nobody is listening any more
+            self.cancel.set()
+
+    async def get(self, deadline: float) -> tuple[str, object]:
+        """The next event; asyncio.TimeoutError past `deadline` (loop time), even while events keep coming."""
+        remaining = deadline - self.loop.time()
+        if remaining <= 0:
+            raise asyncio.TimeoutError
+        return await asyncio.wait_for(self.queue.get(), remaining)
 
 
 def engine_error(exc: BaseException) -> ShoalError:
@@ -228,18 +228,17 @@ class Service:
             raise BadRequest(f"unknown model {name!r}; valid models: {valid}")
         return name, self.engines.get(name)
 
-    def counters(self) -> dict[str, int]:
+    def stats(self) -> EngineStats:
+        """Every engine's `stats()`, summed: what /metrics and /v1/health report."""
+        total = EngineStats()
+        for engine in self.engines.engines.values():
+            for f in fields(EngineStats):
+                setattr(total, f.name, getattr(total, f.name) + getattr(engine.stats(), f.name))
+        return total
+
+    def counters(self) -> dict[str, float]:
         """Process-lifetime counters operators and tests watch (codec encodes: zero for saved voices)."""
-        fish = self.engines.engines.get("fish")
-        counters = {"codec_encodes": getattr(fish, "encode_count", 0), "codec_frames": getattr(fish, "codec_frames", 0),
-                    **self.voices.cache_counters()}
-        if fish is not None:
-            counters.update(in_flight=fish.scheduler.in_flight, batch_size=fish.scheduler.batch_size,
-                            decode_steps=fish.scheduler.steps, generated_tokens=fish.scheduler.frames_generated,
-                            isolated_faults=fish.scheduler.isolated_faults,
-                            reference_cache_hits=fish.reference_cache_hits,
-                            reference_cache_misses=fish.reference_cache_misses)
-        return counters
+        return {**asdict(self.stats()), **self.voices.cache_counters()}
 
     def describe_models(self) -> list[dict]:
         out = []

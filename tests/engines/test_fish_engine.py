@@ -80,8 +80,8 @@ def test_synthesize_streams_frame_chunks_matching_the_one_shot_decode(engine, to
     chunks = list(engine.synthesize(request))
     whole = engine.run(request).audio
     assert all(c.dtype == np.float32 for c in chunks)
-    assert len(chunks[0]) == engine.stream_first_frames * 2048  # first audio after ~0.5 s worth of frames
-    if tokens > 2 * engine.stream_first_frames:
+    assert len(chunks[0]) == engine.codec_stage.first_frames * 2048  # first audio after ~0.5 s worth of frames
+    if tokens > 2 * engine.codec_stage.first_frames:
         assert len(chunks) >= 2
     streamed = np.concatenate(chunks)
     assert streamed.shape == whole.shape
@@ -90,9 +90,9 @@ def test_synthesize_streams_frame_chunks_matching_the_one_shot_decode(engine, to
 
 def test_a_streamed_request_puts_each_frame_through_the_codec_once(engine):
     request = SynthesisRequest(text="Each frame once.", seed=5, max_new_tokens=120, chunk_length=0)
-    before = engine.codec_frames
+    before = engine.stats().codec_frames
     chunks = list(engine.synthesize(request))
-    decoded = engine.codec_frames - before
+    decoded = engine.stats().codec_frames - before
     assert len(chunks) >= 3 and decoded == sum(len(c) for c in chunks) // engine.frame_length
 
 
@@ -138,9 +138,9 @@ def test_cancel_stops_generation_and_frees_the_slot(engine):
     request = SynthesisRequest(text="Stop me.", seed=1, max_new_tokens=400, chunk_length=0)
     assert list(engine.synthesize(request, progress=progress, cancel=cancel)) == []  # cut before the 1st chunk
     deadline = time.monotonic() + 5
-    while engine.scheduler.in_flight and time.monotonic() < deadline:
+    while engine.stats().in_flight and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert engine.scheduler.in_flight == 0
+    assert engine.stats().in_flight == 0
     assert max(seen) <= 5  # stopped within a step or two, not after 400 frames
     with pytest.raises(Cancelled):
         engine.run(request, cancel=cancel)
@@ -365,7 +365,7 @@ def test_segments_longer_than_the_codec_block_are_decoded_in_pieces(engine):
     request = SynthesisRequest(text="Long. " * 20, seed=10, max_new_tokens=700, chunk_length=0, temperature=0.9)
     result = engine.run(request)
     frames = result.codes.shape[1]
-    assert frames > engine.decode_limit == 512
+    assert frames > engine.codec_stage.decode_limit == 512
     assert result.audio.shape[0] == frames * 2048
-    head = engine._decode(result.codes[:, : engine.decode_limit])
+    head = engine.codec_stage.decode(result.codes[:, : engine.codec_stage.decode_limit])
     assert relative_l2(result.audio[: len(head)], head) < PIECES_TOLERANCE

@@ -85,13 +85,16 @@ def test_empty_and_unpronounceable_text_are_bad_requests(engine):
         engine.tts("...")
 
 
-def test_cancel_stops_after_the_current_sentence(engine):
+def test_cancel_stops_after_the_sentence_in_progress(engine):
+    """The engine thread runs ahead of its reader, so the sentence it is on when the cancel comes may still be
+    delivered; nothing after it is."""
     cancel = threading.Event()
     chunks = []
-    for chunk in engine.synthesize(SynthesisRequest("One. Two. Three. Four.", seed=0), cancel=cancel):
+    text = " ".join(f"Sentence number {n}." for n in range(1, 11))
+    for chunk in engine.synthesize(SynthesisRequest(text, seed=0), cancel=cancel):
         chunks.append(chunk)
         cancel.set()
-    assert len(chunks) == 1
+    assert 1 <= len(chunks) <= 3
     with pytest.raises(Cancelled):
         engine.run(SynthesisRequest(FOX, seed=0), cancel=cancel)
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
+import queue
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
 import numpy as np
 
-from shoal.errors import BadRequest, NotFound
+from shoal.errors import BadRequest, Cancelled, NotFound
 from shoal.params import CHUNK_LENGTH, MAX_NEW_TOKENS, PARAMS, REPETITION_PENALTY, SPEED, TEMPERATURE, TOP_P
 
 # Seeds as the reference normalises them: negative seeds are mirrored, large ones capped at 2**31.
@@ -131,23 +133,152 @@ class Synthesis:
         return self.seconds / self.duration if self.duration else float("inf")
 
 
+class Sink:
+    """Where an engine delivers one request's results: `audio` for each float32 chunk, in order, then `end`
+    exactly once (None when it finished or was cancelled, else the exception that failed it). Engines call these
+    from their own thread; an implementation hands them on (to an asyncio queue, a blocking queue) and returns."""
+
+    def audio(self, chunk: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def segment(self, segment: "Segment") -> None:
+        """A text segment's codes, after its audio (engines with codes only; ignored unless overridden)."""
+
+    def end(self, error: BaseException | None = None) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class Segment:
+    """What one text segment generated: `codes` int64 `[num_codebooks, T]` (what the codec decoded), the frames
+    generated (one more than decoded) and whether `<|im_end|>` ended it."""
+
+    codes: np.ndarray
+    frames: int
+    stopped_by_im_end: bool
+
+
+class BlockingSink(Sink):
+    """A Sink read from another thread: iterate it for the audio chunks (the engine's error is raised at the end);
+    the segments are kept in `segments`."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue = queue.Queue()
+        self.segments: list[Segment] = []
+
+    def audio(self, chunk: np.ndarray) -> None:
+        self._queue.put(chunk)
+
+    def segment(self, segment: Segment) -> None:
+        self.segments.append(segment)
+
+    def end(self, error: BaseException | None = None) -> None:
+        self._queue.put(_End(error))
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        while True:
+            item = self._queue.get()
+            if isinstance(item, _End):
+                if item.error is not None:
+                    raise item.error
+                return
+            yield item
+
+
+@dataclass(frozen=True)
+class _End:
+    error: BaseException | None
+
+
+@dataclass
+class EngineStats:
+    """What an engine reports about itself, the same fields for every engine (zero where they mean nothing)."""
+
+    in_flight: int = 0  # requests submitted and not yet ended
+    batch_size: int = 0  # rows in the running decode step
+    decode_steps: int = 0  # batched decode steps run
+    generated_tokens: int = 0  # frames (tokens) generated, prefill included
+    tokens_per_second: float = 0.0  # over the last few seconds
+    isolated_faults: int = 0  # failed batched steps replayed row by row
+    codec_encodes: int = 0  # reference clips through the codec encoder
+    codec_frames: int = 0  # frames through the codec decoder
+    codec_batches: int = 0  # codec decoder calls that served more than one request
+    reference_cache_hits: int = 0
+    reference_cache_misses: int = 0
+
+
 class Engine(Protocol):
-    """What the service layer, the CLI and the UI rely on."""
+    """What the service layer, the CLI and the UI rely on.
+
+    `submit` is the one way in: it checks the request (raising BadRequest at once), queues it, and returns; the
+    engine's own thread then delivers the audio to the sink. `synthesize` and `run` are blocking conveniences on
+    top of it for callers without an event loop.
+    """
 
     name: str
     sample_rate: int
     #: Whether references (inline clips or saved voices) can be used; engines that cannot reject them.
     supports_cloning: bool
 
+    def submit(self, request: SynthesisRequest, sink: Sink, cancel: threading.Event | None = None,
+               stream: bool = True, progress: Progress | None = None) -> None:
+        """Start `request`; its audio goes to `sink` (`stream=False`: the caller wants the whole audio, so the
+        engine may decode in larger pieces). Setting `cancel` stops generation at the next step; the sink then
+        ends without an error."""
+        ...
+
     def synthesize(self, request: SynthesisRequest, progress: Progress | None = None,
                    cancel: threading.Event | None = None, stream: bool = True) -> Iterator[np.ndarray]:
-        """Yield float32 mono audio chunks at `sample_rate` as they become available (`stream=False`: the
-        caller wants the whole audio, so the engine may decode in larger pieces). Setting `cancel` stops
-        generation at the next step (the iterator then ends early)."""
+        """Blocking: yield float32 mono audio chunks at `sample_rate` as they become available."""
         ...
 
     def run(self, request: SynthesisRequest, progress: Progress | None = None,
             cancel: threading.Event | None = None) -> Synthesis:
-        """Synthesize the whole request and return it with its codes and statistics (Cancelled if `cancel`
-        is set before the end)."""
+        """Blocking: synthesize the whole request and return it with its codes and statistics (Cancelled if
+        `cancel` is set before the end)."""
         ...
+
+    def stats(self) -> EngineStats:
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+def synthesize_blocking(engine: Engine, request: SynthesisRequest, progress: Progress | None = None,
+                        cancel: threading.Event | None = None, stream: bool = True) -> Iterator[np.ndarray]:
+    """Engine.synthesize for any engine: submit now (so a bad request raises here), then yield the chunks. An
+    abandoned iterator cancels the request."""
+    cancel = cancel if cancel is not None else threading.Event()
+    sink = BlockingSink()
+    engine.submit(request, sink, cancel=cancel, stream=stream, progress=progress)
+    return _drain(sink, cancel)
+
+
+def _drain(sink: BlockingSink, cancel: threading.Event) -> Iterator[np.ndarray]:
+    try:
+        yield from sink
+    finally:
+        cancel.set()
+
+
+def run_blocking(engine: Engine, request: SynthesisRequest, progress: Progress | None = None,
+                 cancel: threading.Event | None = None) -> Synthesis:
+    """Engine.run for any engine: the whole request through `submit`, with its segments' codes. The seed it
+    reports is the request's (normalised); an engine that draws a fresh one for None fixes it before calling."""
+    start = time.perf_counter()
+    sink = BlockingSink()
+    engine.submit(request, sink, cancel=cancel, stream=False, progress=progress)
+    audio = list(sink)
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("synthesis was cancelled")
+    segments = sink.segments
+    return Synthesis(
+        sample_rate=engine.sample_rate,
+        audio=np.concatenate(audio) if audio else np.zeros(0, np.float32),
+        codes=(np.concatenate([s.codes for s in segments], axis=1) if segments else np.zeros((0, 0), np.int64)),
+        seed=request.effective_seed(),
+        frames_generated=sum(s.frames for s in segments),
+        stopped_by_im_end=[s.stopped_by_im_end for s in segments],
+        seconds=time.perf_counter() - start,
+    )

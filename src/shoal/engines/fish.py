@@ -1,16 +1,18 @@
 """The Fish Speech S1 engine: loads a checkpoint once and turns requests into audio.
 
-It owns the model, the codec and the tokenizer from `shoal.fish`, the batch scheduler that decodes every request's
-rows together, a bounded cache of encoded reference clips, and a lock that serialises codec encodes.
+It owns the model, the codec and the tokenizer from `shoal.fish`, the batch scheduler whose one engine thread
+runs every torch operation (decode steps, reference encodes, codec decodes), the codec stage that turns frames
+into audio, and a bounded cache of encoded reference clips. A request is a small state machine on that thread
+(`_Utterance`): its text segments are generated one after another as rows of the shared batch, and its audio goes
+to the request's sink. No thread waits per request.
 """
 
 from __future__ import annotations
 
 import hashlib
 import threading
-import time
-from dataclasses import replace
 from collections import OrderedDict
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -18,10 +20,10 @@ import numpy as np
 import torch
 
 from shoal.audio import load_audio
-from shoal.errors import BadRequest, Cancelled, EngineFailure, ShoalError
+from shoal.errors import BadRequest, EngineFailure, ShoalError
 from shoal.fish.checkpoint import CODEC_CONFIG_FILE, check_checkpoint_dir, load_dual_ar
 from shoal.layout import GENERATION_HEADROOM
-from shoal.fish.codec import Codec, CodecConfig, DecodeStream, load_codec
+from shoal.fish.codec import Codec, CodecConfig, load_codec
 from shoal.fish.dual_ar import DualARTransformer
 from shoal.fish.prompt import build_prompt, check_prompt_length
 from shoal.fish.quant import quantize_int8
@@ -30,19 +32,16 @@ from shoal.fish.sampling import SamplingParams
 from shoal.fish.tokenizer import FishTokenizer
 from shoal.text import split_text
 
-from .base import Progress, Reference, Synthesis, SynthesisRequest
-from .scheduler import BatchScheduler
+from .base import (EngineStats, Progress, Reference, Segment, Sink, Synthesis, SynthesisRequest, run_blocking,
+                   synthesize_blocking)
+from .codec_stage import CodecStage, SegmentStream
+from .scheduler import BatchScheduler, Row
 
 PRECISIONS = {
     "float32": torch.float32, "fp32": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16,
 }
-# Left context for decoding codes longer than the codec's block in overlapping pieces, beyond its attention window:
-# the causal convolutions' reach, in frames, with room to spare (the test measures the error).
-STREAM_CONTEXT_MARGIN = 8
-#: The largest streamed chunk, in frames (~3 s): chunks double from the first one up to this.
-STREAM_MAX_FRAMES = 64
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -113,13 +112,9 @@ class FishEngine:
         #: hour of silence); None: audio.load_audio's own cap.
         self.max_reference_seconds = max_reference_seconds
         self._references: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._references_lock = threading.Lock()  # worker threads of concurrent requests share the cache
-        self._lock = threading.Lock()
+        self._references_lock = threading.Lock()  # looked up from the callers' threads, filled on the engine's
         #: How many times a reference clip went through the codec encoder (cache misses).
         self.encode_count = 0
-        #: Frames through the codec decoder since start (left context included): with incremental streaming,
-        #: about the frames generated.
-        self.codec_frames = 0
         #: Inline reference clips found in (hits) or missing from (misses) the in-memory cache.
         self.reference_cache_hits = 0
         self.reference_cache_misses = 0
@@ -130,22 +125,17 @@ class FishEngine:
         self.compile_cache_dir: Path | None = None
         #: "int8" when the transformers' linear layers run with int8 weights (load's quantize), else "none".
         self.quantize = "none"
+        self._requests = 0  # submitted and not yet ended
+        self._requests_lock = threading.Lock()
         self.runner = ModelRunner(model, max_batch_size, compile=compile, cuda_graphs=cuda_graphs)
         if compile:
             model.setup_caches(batch=max_batch_size)  # static: allocated once, before compiling
             self.runner.warm_up()
         self.scheduler = BatchScheduler(model, max_batch=max_batch_size, max_tokens=max_batch_tokens,
                                         runner=self.runner)
-        #: Streaming: frames before the first chunk (11 is about 0.5 s) and the largest chunk. Past the codec's
-        #: block, pieces are decoded with `stream_context` frames of left context (its attention window plus
-        #: its convolutions' reach).
-        self.stream_first_frames = max(1, stream_first_frames)
-        self.stream_max_frames = STREAM_MAX_FRAMES
-        window = codec.config.quantizer_transformer.window_size
-        #: The most frames the codec decodes at once (its transformers' block size); longer codes go in pieces.
-        self.decode_limit = codec.config.quantizer_transformer.block_size
-        self.stream_context = min(window + STREAM_CONTEXT_MARGIN if window else self.decode_limit,
-                                  self.decode_limit // 2)
+        #: Streaming: frames before the first chunk (11 is about 0.5 s); the stage doubles chunks from there.
+        self.codec_stage = CodecStage(codec, stream_first_frames, on_error=self._fail)
+        self.scheduler.after_step = self.codec_stage.flush
 
     @classmethod
     def load(cls, checkpoint_dir: str | Path, device: str | torch.device | None = "auto",
@@ -189,9 +179,10 @@ class FishEngine:
         return engine
 
     # -- references --------------------------------------------------------------------------------------------
-    def encode_reference(self, reference: Reference) -> torch.Tensor:
-        """Codes `[num_codebooks, F]` of a reference clip: its own `codes` if it carries them, else from a
-        bounded LRU keyed by the clip's sha256, else from the codec encoder (counted in `encode_count`)."""
+    def _lookup_reference(self, reference: Reference) -> "torch.Tensor | _Clip":
+        """A reference's codes `[num_codebooks, F]` if they are at hand (its own `codes`, or the bounded LRU keyed
+        by the clip's sha256), else its clip decoded to audio for the engine thread to encode (`_encode_clip`).
+        Any thread: it reads and decodes, and runs no torch."""
         if reference.codes is not None:
             return self._check_codes(reference.codes)
         data = reference.read_bytes()
@@ -205,17 +196,30 @@ class FishEngine:
                     return codes
                 self.reference_cache_misses += 1
         limit = {} if self.max_reference_seconds is None else {"max_seconds": self.max_reference_seconds}
-        codes = torch.from_numpy(self.encode_audio(load_audio(data, target_sr=self.sample_rate, **limit)))
-        if reference.cache and self.reference_cache_size > 0:
+        return _Clip(key, load_audio(data, target_sr=self.sample_rate, **limit), reference.cache)
+
+    def _encode_clip(self, clip: "_Clip") -> torch.Tensor:
+        """Engine thread: a clip's codes from the codec encoder, kept in the LRU if its request allows."""
+        codes = torch.from_numpy(self._encode(clip.audio))
+        if clip.cache and self.reference_cache_size > 0:
             with self._references_lock:
-                self._references[key] = codes
+                self._references[clip.key] = codes
                 while len(self._references) > self.reference_cache_size:
                     self._references.popitem(last=False)
         return codes
 
+    def encode_reference(self, reference: Reference) -> torch.Tensor:
+        """Codes `[num_codebooks, F]` of a reference clip (cached, or encoded on the engine thread)."""
+        found = self._lookup_reference(reference)
+        return found if isinstance(found, torch.Tensor) else self.scheduler.call(lambda: self._encode_clip(found))
+
     def encode_audio(self, audio: np.ndarray) -> np.ndarray:
-        """Codec codes int64 `[num_codebooks, F]` of float32 mono audio at `sample_rate` (always encodes)."""
-        with self._lock, torch.inference_mode():
+        """Codec codes int64 `[num_codebooks, F]` of float32 mono audio at `sample_rate` (always encodes, on the
+        engine thread, between decode steps)."""
+        return self.scheduler.call(lambda: self._encode(audio))
+
+    def _encode(self, audio: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
             try:
                 codes = self.codec.encode(torch.from_numpy(np.ascontiguousarray(audio, np.float32)).to(self.device))
             except ValueError as exc:  # longer than the codec's transformers take in one piece
@@ -227,14 +231,14 @@ class FishEngine:
         return codes.cpu().numpy().astype(np.int64)
 
     def _check_codes(self, codes) -> torch.Tensor:
-        codes = torch.as_tensor(np.asarray(codes)).long()
+        codes = np.asarray(codes)
         c = self.codec.config
-        if codes.dim() != 2 or codes.shape[0] != c.num_codebooks or codes.shape[1] == 0:
+        if codes.ndim != 2 or codes.shape[0] != c.num_codebooks or codes.shape[1] == 0:
             raise BadRequest(f"reference codes must be [{c.num_codebooks}, frames], got {tuple(codes.shape)}")
-        limits = torch.tensor([c.semantic_codebook_size] + [c.codebook_size] * (c.num_codebooks - 1))
-        if (codes < 0).any() or (codes >= limits[:, None]).any():
+        limits = np.array([c.semantic_codebook_size] + [c.codebook_size] * (c.num_codebooks - 1))
+        if not np.issubdtype(codes.dtype, np.integer) or (codes < 0).any() or (codes >= limits[:, None]).any():
             raise BadRequest("reference codes are out of the codebooks' range")
-        return codes
+        return torch.from_numpy(codes.astype(np.int64))
 
     @property
     def codec_checksum(self) -> str:
@@ -248,123 +252,139 @@ class FishEngine:
         return self._codec_checksum
 
     # -- synthesis ---------------------------------------------------------------------------------------------
+    def submit(self, request: SynthesisRequest, sink: Sink, cancel: threading.Event | None = None,
+               stream: bool = True, progress: Progress | None = None) -> None:
+        """Start `request` and return: its audio reaches `sink` from the engine thread. Reference clips are
+        read and decoded here, in the caller's thread (a bad clip raises BadRequest at once); the rest runs on
+        the engine thread.
+
+        With `stream`, audio is decoded while frames arrive, by the codec stage's chunk rule, each frame once, to
+        float rounding of the one-shot decode. Without it, each segment is decoded once, exactly as the reference
+        decodes. Segments are generated one after another: from the second on, the previous segment's text and
+        codes follow the references in the prompt, as the reference's iterative prompt did, so the voice
+        carries over."""
+        references = [(ref.text.strip(), self._lookup_reference(ref)) for ref in request.references]
+        utterance = _Utterance(request, sink, cancel, stream, progress, references,
+                               seed=request.effective_seed())
+        with self._requests_lock:
+            self._requests += 1
+        try:
+            self.scheduler.call_soon(lambda: self._start(utterance))
+        except BaseException:
+            self._ended()
+            raise
+
     def synthesize(self, request: SynthesisRequest, progress: Progress | None = None,
                    cancel: threading.Event | None = None, stream: bool = True) -> Iterator[np.ndarray]:
-        """Yield float32 audio as it is decoded: with `stream`, the first chunk after about
-        `stream_first_frames` frames; without it, one chunk per text segment, decoded in one piece exactly as
-        the reference decodes (and without the streamed decode's repeated left context)."""
-        for item in self._segments(request, progress, cancel, stream=stream):
-            if isinstance(item, np.ndarray) and len(item):
-                yield item
+        """Blocking: yield float32 audio as it is decoded (see `submit`)."""
+        return synthesize_blocking(self, request, progress, cancel, stream)
 
     def run(self, request: SynthesisRequest, progress: Progress | None = None,
             cancel: threading.Event | None = None) -> Synthesis:
-        start = time.perf_counter()
-        seed = request.effective_seed()
-        request = replace(request, seed=seed)
-        audios, codes, stops, frames = [], [], [], 0
-        for item in self._segments(request, progress, cancel):
-            if isinstance(item, np.ndarray):
-                audios.append(item)
-            else:
-                codes.append(item.codes)
-                stops.append(item.stopped_by_im_end)
-                frames += item.frames
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("synthesis was cancelled")
-        return Synthesis(
-            sample_rate=self.sample_rate,
-            audio=np.concatenate(audios) if audios else np.zeros(0, np.float32),
-            codes=np.concatenate(codes, axis=1),
-            seed=seed,
-            frames_generated=frames,
-            stopped_by_im_end=stops,
-            seconds=time.perf_counter() - start,
-        )
+        """Blocking: the whole request, with its codes, decoded as the reference decodes."""
+        return run_blocking(self, replace(request, seed=request.effective_seed()), progress, cancel)
 
-    def _segments(self, request: SynthesisRequest, progress: Progress | None,
-                  cancel: threading.Event | None = None, stream: bool = False):
-        """Generate and decode each text segment in turn, yielding audio chunks (float32 arrays) and, after
-        each segment's audio, its SegmentCodes.
+    def stats(self) -> EngineStats:
+        s, stage = self.scheduler, self.codec_stage
+        return EngineStats(in_flight=self._requests, batch_size=s.batch_size, decode_steps=s.steps,
+                           generated_tokens=s.frames_generated, tokens_per_second=s.tokens_per_second,
+                           isolated_faults=s.isolated_faults, codec_encodes=self.encode_count,
+                           codec_frames=stage.frames, codec_batches=stage.batched_calls,
+                           reference_cache_hits=self.reference_cache_hits,
+                           reference_cache_misses=self.reference_cache_misses)
 
-        With `stream`, audio is decoded while frames arrive: the first chunk after `stream_first_frames`
-        frames, then chunks twice as long each time up to `stream_max_frames`, each pushed through the segment's
-        incremental codec stream (`Codec.stream`), so each frame is decoded once and the audio is the one-shot
-        decode's to float rounding. Without it, each segment is decoded once, exactly as the reference decodes.
+    # The rest runs on the engine thread.
+    def _start(self, u: "_Utterance") -> None:
+        try:
+            if u.cancelled:
+                return self._finish(u)
+            u.references = [(text, codes if isinstance(codes, torch.Tensor) else self._encode_clip(codes))
+                            for text, codes in u.references]
+            u.segments = split_text(u.request.text, u.request.chunk_length)
+            # One generator for the whole request, seeded after the references are encoded (as the reference does).
+            u.generator = torch.Generator(device=self.device).manual_seed(u.seed)
+            self._next_segment(u)
+        except BaseException as exc:
+            self._fail(u, exc)
 
-        From the second segment on, the previous segment's text and codes follow the references in the prompt,
-        as the reference's iterative prompt did, so the voice carries over from segment to segment.
-        """
-        references = [(ref.text.strip(), self.encode_reference(ref)) for ref in request.references]
-        segments = split_text(request.text, request.chunk_length)
-        # One generator for the whole request, seeded after the references are encoded (as the reference does).
-        generator = torch.Generator(device=self.device).manual_seed(request.effective_seed())
+    def _next_segment(self, u: "_Utterance") -> None:
+        request, text = u.request, u.segments[u.index]
+        prompt, max_new = self._prompt(text, u.references + u.previous, request.max_new_tokens)
+        if u.previous and prompt is None:  # the carried segment made it too long: go without it
+            prompt, max_new = self._prompt(text, u.references, request.max_new_tokens)
+        if prompt is None:
+            self._prompt(text, u.references, request.max_new_tokens, strict=True)
+        u.total = u.done + max_new * (len(u.segments) - u.index)
+        u.frames = []
+        u.stream_state = self.codec_stage.open() if u.stream else None
         params = SamplingParams(request.temperature, request.top_p, request.repetition_penalty)
-        previous: list[tuple[str, torch.Tensor]] = []
-        done = 0
-        for index, text in enumerate(segments):
-            first, last = index == 0, index == len(segments) - 1
-            prompt, max_new = self._prompt(text, references + previous, request.max_new_tokens)
-            if previous and prompt is None:  # the carried segment made it too long: go without it
-                prompt, max_new = self._prompt(text, references, request.max_new_tokens)
-            if prompt is None:
-                self._prompt(text, references, request.max_new_tokens, strict=True)
-            total = done + max_new * (len(segments) - index)
-            fault = fault_for(request.text) if self.fault_injection else None
-            row = self.scheduler.submit(prompt, params, generator, max_new, self.tokenizer.im_end_id, cancel=cancel,
-                                        fault=fault)
-            frames: list[torch.Tensor] = []
-            emitted, chunk = 0, self.stream_first_frames
-            decoder = self.codec.stream() if stream else None
-            try:
-                for frame in row:
-                    if cancel is not None and cancel.is_set():
-                        return
-                    frames.append(frame)
-                    done += 1
-                    if progress:
-                        progress(done, total)
-                    decodable = len(frames) - 1  # the newest frame may be the last, which is never decoded
-                    if stream and decodable - emitted >= chunk:
-                        audio = self._decode_chunk(decoder, frames, emitted, decodable)
-                        yield self._finish_audio(audio, request, fade_in=not first and emitted == 0)
-                        emitted, chunk = decodable, min(chunk * 2, self.stream_max_frames)
-            except ShoalError:
-                raise
-            except Exception as exc:
-                raise engine_failure(exc) from exc
-            finally:
-                row.cancel()  # a no-op for a finished row; frees the slot of an abandoned one
-            if cancel is not None and cancel.is_set():  # the scheduler ended the row early: nothing more
-                return
-            seg = SegmentCodes(torch.stack(frames, dim=1), self.tokenizer.im_end_id)
-            if stream:
-                audio = self._decode_chunk(decoder, frames, emitted, len(frames) - 1)
-                yield self._finish_audio(audio, request, fade_in=not first and emitted == 0, fade_out=not last)
-            else:
-                yield self._finish_audio(self._decode(seg.codes), request, fade_in=not first, fade_out=not last)
-            if seg.codes.shape[1]:
-                previous = [(text, torch.from_numpy(seg.codes))]
-            yield seg
+        fault = fault_for(request.text) if self.fault_injection else None
+        u.row = self.scheduler.submit(prompt, params, u.generator, max_new, self.tokenizer.im_end_id,
+                                      cancel=u.cancel, fault=fault, on_frame=lambda f: self._on_frame(u, f),
+                                      on_end=lambda error: self._on_row_end(u, error))
 
-    def _finish_audio(self, audio: np.ndarray, request: SynthesisRequest, fade_in: bool = False,
-                      fade_out: bool = False) -> np.ndarray:
-        return fade_joins(apply_speed(audio, self.sample_rate, request.speed), self.sample_rate,
-                          first=not fade_in, last=not fade_out)
+    def _on_frame(self, u: "_Utterance", frame: torch.Tensor) -> None:
+        u.frames.append(frame)
+        u.done += 1
+        if u.progress is not None:
+            u.progress(u.done, u.total)
+        if u.stream_state is not None:
+            fade_in = u.index > 0 and u.stream_state.emitted == 0  # a later segment's first chunk
+            self.codec_stage.frame_added(u, u.stream_state, u.frames,
+                                         lambda audio: self._deliver(u, audio, fade_in=fade_in))
 
-    def _decode_chunk(self, decoder: DecodeStream, frames: list[torch.Tensor], start: int, end: int) -> np.ndarray:
-        """Audio of frames [start, end) of a streamed segment: pushed through its incremental decoder, or, past
-        the codec transformers' block size (a segment longer than the reference can decode at all), decoded
-        again with `stream_context` frames of left context."""
-        if end <= start:
-            return np.zeros(0, np.float32)
-        if decoder.frames + end - start <= decoder.limit:
-            codes = torch.stack(frames[start:end], dim=1)[1:].to(self.device)
-            self.codec_frames += end - start
-            return decoder.push(codes).cpu().numpy()
-        left = max(0, start - self.stream_context)
-        codes = torch.stack(frames[left:end], dim=1)[1:].numpy().astype(np.int64)
-        return self._decode(codes)[(start - left) * self.frame_length :]
+    def _on_row_end(self, u: "_Utterance", error: BaseException | None) -> None:
+        u.row = None
+        if error is not None:
+            return self._fail(u, error)
+        if u.cancelled:
+            return self._finish(u)
+        frames, index = u.frames, u.index
+        last = index == len(u.segments) - 1
+        segment = Segment(codes=torch.stack(frames, dim=1)[1:, :-1].numpy().astype(np.int64), frames=len(frames),
+                          stopped_by_im_end=bool(frames and int(frames[-1][0]) == self.tokenizer.im_end_id))
+        fade_in = index > 0 and (u.stream_state is None or u.stream_state.emitted == 0)
+        self.codec_stage.segment_ended(
+            u, u.stream_state, frames, lambda audio: self._deliver(u, audio, fade_in=fade_in, fade_out=not last))
+        self.codec_stage.then(u, lambda: u.sink.segment(segment))
+        if last:
+            return self.codec_stage.then(u, lambda: self._finish(u))
+        if segment.codes.shape[1]:
+            u.previous = [(u.segments[index], torch.from_numpy(segment.codes))]
+        u.index += 1
+        try:
+            self._next_segment(u)
+        except BaseException as exc:
+            self._fail(u, exc)
+
+    def _deliver(self, u: "_Utterance", audio: np.ndarray, fade_in: bool = False, fade_out: bool = False) -> None:
+        """A decoded chunk to its request: at its speed, faded in or out where segments meet."""
+        if u.closed or not len(audio):
+            return
+        audio = fade_joins(apply_speed(audio, self.sample_rate, u.request.speed), self.sample_rate,
+                           first=not fade_in, last=not fade_out)
+        u.sink.audio(audio)
+
+    def _fail(self, u: "_Utterance", error: BaseException) -> None:
+        if u.closed:
+            return
+        if u.row is not None:
+            u.row.cancel()
+        self.codec_stage.drop(u)
+        self._close(u, error if isinstance(error, ShoalError) else engine_failure(error))
+
+    def _finish(self, u: "_Utterance") -> None:
+        if not u.closed:
+            self._close(u, None)
+
+    def _close(self, u: "_Utterance", error: BaseException | None) -> None:
+        u.closed = True
+        self._ended()
+        u.sink.end(error)
+
+    def _ended(self) -> None:
+        with self._requests_lock:
+            self._requests -= 1
 
     def _prompt(self, text: str, references: list[tuple[str, torch.Tensor]], max_new_tokens: int,
                 strict: bool = False) -> tuple[torch.Tensor | None, int]:
@@ -377,28 +397,44 @@ class FishEngine:
                 raise
             return None, 0
 
-    def _decode(self, codes: np.ndarray) -> np.ndarray:
-        """Codes `[num_codebooks, F]` to audio: in one piece, as the reference does, up to the codec's
-        `decode_limit` frames; longer segments (which the reference cannot decode at all) in pieces that
-        overlap by `stream_context` frames of left context."""
-        frames = codes.shape[1]
-        if frames == 0:
-            return np.zeros(0, np.float32)
-        if frames <= self.decode_limit:
-            self.codec_frames += frames
-            with torch.inference_mode():
-                audio = self.codec.decode(torch.from_numpy(codes).to(self.device))
-            return audio.float().cpu().numpy()
-        step = self.decode_limit - self.stream_context
-        pieces = []
-        for start in range(0, frames, step):
-            left = max(0, start - self.stream_context)
-            piece = self._decode(codes[:, left : start + step])
-            pieces.append(piece[(start - left) * self.frame_length :])
-        return np.concatenate(pieces)
-
     def close(self) -> None:
         self.scheduler.stop()
+
+
+@dataclass(eq=False)
+class _Clip:
+    """A reference clip that is not in the cache yet: its sha256 and its audio, to encode on the engine thread."""
+
+    key: str
+    audio: np.ndarray
+    cache: bool
+
+
+@dataclass(eq=False)
+class _Utterance:
+    """One request on the engine thread: its segments, where it is, and where its audio goes."""
+
+    request: SynthesisRequest
+    sink: Sink
+    cancel: threading.Event | None
+    stream: bool
+    progress: Progress | None
+    references: list
+    seed: int
+    segments: list[str] = field(default_factory=list)
+    index: int = 0  # the segment being generated
+    previous: list = field(default_factory=list)  # the last segment's (text, codes), carried into the next prompt
+    generator: torch.Generator | None = None
+    frames: list = field(default_factory=list)  # this segment's so far
+    stream_state: SegmentStream | None = None
+    row: Row | None = None
+    done: int = 0  # frames generated over all segments
+    total: int = 0  # an upper bound of `done` at the end
+    closed: bool = False  # its sink has ended
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel is not None and self.cancel.is_set()
 
 
 def cap_seq_len(model: DualARTransformer, max_seq_len: int) -> None:
@@ -480,15 +516,3 @@ def apply_speed(audio: np.ndarray, sample_rate: int, speed: float) -> np.ndarray
     from shoal.audio import change_speed
 
     return change_speed(audio, sample_rate, speed)
-
-
-class SegmentCodes:
-    """The frames one segment generated, and the codes the codec gets: all frames but the last."""
-
-    def __init__(self, frames: torch.Tensor, im_end_id: int):
-        self.frames = frames.shape[1]
-        self.generated = frames.numpy().astype(np.int64)  # [1 + num_codebooks, frames]
-        self.codes = self.generated[1:, :-1]
-        self.stopped_by_im_end = bool(frames.shape[1] and int(frames[0, -1]) == im_end_id)
-
-

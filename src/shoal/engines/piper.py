@@ -7,18 +7,18 @@ never touches the network.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from shoal.errors import BadRequest, Cancelled, CheckpointError
+from shoal.errors import BadRequest, CheckpointError, Unavailable
 
-from .base import Progress, Synthesis, SynthesisRequest
+from .base import EngineStats, Progress, Sink, Synthesis, SynthesisRequest, run_blocking, synthesize_blocking
 
 #: The temperature at which piper's own noise values are used as they are (the request default).
 REFERENCE_TEMPERATURE = 0.8
@@ -66,8 +66,8 @@ class PiperEngine:
     chunk per sentence, which is what `synthesize` streams. espeak treats a few abbreviations ("Dr.") as
     sentence ends; that only costs a slightly longer pause there.
 
-    Thread safety: no lock is needed. piper guards its global espeak-ng phonemizer with its own lock, and
-    onnxruntime's `InferenceSession.run` may be called from several threads at once.
+    Threads: `submit` phonemizes in the caller's thread (piper guards its global espeak-ng phonemizer with its
+    own lock); the model runs on the engine's one thread, one request after another.
     """
 
     name = "piper"
@@ -77,6 +77,10 @@ class PiperEngine:
         self.voice = voice
         self.model_path = model_path
         self.sample_rate = int(voice.config.sample_rate)
+        # The engine thread: requests run one after another (onnxruntime uses the cores within each).
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shoal-piper")
+        self._in_flight = 0
+        self._lock = threading.Lock()
 
     @classmethod
     def load(cls, model_path: str | Path | None = None, config_path: str | Path | None = None) -> "PiperEngine":
@@ -94,35 +98,60 @@ class PiperEngine:
         return cls(_load_voice(model_path, config_path), model_path=model_path)
 
     # -- synthesis ---------------------------------------------------------------------------------------------
+    def submit(self, request: SynthesisRequest, sink: Sink, cancel: threading.Event | None = None,
+               stream: bool = True, progress: Progress | None = None) -> None:
+        """Check the request and phonemize its text here (a bad request raises at once), then synthesize it on
+        the engine thread, one chunk per sentence (streamed or not: sentences are piper's unit)."""
+        sentences = self._sentences(request)
+        settings = self.settings_for(request)
+        with self._lock:
+            self._in_flight += 1
+        try:
+            future = self._thread.submit(self._run, sentences, settings, sink, cancel, progress)
+        except RuntimeError:  # shut down
+            self._ended()
+            raise Unavailable("the engine is shutting down") from None
+        future.add_done_callback(lambda f: f.cancelled() and self._dropped(sink))
+
     def synthesize(self, request: SynthesisRequest, progress: Progress | None = None,
                    cancel: threading.Event | None = None, stream: bool = True) -> Iterator[np.ndarray]:
-        """Yield float32 audio, one chunk per sentence (streamed or not: sentences are piper's unit). Checks
-        the request and phonemizes the text before returning, so a bad request fails here rather than in the
-        middle of a stream."""
-        sentences = self._sentences(request)
-        return self._generate(sentences, self.settings_for(request), progress, cancel)
+        return synthesize_blocking(self, request, progress, cancel, stream)
 
     def run(self, request: SynthesisRequest, progress: Progress | None = None,
             cancel: threading.Event | None = None) -> Synthesis:
-        start = time.perf_counter()
-        seed = request.effective_seed()
-        chunks = list(self.synthesize(request, progress, cancel))
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("synthesis was cancelled")
-        return Synthesis(
-            sample_rate=self.sample_rate,
-            audio=np.concatenate(chunks) if chunks else np.zeros(0, np.float32),
-            codes=np.zeros((0, 0), np.int64),  # a VITS model has no codes
-            seed=seed,
-            frames_generated=0,
-            stopped_by_im_end=[],
-            seconds=time.perf_counter() - start,
-        )
+        return run_blocking(self, request, progress, cancel)
 
     def tts(self, text: str, **kwargs) -> tuple[int, np.ndarray]:
         """Convenience: `(sample_rate, float32 audio)` for a text; kwargs are SynthesisRequest fields."""
         result = self.run(SynthesisRequest(text=text, **kwargs))
         return result.sample_rate, result.audio
+
+    def stats(self) -> EngineStats:
+        return EngineStats(in_flight=self._in_flight)
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=False, cancel_futures=True)
+
+    def _run(self, sentences: list[list[str]], settings: PiperSettings, sink: Sink,
+             cancel: threading.Event | None, progress: Progress | None) -> None:
+        error = None
+        try:
+            for chunk in self._generate(sentences, settings, progress, cancel):
+                sink.audio(chunk)
+        except Exception as exc:
+            error = exc
+        finally:
+            self._ended()
+            sink.end(error)
+
+    def _ended(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+
+    def _dropped(self, sink: Sink) -> None:
+        """A request still queued when the engine closed: it hears so."""
+        self._ended()
+        sink.end(Unavailable("the engine is shutting down"))
 
     def settings_for(self, request: SynthesisRequest) -> PiperSettings:
         """The VITS knobs a request asks for (see the class docstring for why a seed means zero noise)."""

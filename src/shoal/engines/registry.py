@@ -50,6 +50,10 @@ def load_engines(settings) -> Engines:
     from .fish import FishEngine
     from .piper import PiperEngine
 
+    if settings.torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
     result = Engines()
     checkpoint, searched = find_checkpoint(settings.checkpoint, settings.data_dir)
     if checkpoint is not None:

@@ -1,12 +1,15 @@
-"""Continuous batching for the dual-AR model.
+"""Continuous batching for the dual-AR model, on the one engine thread.
 
-One scheduler thread owns the model. Requests are submitted from any thread and become *rows*. A row holds one
-slot of the persistent `DecodeBatch` (shoal.fish.generate): its position, sampling parameters, penalty history
-and `torch.Generator` live there, on the device, and its KV cache in the same slot of the model's caches. Active
-rows hold slots 0..n-1; when one leaves, the last moves into its slot, so a decode step reads views, never a
-gather. At every step boundary the scheduler admits at most one newcomer (its prefill is the only thing running
-rows wait for), runs one batched decode step (`decode_one_token`) for every active row, copies the new frames to
-the host once, and retires the rows that finished or were cancelled.
+One thread, "shoal-engine", runs every torch operation of the engine: the engine's own work (handed over with
+`call_soon`), each newcomer's prefill, the batched decode steps, and after each step the engine's `after_step`
+work (the fish engine's codec stage). Requests become *rows*. A row holds one slot of the persistent
+`DecodeBatch` (shoal.fish.generate): its position, sampling parameters, penalty history and `torch.Generator`
+live there, on the device, and its KV cache in the same slot of the model's caches. Active rows hold slots
+0..n-1; when one leaves, the last moves into its slot, so a decode step reads views, never a gather. At every
+step boundary the scheduler admits at most one newcomer (its prefill is the only thing running rows wait for),
+runs one batched decode step (`decode_one_token`) for every active row, copies the new frames to the host once,
+hands each row its frame (`on_frame`, on this thread) and retires the rows that finished or were cancelled
+(`on_end`).
 
 Because every row keeps its own state and its own generator, a request's codes are the same whether it runs
 alone or beside others. That is also how a failed step is isolated: the generators are restored and the rows
@@ -17,6 +20,7 @@ while the others get exactly the frames they would have got.
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import logging
 import queue
 import threading
@@ -24,7 +28,7 @@ import time
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
 
@@ -35,6 +39,7 @@ from shoal.fish.runner import ModelRunner
 from shoal.fish.sampling import SamplingParams
 
 log = logging.getLogger("shoal.scheduler")
+T = TypeVar("T")
 
 #: KV caches grow in steps of this many positions (copying the rows in flight), never past max_seq_len.
 CACHE_STEP = 1024
@@ -42,28 +47,39 @@ CACHE_STEP = 1024
 RATE_WINDOW_SECONDS = 10.0
 #: Frames counted within this long of each other share one entry of that window (about one step).
 RATE_BUCKET_SECONDS = 0.05
+#: The name of the one thread that runs the engine's torch operations.
+ENGINE_THREAD = "shoal-engine"
 _DONE = object()
 
 
 @dataclass(eq=False)
 class Row:
-    """One request in flight. Frames arrive on `frames` (a queue) as `[1 + num_codebooks]` int64 CPU tensors;
-    the scheduler ends the stream with _DONE, or with an exception."""
+    """One generation in flight (a segment of a request). On the engine thread, the scheduler calls
+    `on_frame(frame)` with each new frame, a `[1 + num_codebooks]` int64 CPU tensor, and then `on_end(error)`
+    exactly once: None when the row finished or was cancelled, else the exception that ended it. Without those
+    callbacks, frames go to a queue that iterating the row reads (tests and offline callers)."""
 
     prompt: torch.Tensor
     params: SamplingParams
     generator: torch.Generator
     max_new_tokens: int
     im_end_id: int
+    on_frame: Callable[[torch.Tensor], None] | None = None
+    on_end: Callable[[BaseException | None], None] | None = None
     #: Testing only: called inside every decode step this row is part of, as fault(frames produced, rows in the
     #: step); it may raise, as a real failure inside the batched step would (see Settings.fault_injection).
     fault: Callable[[int, int], None] | None = None
-    frames: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
-    #: The request's own cancel event, if it has one: set when its client goes away, even while the consumer
-    #: thread is still blocked waiting for this row's first frame.
+    #: The request's own cancel event, if it has one: set when its client goes away.
     request_cancel: threading.Event | None = None
     slot: int = -1  # in the DecodeBatch, while active
+    _queue: queue.Queue | None = None
+
+    def __post_init__(self) -> None:
+        if self.on_frame is None:
+            q = self._queue = queue.Queue()
+            self.on_frame = q.put
+            self.on_end = lambda error: q.put(_DONE if error is None else error)
 
     @property
     def positions_needed(self) -> int:
@@ -77,9 +93,12 @@ class Row:
         return self.cancelled.is_set() or (self.request_cancel is not None and self.request_cancel.is_set())
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        """Block for frames until the row finishes. Stopping early does not cancel: call cancel()."""
+        """Block for frames until the row finishes (rows submitted without callbacks). Stopping early does not
+        cancel: call cancel()."""
+        if self._queue is None:
+            raise TypeError("this row delivers its frames to its on_frame callback")
         while True:
-            item = self.frames.get()
+            item = self._queue.get()
             if item is _DONE:
                 return
             if isinstance(item, BaseException):
@@ -110,7 +129,10 @@ class BatchScheduler:
         self.isolated_faults = 0
         self._recent: deque[tuple[float, int]] = deque()  # (time, frames) per step within RATE_WINDOW_SECONDS
         self._ending: list[tuple[Row, BaseException | None]] = []  # rows to retire at the end of this step
-        self._thread = threading.Thread(target=self._loop, name="shoal-scheduler", daemon=True)
+        self._tasks: list[Callable[[], None]] = []  # call_soon's, run at the next step boundary
+        #: Run on the engine thread at the end of every loop turn (the fish engine's codec stage).
+        self.after_step: Callable[[], None] | None = None
+        self._thread = threading.Thread(target=self._loop, name=ENGINE_THREAD, daemon=True)
         self._thread.start()
         # Stop the thread before the interpreter tears torch down under it (which aborts the process).
         ref = weakref.ref(self)
@@ -119,11 +141,14 @@ class BatchScheduler:
     # -- public, any thread ------------------------------------------------------------------------------------
     def submit(self, prompt: torch.Tensor, params: SamplingParams, generator: torch.Generator,
                max_new_tokens: int, im_end_id: int, cancel: threading.Event | None = None,
-               fault: Callable[[int, int], None] | None = None) -> Row:
-        """Queue a row. Setting `cancel` (the request's event) or calling `row.cancel()` drops it while it
-        waits and retires it at the next step once it runs. (The service's admission limit bounds the queue.)"""
-        row = Row(prompt.long().to(self.device), params, generator, max_new_tokens, im_end_id,
-                  request_cancel=cancel, fault=fault)
+               fault: Callable[[int, int], None] | None = None,
+               on_frame: Callable[[torch.Tensor], None] | None = None,
+               on_end: Callable[[BaseException | None], None] | None = None) -> Row:
+        """Queue a row (see Row for `on_frame` and `on_end`). Setting `cancel` (the request's event) or calling
+        `row.cancel()` drops it while it waits and retires it at the next step once it runs. (The service's
+        admission limit bounds the queue.)"""
+        row = Row(prompt.long().to(self.device), params, generator, max_new_tokens, im_end_id, on_frame=on_frame,
+                  on_end=on_end, request_cancel=cancel, fault=fault)
         if row.positions_needed > self.model.config.max_seq_len:
             raise ValueError("prompt + max_new_tokens exceed the model's max_seq_len")
         with self._cond:
@@ -132,6 +157,31 @@ class BatchScheduler:
             self._waiting.append(row)
             self._cond.notify()
         return row
+
+    def call_soon(self, task: Callable[[], None]) -> None:
+        """Run `task` on the engine thread at the next step boundary (in inference mode). It must handle its own
+        errors: one that escapes is logged. Tasks still queued when the scheduler stops are run then, so every
+        request hears back (rows they submit fail with Unavailable)."""
+        with self._cond:
+            if self._stopped:
+                raise Unavailable("the engine is shutting down")
+            self._tasks.append(task)
+            self._cond.notify()
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """`fn()` run on the engine thread, from any thread (directly when already on it); blocks until done."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def task() -> None:
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        self.call_soon(task)
+        return future.result()
 
     @property
     def in_flight(self) -> int:
@@ -157,36 +207,53 @@ class BatchScheduler:
             self._cond.notify()
         self._thread.join(timeout=10)
 
-    # -- the scheduler thread ----------------------------------------------------------------------------------
+    # -- the engine thread ---------------------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._stopped and not self._waiting and not self._active:
+                while not self._stopped and not self._tasks and not self._waiting and not self._active:
                     self._cond.wait()
-                if self._stopped:
+                tasks, self._tasks = self._tasks, []
+                stopped = self._stopped
+            with torch.inference_mode():
+                self._run_tasks(tasks)
+                if stopped:
                     self._fail_all(Unavailable("the engine is shutting down"))
                     return
-                newcomer = self._next_admissible()
-            try:
-                with torch.inference_mode():
+                with self._cond:
+                    newcomer = self._next_admissible()
+                try:
                     if newcomer is not None:
                         self._prefill(newcomer)
                     self._retire()
                     if self._active:
                         self._step()
                     self._retire()
-            except BaseException as exc:  # a bug outside the isolated step: fail the rows, never the thread
-                log.exception("scheduler step failed")
-                for row in list(self._active):
-                    self._end(row, exc)
-                self._retire()
+                except BaseException as exc:  # a bug outside the isolated step: fail the rows, never the thread
+                    log.exception("scheduler step failed")
+                    for row in list(self._active):
+                        self._end(row, exc)
+                    self._retire()
+                if self.after_step is not None:
+                    self._guarded(self.after_step)
+
+    def _run_tasks(self, tasks: list[Callable[[], None]]) -> None:
+        for task in tasks:
+            self._guarded(task)
+
+    @staticmethod
+    def _guarded(fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception:
+            log.exception("engine work failed")
 
     def _next_admissible(self) -> Row | None:
         """Pop the first waiting row if a slot and the token budget allow it (cancelled ones are dropped)."""
         if any(row.stopped for row in self._waiting):
             for row in [r for r in self._waiting if r.stopped]:
                 self._waiting.remove(row)
-                row.frames.put(_DONE)
+                self._notify_end(row, None)
         if not self._waiting or len(self._active) >= self.max_batch:
             return None
         in_flight = sum(r.positions_needed for r in self._active)
@@ -265,7 +332,12 @@ class BatchScheduler:
     def _publish(self, row: Row, frame: torch.Tensor, loop_frame: bool) -> None:
         """Hand a frame (on the host) to the row's consumer; mark the row to retire if it was its last."""
         self._count_frame()
-        row.frames.put(frame)
+        try:
+            row.on_frame(frame)
+        except Exception as exc:  # the consumer's own failure ends its row, not the step
+            log.exception("a row's frame consumer failed")
+            self._end(row, exc)
+            return
         if is_last(int(frame[0]), self.batch.produced[row.slot], row.max_new_tokens, row.im_end_id, loop_frame):
             self._end(row)
 
@@ -298,15 +370,22 @@ class BatchScheduler:
                     self._active[row.slot].slot = row.slot
                 self._active.pop()
             row.slot = -1
-            row.frames.put(error if error is not None else _DONE)
+            self._notify_end(row, error)
+
+    @staticmethod
+    def _notify_end(row: Row, error: BaseException | None) -> None:
+        try:
+            row.on_end(error)
+        except Exception:
+            log.exception("a row's end callback failed")
 
     def _fail_all(self, error: BaseException) -> None:
         for row in list(self._active):
             self._end(row, error)
         self._retire()
-        for row in self._waiting:
-            row.frames.put(error)
-        self._waiting.clear()
+        waiting, self._waiting = list(self._waiting), deque()
+        for row in waiting:
+            self._notify_end(row, error)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

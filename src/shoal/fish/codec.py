@@ -953,6 +953,34 @@ class DecodeStream:
         return audio
 
 
+def push_streams(streams: "list[DecodeStream]", codes: list[Tensor]) -> list[Tensor]:
+    """Push one chunk into each of several streams in one batched codec call, where their shapes allow: every
+    stream has decoded the same number of frames and every chunk has the same length (else ValueError). Returns
+    each stream's audio, as its own `push` would (to float rounding: the batch changes how sums are split)."""
+    if len(streams) == 1:
+        return [streams[0].push(codes[0])]
+    codec = streams[0].codec
+    frames, length = streams[0].frames, codes[0].shape[-1]
+    if any(s.frames != frames or s.codec is not codec for s in streams) or any(c.shape[-1] != length for c in codes):
+        raise ValueError("streams batched together must be at the same frame and push chunks of the same length")
+    if frames + length > streams[0].limit:
+        raise ValueError(f"a decode stream takes at most {streams[0].limit} frames; start a new one")
+    merged: dict[Any, Any] = {}
+    for key, value in streams[0].state.items():  # same pushes so far, so the same keys and shapes
+        merged[key] = torch.cat([s.state[key] for s in streams]) if isinstance(value, Tensor) else value
+    token = _STREAM.set(merged)
+    try:
+        with torch.inference_mode():
+            batch = torch.stack([codec._checked_codes(c)[0] for c in codes])
+            audio = codec.decoder(codec.quantizer.decode(batch))[:, 0].float()
+    finally:
+        _STREAM.reset(token)
+    for i, stream in enumerate(streams):
+        stream.state = {k: (v[i : i + 1] if isinstance(v, Tensor) else v) for k, v in merged.items()}
+        stream.frames += length
+    return list(audio.unbind(0))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------------------------

@@ -97,15 +97,17 @@ class _ServiceCollector:
                        counters["voice_cache_hits"])
         yield _counter("shoal_voice_cache_misses", "Saved-voice requests whose codes were read from disk or "
                        "recomputed", counters["voice_cache_misses"])
-        if "in_flight" not in counters:
-            return
-        yield _gauge("shoal_scheduler_in_flight", "Rows waiting for or in the decode batch", counters["in_flight"])
+        yield _gauge("shoal_engine_in_flight", "Requests submitted to the engines and not yet ended",
+                     counters["in_flight"])
         yield _gauge("shoal_batch_size", "Rows in the running decode batch", counters["batch_size"])
         yield _counter("shoal_decode_steps", "Batched decode steps run", counters["decode_steps"])
         yield _counter("shoal_generated_tokens", "Frames (tokens) generated", counters["generated_tokens"])
-        fish = service.engines.engines["fish"]
         yield _gauge("shoal_generated_tokens_per_second", "Frames generated per second over the last 10 s",
-                     fish.scheduler.tokens_per_second)
+                     counters["tokens_per_second"])
+        yield _counter("shoal_isolated_faults", "Failed batched decode steps replayed row by row",
+                       counters["isolated_faults"])
+        yield _counter("shoal_codec_batched_calls", "Codec decoder calls that served more than one request",
+                       counters["codec_batches"])
         yield _counter("shoal_reference_cache_hits", "Inline reference clips found in the in-memory cache",
                        counters["reference_cache_hits"])
         yield _counter("shoal_reference_cache_misses", "Inline reference clips not in the in-memory cache",
