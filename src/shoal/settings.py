@@ -79,6 +79,8 @@ class Settings(BaseSettings):
                                          "(default: max_batch_size x the model's max_seq_len)")
     stream_first_frames: int = Field(11, ge=1, le=256, description="frames before the first streamed chunk "
                                      "(~21.5 per second)")
+    torch_threads: int | None = Field(None, ge=1, description="intra-op threads of the engine thread, the one "
+                                      "thread that runs torch (default: torch's, one per core)")
     # Defaults for requests
     default_model: Literal["auto", "fish", "piper"] = Field("auto", description="auto: fish if a checkpoint "
                                                             "loads, else piper")
