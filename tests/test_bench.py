@@ -48,6 +48,7 @@ def test_bench_writes_the_table_and_the_json(fixture_dir, tmp_path):
     assert single["decode_bytes"]["weights"] > 0
     u = single["utterance"]
     assert 0 < u["first_audio_s"] <= u["total_s"] and 1 <= u["tokens"] <= 7 and u["audio_s"] > 0
+    assert u["unstreamed_total_s"] > 0 and u["codec_frames"] == u["tokens"]  # each decoded frame through once
     v = single["voice"]
     assert v["encodes_at_save"] == 1 and v["encodes_first_request"] == 0 and v["encodes_second_request"] == 0
     assert v["second_request_s"] > 0
@@ -63,6 +64,7 @@ def test_bench_writes_the_table_and_the_json(fixture_dir, tmp_path):
     assert report["reference"] == {"status": "not run (--no-reference)"}
     rows = {row["metric"]: row for row in report["summary"]}
     assert rows["saved voice, 2nd request: codec encodes"]["shoal"] == 0
+    assert rows["utterance: streamed total / unstreamed total"]["shoal"] > 0
     assert all(row["reference"] is None and row["ratio"] is None for row in report["summary"])
     text = md.read_text()
     assert "| model load | s |" in text and "not run" in text and "max_seq_len 2400" in text and "throughput, 2 concurrent" in text
