@@ -369,3 +369,26 @@ def test_segments_longer_than_the_codec_block_are_decoded_in_pieces(engine):
     assert result.audio.shape[0] == frames * 2048
     head = engine.codec_stage.decode(result.codes[:, : engine.codec_stage.decode_limit])
     assert relative_l2(result.audio[: len(head)], head) < PIECES_TOLERANCE
+
+
+def test_streamed_requests_that_arrive_together_decode_in_step_and_share_codec_calls(engine):
+    """Rows admitted at one step boundary decode in step, so their streamed chunks go through the codec together;
+    each request's audio is still what it gets alone."""
+    import threading
+
+    from shoal.engines.base import BlockingSink
+
+    requests = [SynthesisRequest(text=f"Arriving together, number {i}.", seed=30 + i, max_new_tokens=40,
+                                 chunk_length=0) for i in range(3)]
+    alone = [np.concatenate(list(engine.synthesize(r))) for r in requests]
+    before = engine.stats().codec_batches
+    gate = threading.Event()
+    engine.scheduler.call_soon(lambda: gate.wait(10))  # hold the engine thread until all three are queued
+    sinks = [BlockingSink() for _ in requests]
+    for request, sink in zip(requests, sinks):
+        engine.submit(request, sink)
+    gate.set()
+    together = [np.concatenate(list(sink)) for sink in sinks]
+    assert engine.stats().codec_batches > before
+    for one, many in zip(alone, together):
+        assert many.shape == one.shape and relative_l2(many, one) < STREAM_TOLERANCE

@@ -6,8 +6,8 @@ work (the fish engine's codec stage). Requests become *rows*. A row holds one sl
 `DecodeBatch` (shoal.fish.generate): its position, sampling parameters, penalty history and `torch.Generator`
 live there, on the device, and its KV cache in the same slot of the model's caches. Active rows hold slots
 0..n-1; when one leaves, the last moves into its slot, so a decode step reads views, never a gather. At every
-step boundary the scheduler admits at most one newcomer (its prefill is the only thing running rows wait for),
-runs one batched decode step (`decode_one_token`) for every active row, copies the new frames to the host once,
+step boundary the scheduler admits the waiting rows that fit (their prefills are the only thing running rows wait
+for, bounded by `PREFILL_POSITIONS`), runs one batched decode step (`decode_one_token`) for every active row, copies the new frames to the host once,
 hands each row its frame (`on_frame`, on this thread) and retires the rows that finished or were cancelled
 (`on_end`).
 
@@ -43,6 +43,9 @@ T = TypeVar("T")
 
 #: KV caches grow in steps of this many positions (copying the rows in flight), never past max_seq_len.
 CACHE_STEP = 1024
+#: Prompt positions prefilled at one step boundary (the first newcomer is admitted whatever its length): running
+#: rows wait for these prefills, so this bounds how long a burst of arrivals stalls them.
+PREFILL_POSITIONS = 2048
 #: The window over which `tokens_per_second` is measured.
 RATE_WINDOW_SECONDS = 10.0
 #: Frames counted within this long of each other share one entry of that window (about one step).
@@ -221,10 +224,10 @@ class BatchScheduler:
                     self._fail_all(Unavailable("the engine is shutting down"))
                     return
                 with self._cond:
-                    newcomer = self._next_admissible()
+                    newcomers = self._admissible()
                 try:
-                    if newcomer is not None:
-                        self._prefill(newcomer)
+                    for row in newcomers:
+                        self._prefill(row)
                     self._retire()
                     if self._active:
                         self._step()
@@ -248,18 +251,27 @@ class BatchScheduler:
         except Exception:
             log.exception("engine work failed")
 
-    def _next_admissible(self) -> Row | None:
-        """Pop the first waiting row if a slot and the token budget allow it (cancelled ones are dropped)."""
+    def _admissible(self) -> list[Row]:
+        """Pop the waiting rows (in order) that free slots, the token budget and `PREFILL_POSITIONS` allow, at
+        least one if a slot is free; cancelled ones are dropped. Rows admitted together decode in step from then on,
+        so their streamed chunks line up for batched codec calls."""
         if any(row.stopped for row in self._waiting):
             for row in [r for r in self._waiting if r.stopped]:
                 self._waiting.remove(row)
                 self._notify_end(row, None)
-        if not self._waiting or len(self._active) >= self.max_batch:
-            return None
+        admitted: list[Row] = []
         in_flight = sum(r.positions_needed for r in self._active)
-        if self._active and in_flight + self._waiting[0].positions_needed > self.max_tokens:
-            return None
-        return self._waiting.popleft()
+        prefill = 0
+        while self._waiting and len(self._active) + len(admitted) < self.max_batch:
+            row = self._waiting[0]
+            if (self._active or admitted) and in_flight + row.positions_needed > self.max_tokens:
+                break
+            if admitted and prefill + row.prompt.shape[1] > PREFILL_POSITIONS:
+                break
+            admitted.append(self._waiting.popleft())
+            in_flight += row.positions_needed
+            prefill += row.prompt.shape[1]
+        return admitted
 
     def _ensure_cache(self, positions: int) -> None:
         model = self.model
