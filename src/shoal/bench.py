@@ -904,6 +904,9 @@ CPU_SETTLE_S = 0.25
 #: A thread counts as busy in a request when it used at least this share of the request's wall time.
 BUSY_THREAD_SHARE = 0.10
 SERVER_READY_TIMEOUT_S = 600.0
+#: A single-threaded server given a whole core keeps it busy for nearly all of a request; below this share of
+#: a core other work was competing for it, and the summary says the machine was busy.
+QUIET_CORES_BUSY = 0.9
 THREAD_PROBE = """import json, torch
 info = torch.__config__.parallel_info().splitlines()
 print(json.dumps({"torch": torch.__version__, "intra_op_threads": torch.get_num_threads(),
@@ -1179,6 +1182,10 @@ def render_repeat_summary(report: dict) -> str:
     s, ratios = report["servers"], report["ratios"]
     lines = [f"# shoal bench --repeat {report['options']['repeat']}: {report['label']} ({report['date']})", ""]
     lines += [f"- **{t['target']}: {'hit' if t['hit'] else 'miss'}** ({t['figure']})" for t in report["targets"]]
+    busy = s["omp1"]["figures"]["cores_busy_median"]
+    if busy < QUIET_CORES_BUSY:
+        lines.append(f"- **the machine was busy**: the 1-thread server had {busy:.2f} of a core per request (median "
+                     "CPU s / wall s), so other work took the rest; its own later / first is the noise to expect")
     for name in ("default", "omp1"):
         f = s[name]["figures"]
         if not f["identical"]:
