@@ -152,3 +152,51 @@ def test_quick_bench_runs_shoal_alone_on_the_tiny_fixture(fixture_dir, tmp_path)
     assert report["options"]["tokens"] == 16 and report["options"]["concurrency"] == [1, 4]
     assert report["reference"]["status"] == "not run (--no-reference)"
     assert report["shoal"]["single"]["decode"]["median_step_s"] > 0
+
+
+# Two `shoal serve` processes on the tiny fixture, 3 short requests each: about 40 s on 2 quiet cores.
+def test_repeat_sends_one_request_to_a_default_and_a_one_thread_server(fixture_dir, tmp_path):
+    proc = shoal("bench", "--repeat", "3", "--tiny", "--fixture", str(fixture_dir), "--tokens", "8",
+                 "--out", str(tmp_path), timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    [md] = tmp_path.glob("*-tiny-repeat.md")
+    [js] = tmp_path.glob("*-tiny-repeat.json")
+    assert md.stem == js.stem and all(line.startswith("bench: ") for line in proc.stderr.splitlines())
+
+    report = json.loads(js.read_text())
+    assert report["mode"] == "repeat" and report["options"]["repeat"] == 3 and report["options"]["tokens"] == 8
+    body = report["request"]["body"]
+    assert body["seed"] == bench.UTTERANCE_SEED and body["max_new_tokens"] == 8 and body["streaming"] is False
+    assert set(report["servers"]) == {"default", "omp1"}
+    assert report["servers"]["omp1"]["env"] == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    for name, server in report["servers"].items():
+        assert server["exit_code"] == 0 and server["ready_s"] > 0
+        if name == "omp1":  # what torch chooses with the server's environment
+            assert server["torch_probe"]["intra_op_threads"] == 1
+        assert len(server["requests"]) == 3
+        for r in server["requests"]:
+            assert r["wall_s"] > 0 and r["cpu_s"] >= 0 and r["threads"] >= 1 and 0 < r["audio_s"] < 1
+            assert r["bytes"] > 44 and len(r["sha256"]) == 64 and len(r["thread_cpu_s"]) <= 6
+        f = server["figures"]
+        assert f["identical"] and f["distinct_responses"] == 1  # same seed, same request: the same WAV
+        assert len(f["later_over_first"]) == 2 and f["later_over_first_min"] <= f["later_over_first_max"]
+    assert [t["target"] for t in report["targets"]] == ["first vs later ±10%", "CPU per request ≤ OMP_NUM_THREADS=1"]
+    assert all(isinstance(t["hit"], bool) for t in report["targets"])
+    assert report["ratios"]["cpu_default_over_omp1"] > 0 and report["ratios"]["wall_default_over_omp1"] > 0
+
+    text = md.read_text()
+    assert proc.stdout.strip() and proc.stdout.strip() in text  # the summary printed is the head of the file
+    assert "first vs later ±10%: " in proc.stdout and "CPU per request ≤ OMP_NUM_THREADS=1: " in proc.stdout
+    assert "DIFFER" not in text and text.count("\n| 3 | ") == 1  # one row per request
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--repeat", "1"], "--repeat"),
+    (["--repeat", "--concurrency", "1,4"], "--concurrency"),
+    (["--repeat", "3", "--one-process"], "--one-process"),
+])
+def test_bad_repeat_options_are_one_line(flags, says, tmp_path):
+    proc = shoal("bench", "--out", str(tmp_path), *flags, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0] and lines[0].startswith("shoal: error:")

@@ -74,6 +74,8 @@ TEXTS = (
     "Your order has shipped and should arrive on Thursday.",
     "Reading aloud is a skill that improves with practice.",
 )
+#: `--repeat` given bare: the issue's "the same request, repeated 20 times on a warm server".
+REPEAT_DEFAULT = 20
 THROUGHPUT_SEED = 100  # request i of a burst uses seed 100 + i; request 0 is also the decode-timing request
 VOICE_ID = "bench-voice"
 VOICE_CLIP_TEXT = "This is a short reference recording."
@@ -140,6 +142,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"where the .md and .json go (default {DEFAULT_OUT})")
     parser.add_argument("--bandwidth-mib", type=int, default=1024, metavar="MIB",
                         help="size of the array copied to measure memory bandwidth (default 1024)")
+    parser.add_argument("--repeat", type=int, nargs="?", const=REPEAT_DEFAULT, metavar="N",
+                        help=f"instead of the side-by-side: one request sent N times (default {REPEAT_DEFAULT}) to a "
+                             "real `shoal serve` at the default thread settings, then to one with OMP_NUM_THREADS=1; "
+                             "later requests against the first, CPU seconds per request against the 1-thread "
+                             "server's (shoal only)")
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -150,7 +157,7 @@ def run_bench(args: argparse.Namespace) -> int:
     except BenchError as exc:
         raise BadRequest(str(exc)) from None
     try:
-        Bench(options).run()
+        (RepeatBench if options["repeat"] else Bench)(options).run()
     except BenchError as exc:
         raise EngineFailure(str(exc)) from None
     return 0
@@ -179,13 +186,25 @@ def resolve_options(args: argparse.Namespace) -> dict:
     if args.max_seq_len is not None and args.max_seq_len <= GENERATION_HEADROOM:
         raise BenchError(f"--max-seq-len must be more than {GENERATION_HEADROOM} (the positions a prompt leaves "
                          "free for generation)")
+    repeat = getattr(args, "repeat", None)
+    if repeat is not None:
+        if repeat < 2:
+            raise BenchError("--repeat needs at least 2 requests: the later ones are compared with the first")
+        clashing = [flag for flag, given in (("--concurrency", args.concurrency is not None),
+                                             ("--one-process", args.one_process),
+                                             ("--setup-reference", args.setup_reference)) if given]
+        if clashing:
+            raise BenchError(f"{clashing[0]} does not apply to --repeat (one request, one at a time, shoal only)")
+        args.no_reference = True
     label = args.label or (Path(args.checkpoint).name if args.checkpoint else kind)
+    if repeat is not None and not args.label:  # --quick --repeat is the tiny fixture with 16 tokens
+        label = f"{'tiny' if kind == 'quick' else label}-repeat"
     if not re.fullmatch(r"[A-Za-z0-9._-]{1,80}", label):
         raise BenchError(f"--label may only use A-Z, a-z, 0-9, '.', '_' and '-', got {label!r}")
     if kind == "quick":
         args.no_reference = True
         kind = "tiny"
-        label = args.label or "quick"
+        label = args.label or label
     return {
         "kind": kind,
         "checkpoint": args.checkpoint,
@@ -209,6 +228,7 @@ def resolve_options(args: argparse.Namespace) -> dict:
         "label": label,
         "out": Path(args.out).expanduser(),
         "bandwidth_mib": args.bandwidth_mib,
+        "repeat": repeat,
         "debug": getattr(args, "debug", False),
     }
 
@@ -872,6 +892,371 @@ def parity_note(report: dict) -> str:
 
 def fmt_load(load) -> str:
     return "/".join(f"{v:.2f}" for v in load) if load else "?"
+
+
+# -----------------------------------------------------------------------------------------------------------
+# --repeat: the same request, again and again, to a real `shoal serve`
+# -----------------------------------------------------------------------------------------------------------
+
+#: The issue's targets: every later request within ±10% of the first's wall time, and no more CPU per request
+#: than a server started with OMP_NUM_THREADS=1.
+REPEAT_WALL_TOLERANCE = 0.10
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+#: After each response the CPU window stays open this long: worker threads still spinning (OpenMP teams wait
+#: busily for a while after a parallel region) count against the request that woke them.
+CPU_SETTLE_S = 0.25
+#: A thread counts as busy in a request when it used at least this share of the request's wall time.
+BUSY_THREAD_SHARE = 0.10
+SERVER_READY_TIMEOUT_S = 600.0
+#: A single-threaded server given a whole core keeps it busy for nearly all of a request; below this share of
+#: a core other work was competing for it, and the summary says the machine was busy.
+QUIET_CORES_BUSY = 0.9
+THREAD_PROBE = """import json, torch
+info = torch.__config__.parallel_info().splitlines()
+print(json.dumps({"torch": torch.__version__, "intra_op_threads": torch.get_num_threads(),
+                  "inter_op_threads": torch.get_num_interop_threads(),
+                  "backend": next((l.split(":", 1)[1].strip() for l in info if "parallel backend" in l), None)}))
+"""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServeProcess:
+    """`python -m shoal serve --no-ui` on a free loopback port, run from `root` (so no ./checkpoints or .env is
+    seen), its data dir under `root` and its output in `root/server.log`. What tests/serverproc.py does for the
+    tests, kept here because the bench ships in the package and tests/ does not."""
+
+    def __init__(self, root: Path, args: list[str], env: dict):
+        self.root, self.env = root, env
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = root / "server.log"
+        self.args = [sys.executable, "-m", "shoal", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                     "--data-dir", str(root / "data"), "--no-ui", *args]
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = SERVER_READY_TIMEOUT_S) -> dict:
+        """Spawn it and wait until /v1/health says ok; returns that health answer."""
+        import httpx
+
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                         cwd=self.root)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BenchError(f"shoal serve exited with {self.proc.returncode} before it was ready: "
+                                 f"{last_line(self.log.read_text(errors='replace'))}")
+            try:
+                response = httpx.get(self.url + "/v1/health", timeout=5)
+                if response.status_code == 200:
+                    return response.json()
+                if response.json().get("status") == "error":
+                    raise BenchError(f"shoal serve failed to load: {response.json().get('error')}")
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.2)
+        raise BenchError(f"shoal serve was not ready in {timeout:.0f} s: "
+                         f"{last_line(self.log.read_text(errors='replace')) or 'it wrote nothing'}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class RepeatBench(Bench):
+    """`shoal bench --repeat N`: one request (fixed text and seed, a non-streamed WAV from /v1/tts) sent N times,
+    one after another, to a fresh `shoal serve` at the default thread settings, then N times to a fresh one
+    started with OMP_NUM_THREADS=MKL_NUM_THREADS=1. Per request: its wall time (client side) and the server
+    process's CPU time (user + system of all its threads, psutil). The server's own warm-up has run before the
+    first request (it is ready only after it), and nothing else is sent first: request 1 is the first a user's
+    would be."""
+
+    def run(self) -> dict:
+        o = self.o
+        started = datetime.datetime.now().astimezone()
+        load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+        o["out"].mkdir(parents=True, exist_ok=True)
+        checkpoint = self.checkpoint()
+        request = repeat_request(o["tokens"])
+        servers = {}
+        with tempfile.TemporaryDirectory(prefix="shoal-bench-") as tmp:
+            for name, env in (("default", self.default_env()), ("omp1", self.one_thread_env())):
+                servers[name] = self.serve_repeatedly(Path(tmp) / name, name, env, checkpoint, request)
+        load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
+        report = assemble_repeat(o, started, checkpoint, request, servers, load_before, load_after)
+        stem = o["out"] / f"{started.date().isoformat()}-{o['label']}"
+        write_text(stem.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
+        write_text(stem.with_suffix(".md"), render_repeat_markdown(report))
+        print(render_repeat_summary(report))
+        progress(f"wrote {stem}.md and {stem}.json")
+        return report
+
+    def default_env(self) -> dict:
+        """The environment as it is, less any thread count inherited from this shell, so that "default" is torch's
+        own choice; --threads N sets both variables instead."""
+        env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
+        if self.o["threads"]:
+            env.update({name: str(self.o["threads"]) for name in THREAD_VARIABLES})
+        return self.shoal_env(env)
+
+    def one_thread_env(self) -> dict:
+        return self.shoal_env({**os.environ, **{name: "1" for name in THREAD_VARIABLES}})
+
+    def shoal_env(self, env: dict) -> dict:
+        """The bench's shoal options, as the SHOAL_* variables `shoal serve` reads."""
+        o = self.o
+        env = {**env, "SHOAL_REQUEST_TIMEOUT": str(BENCH_TIMEOUT_SECONDS), "GRADIO_ANALYTICS_ENABLED": "False"}
+        for name, value in (("SHOAL_COMPILE", o["compile"]), ("SHOAL_CUDA_GRAPHS", o["cuda_graphs"])):
+            if value:
+                env[name] = "true"
+        if o["compile"]:
+            env["SHOAL_COMPILE_CACHE"] = str(o["work_dir"] / "compile-cache")
+        for name, value in (("SHOAL_MAX_SEQ_LEN", o["max_seq_len"]), ("SHOAL_MAX_BATCH_SIZE", o["max_batch_size"])):
+            if value is not None:
+                env[name] = str(value)
+        if o["quantize"] != "none":
+            env["SHOAL_QUANTIZE"] = o["quantize"]
+        return env
+
+    def serve_repeatedly(self, root: Path, name: str, env: dict, checkpoint: dict, request: dict) -> dict:
+        import httpx
+        import psutil
+
+        o = self.o
+        threads_env = {k: env.get(k) for k in THREAD_VARIABLES}
+        title = "default threads" if name == "default" else "OMP_NUM_THREADS=1"
+        server = ServeProcess(root, ["--checkpoint", checkpoint["path"], "--device", o["device"], "--precision",
+                                     o["precision"]], env)
+        progress(f"{title}: starting shoal serve on port {server.port} "
+                 f"({', '.join(f'{k}={v}' for k, v in threads_env.items() if v) or 'no thread variables'})")
+        t0 = time.perf_counter()
+        try:
+            health = server.start()
+            ready_s = time.perf_counter() - t0
+            proc = psutil.Process(server.proc.pid)
+            out = {"env": threads_env, "ready_s": ready_s, "threads_at_ready": proc.num_threads(),
+                   "threads_reported": health.get("threads"), "torch_probe": probe_threads(env),
+                   "requests": []}
+            progress(f"{title}: ready in {ready_s:.1f} s; {o['repeat']} requests one after another")
+            with httpx.Client(base_url=server.url, timeout=BENCH_TIMEOUT_SECONDS) as client:
+                for i in range(o["repeat"]):
+                    one = timed_request(client, proc, request)
+                    out["requests"].append(one)
+                    progress(f"{title}: request {i + 1}: {one['wall_s']:.2f} s, {one['cpu_s']:.2f} CPU s, "
+                             f"{one['busy_threads']} busy threads of {one['threads']}")
+            out["rss_mb_end"] = proc.memory_info().rss / 2**20
+        except BaseException:
+            server.stop()
+            raise
+        server.stop()
+        out["exit_code"] = server.proc.returncode
+        return out
+
+
+def repeat_request(tokens: int) -> dict:
+    """The /v1/tts body: the ~10 s utterance with its fixed seed, as one non-streamed WAV."""
+    spec = request_plan(tokens, 1)["utterance"]
+    return {**request_fields(spec), "format": "wav", "streaming": False}
+
+
+def probe_threads(env: dict) -> dict | None:
+    """What torch chooses in a fresh interpreter with the server's environment: its intra-op and inter-op thread
+    counts at start-up (the server does not report its own; shoal sets none)."""
+    proc = subprocess.run([sys.executable, "-c", THREAD_PROBE], env=env, capture_output=True, text=True)
+    if proc.returncode:
+        progress(f"the torch thread probe failed: {last_line(proc.stderr)}")
+        return None
+    return json.loads(proc.stdout)
+
+
+def timed_request(client, proc, body: dict) -> dict:
+    """One request: its wall time, the server's CPU seconds over it (and over CPU_SETTLE_S after), its threads."""
+    import hashlib
+    import io
+    import wave
+
+    def cpu() -> float:
+        t = proc.cpu_times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def per_thread() -> dict:
+        return {t.id: t.user_time + t.system_time for t in proc.threads()}
+
+    threads0, cpu0 = per_thread(), cpu()
+    t0 = time.perf_counter()
+    response = client.post("/v1/tts", json=body)
+    wall = time.perf_counter() - t0
+    cpu_at_response = cpu()
+    time.sleep(CPU_SETTLE_S)
+    cpu1, threads1 = cpu(), per_thread()
+    if response.status_code != 200:
+        raise BenchError(f"/v1/tts answered {response.status_code}: {response.text[:300]}")
+    audio = response.content
+    with wave.open(io.BytesIO(audio)) as w:
+        audio_s = w.getnframes() / w.getframerate()
+    used = sorted(((threads1[tid] - threads0.get(tid, 0.0), tid) for tid in threads1), reverse=True)
+    return {"wall_s": wall, "cpu_s": cpu1 - cpu0, "cpu_after_response_s": cpu1 - cpu_at_response,
+            "threads": len(threads1), "busy_threads": sum(u >= BUSY_THREAD_SHARE * wall for u, _ in used),
+            # [thread id, CPU s] of its busiest threads: the same ids request after request when one thread
+            # runs torch; new ids when each request brings threads (and OpenMP teams) of its own
+            "thread_cpu_s": [[tid, round(u, 3)] for u, tid in used[:6] if u >= 0.01],
+            "audio_s": audio_s, "bytes": len(audio), "sha256": hashlib.sha256(audio).hexdigest()}
+
+
+def repeat_figures(server: dict) -> dict:
+    """One server's requests -> the figures the targets are judged on."""
+    reqs = server["requests"]
+    walls = [r["wall_s"] for r in reqs]
+    ratios = [w / walls[0] for w in walls[1:]]
+    digests = {r["sha256"] for r in reqs}
+    return {"first_wall_s": walls[0], "later_wall_median_s": median(walls[1:]), "wall_median_s": median(walls),
+            "later_over_first": ratios, "later_over_first_max": max(ratios),
+            "later_over_first_min": min(ratios), "later_over_first_median": median(ratios),
+            "within_tolerance": all(abs(r - 1) <= REPEAT_WALL_TOLERANCE for r in ratios),
+            "cpu_median_s": median(r["cpu_s"] for r in reqs), "cpu_first_s": reqs[0]["cpu_s"],
+            "cpu_later_median_s": median(r["cpu_s"] for r in reqs[1:]),
+            "cores_busy_median": median(r["cpu_s"] / r["wall_s"] for r in reqs),
+            "busy_threads_median": median(r["busy_threads"] for r in reqs),
+            "threads_max": max(r["threads"] for r in reqs),
+            "identical": len(digests) == 1, "distinct_responses": len(digests), "audio_s": reqs[0]["audio_s"]}
+
+
+def assemble_repeat(o, started, checkpoint, request, servers, load_before, load_after) -> dict:
+    for server in servers.values():
+        server["figures"] = repeat_figures(server)
+    d, one = servers["default"]["figures"], servers["omp1"]["figures"]
+    cpu_ratio = d["cpu_median_s"] / one["cpu_median_s"]
+    targets = [
+        {"target": f"first vs later ±{REPEAT_WALL_TOLERANCE:.0%}", "hit": d["within_tolerance"],
+         "figure": f"later / first: median {d['later_over_first_median']:.2f}, range "
+                   f"{d['later_over_first_min']:.2f}-{d['later_over_first_max']:.2f} over requests 2-{o['repeat']}"},
+        {"target": "CPU per request ≤ OMP_NUM_THREADS=1", "hit": cpu_ratio <= 1.0,
+         "figure": f"median {d['cpu_median_s']:.2f} CPU s against {one['cpu_median_s']:.2f} ({cpu_ratio:.2f}x)"},
+    ]
+    return {
+        "schema": SCHEMA_VERSION,
+        "mode": "repeat",
+        "label": o["label"],
+        "date": started.date().isoformat(),
+        "started": started.isoformat(timespec="seconds"),
+        "machine": {**machine(), "loadavg_before": load_before, "loadavg_after": load_after},
+        "options": {"tokens": o["tokens"], "repeat": o["repeat"], "threads": o["threads"], "device": o["device"],
+                    "precision": o["precision"], "compile": o["compile"], "cuda_graphs": o["cuda_graphs"],
+                    "max_seq_len": o["max_seq_len"], "max_batch_size": o["max_batch_size"],
+                    "quantize": o["quantize"]},
+        "checkpoint": checkpoint,
+        "request": {"path": "/v1/tts", "body": request},
+        "method": {"cpu": "psutil cpu_times of the server process (user + system, all its threads), from just "
+                          f"before the request to {CPU_SETTLE_S} s after its response",
+                   "busy_thread": f"a thread that used at least {BUSY_THREAD_SHARE:.0%} of the request's wall time",
+                   "wall": "client side, from sending the request to the whole WAV received"},
+        "servers": servers,
+        "ratios": {"cpu_default_over_omp1": cpu_ratio,
+                   "wall_default_over_omp1": d["wall_median_s"] / one["wall_median_s"],
+                   "same_audio_both_servers": servers["default"]["requests"][0]["sha256"]
+                   == servers["omp1"]["requests"][0]["sha256"]},
+        "targets": targets,
+    }
+
+
+def thread_setting(server: dict) -> str:
+    env = ", ".join(f"{k}={v}" for k, v in server["env"].items() if v) or "no OMP/MKL_NUM_THREADS"
+    probe = server.get("torch_probe")
+    seen = (f"; torch chooses {probe['intra_op_threads']} intra-op, {probe['inter_op_threads']} inter-op threads "
+            f"({probe['backend']})" if probe else "")
+    reported = f"; the server reports {server['threads_reported']}" if server.get("threads_reported") else ""
+    return env + seen + reported
+
+
+def render_repeat_summary(report: dict) -> str:
+    """The targets and the per-server figures: what stdout shows, and the head of the .md."""
+    s, ratios = report["servers"], report["ratios"]
+    lines = [f"# shoal bench --repeat {report['options']['repeat']}: {report['label']} ({report['date']})", ""]
+    lines += [f"- **{t['target']}: {'hit' if t['hit'] else 'miss'}** ({t['figure']})" for t in report["targets"]]
+    busy = s["omp1"]["figures"]["cores_busy_median"]
+    if busy < QUIET_CORES_BUSY:
+        lines.append(f"- **the machine was busy**: the 1-thread server had {busy:.2f} of a core per request (median "
+                     "CPU s / wall s), so other work took the rest; its own later / first is the noise to expect")
+    for name in ("default", "omp1"):
+        f = s[name]["figures"]
+        if not f["identical"]:
+            lines.append(f"- **{name}: the responses DIFFER** ({f['distinct_responses']} distinct WAVs in "
+                         f"{len(s[name]['requests'])})")
+    lines += [
+        "",
+        "| | unit | default threads | OMP_NUM_THREADS=1 | default / 1 thread |",
+        "|---|---|---:|---:|---:|",
+    ]
+    d, one = s["default"]["figures"], s["omp1"]["figures"]
+
+    def row(label, unit, key, ratio=True):
+        a, b = d[key], one[key]
+        lines.append(f"| {label} | {unit} | {fmt(a, unit)} | {fmt(b, unit)} | "
+                     f"{f'{a / b:.2f}' if ratio and a and b else ''} |")
+
+    row("request 1: wall", "s", "first_wall_s")
+    row("requests 2-N: wall (median)", "s", "later_wall_median_s")
+    row("later / first (median)", "x", "later_over_first_median", False)
+    row("later / first (max)", "x", "later_over_first_max", False)
+    row("CPU per request (median)", "CPU s", "cpu_median_s")
+    row("request 1: CPU", "CPU s", "cpu_first_s")
+    row("cores busy (median CPU s / wall s)", "x", "cores_busy_median", False)
+    row("busy threads per request (median)", "count", "busy_threads_median", False)
+    row("server threads (max)", "count", "threads_max", False)
+    lines.append(f"| responses identical | | {'yes' if d['identical'] else 'NO'} | "
+                 f"{'yes' if one['identical'] else 'NO'} | "
+                 f"{'same audio' if ratios['same_audio_both_servers'] else 'different audio'} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_repeat_markdown(report: dict) -> str:
+    m, o, ck, s = report["machine"], report["options"], report["checkpoint"], report["servers"]
+    body = report["request"]["body"]
+    lines = [render_repeat_summary(report).rstrip("\n"), ""]
+    lines += [
+        f"- checkpoint: `{ck['path']}`: {ck['description']}",
+        f"- request: `POST /v1/tts`, {len(body['text'])} characters, seed {body['seed']}, max_new_tokens "
+        f"{body['max_new_tokens']}, WAV, not streamed; {s['default']['figures']['audio_s']:.2f} s of audio; "
+        f"{o['device']}, {o['precision']}",
+        f"- default server: {thread_setting(s['default'])}",
+        f"- 1-thread server: {thread_setting(s['omp1'])}",
+        f"- machine: {m['cpu']}, {m['cores']} cores ({m.get('cores_usable', m['cores'])} usable), "
+        f"{m.get('ram_gib', '?')} GiB RAM; {m['platform']}; load average {fmt_load(m['loadavg_before'])} before, "
+        f"{fmt_load(m['loadavg_after'])} after",
+        "",
+        "| request | default: wall s | / first | CPU s | busy threads | 1 thread: wall s | / first | CPU s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    a, b = s["default"]["requests"], s["omp1"]["requests"]
+    for i, (x, y) in enumerate(zip(a, b)):
+        lines.append(f"| {i + 1} | {x['wall_s']:.2f} | {x['wall_s'] / a[0]['wall_s']:.2f} | {x['cpu_s']:.2f} | "
+                     f"{x['busy_threads']} | {y['wall_s']:.2f} | {y['wall_s'] / b[0]['wall_s']:.2f} | "
+                     f"{y['cpu_s']:.2f} |")
+    lines += [
+        "",
+        f"- Each server is a fresh `shoal serve` (its own warm-up done before it reports ready); the {o['repeat']} "
+        "requests go one after another, nothing sent before the first. The default server runs first, then the "
+        "1-thread one, never both at once.",
+        f"- Wall: {report['method']['wall']}. CPU: {report['method']['cpu']}. Busy thread: "
+        f"{report['method']['busy_thread']}.",
+        f"- First vs later: every request 2-{o['repeat']} must be within ±{REPEAT_WALL_TOLERANCE:.0%} of request 1 "
+        "(the 1-thread column is the control: when it misses too, the machine was not quiet). CPU per request: "
+        "the default server's median against the 1-thread server's.",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 # -----------------------------------------------------------------------------------------------------------
