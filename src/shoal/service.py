@@ -236,6 +236,13 @@ class Service:
                 setattr(total, f.name, getattr(total, f.name) + getattr(engine.stats(), f.name))
         return total
 
+    def thread_layout(self) -> dict:
+        """How torch runs here: its intra-op threads (on the engine thread, the only one that runs it) and how
+        OpenMP workers wait between parallel regions (see `shoal.OMP_WAIT_POLICY`)."""
+        import torch
+
+        return {"torch_intra_op": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+
     def counters(self) -> dict[str, float]:
         """Process-lifetime counters operators and tests watch (codec encodes: zero for saved voices)."""
         return {**asdict(self.stats()), **self.voices.cache_counters()}

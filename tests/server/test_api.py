@@ -41,6 +41,7 @@ def test_health_reports_models_and_counters(server):
     assert body["status"] == "ok" and body["default_model"] == "fish"
     assert set(body["models"]) == {"fish", "piper"} and body["notice"] is None
     assert "codec_encodes" in body["counters"]
+    assert body["threads"]["torch_intra_op"] >= 1 and body["threads"]["omp_wait_policy"] == "PASSIVE"
 
 
 def test_models_and_voices_listings(server):

@@ -104,7 +104,7 @@ def create_app(settings: Settings, engines_loader: Callable[[Settings], Engines]
         service: Service = state.service
         return {"status": "ok", "models": service.model_names, "default_model": service.engines.default,
                 "queue_depth": service.dispatcher.depth, "notice": service.engines.notice,
-                "counters": service.counters()}
+                "counters": service.counters(), "threads": service.thread_layout()}
 
     @app.get("/metrics", summary="Prometheus metrics", dependencies=[Depends(require_api_key)],
              response_class=Response)
