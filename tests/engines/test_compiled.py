@@ -8,7 +8,6 @@ leaked into a real one, or a mask that let a padded key through, changes them at
 from __future__ import annotations
 
 import concurrent.futures
-import json
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ from shoal.engines.fish import FishEngine
 from shoal.errors import BadRequest
 from shoal.fish.runner import batch_buckets, key_bucket
 
-from test_fish_engine import as_request
+from support import as_request, load_golden, load_requests
 
 pytestmark = pytest.mark.slow
 
@@ -68,8 +67,8 @@ def test_padded_compiled_steps_match_eager_steps(compiled, eager):
 
 
 def test_compiled_engine_gives_the_golden_codes_alone_and_batched(compiled, fixture_dir):
-    requests = json.loads((fixture_dir / "requests.json").read_text())["requests"]
-    golden = {r["name"]: np.load(fixture_dir / r["file"])["codes"] for r in requests}
+    requests = load_requests(fixture_dir)
+    golden = {r["name"]: load_golden(fixture_dir, r)["codes"] for r in requests}
     for req in requests:
         np.testing.assert_array_equal(compiled.run(as_request(fixture_dir, req)).codes, golden[req["name"]],
                                       err_msg=req["name"])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -12,6 +10,8 @@ from shoal.fish.checkpoint import normalise_model_keys, strict_load
 from shoal.fish.dual_ar import DualARConfig, DualARTransformer, rope_table
 from shoal.fish.generate import DecodeBatch, generate, sample_frame
 from shoal.fish.sampling import SamplingParams, params_tensor
+
+from support import load_golden, load_requests
 
 IM_END, SEMANTIC_BEGIN, SEMANTIC_END = 516, 527, 4622
 CAPTURED = ["a", "b"]  # requests whose logits, noise and penalty windows were captured
@@ -33,11 +33,7 @@ def model(fixture_dir):
 
 @pytest.fixture(scope="module")
 def requests_by_name(fixture_dir):
-    return {r["name"]: r for r in json.loads((fixture_dir / "requests.json").read_text())["requests"]}
-
-
-def golden(fixture_dir, name):
-    return np.load(fixture_dir / f"gen_{name}.npz")
+    return {r["name"]: r for r in load_requests(fixture_dir)}
 
 
 def params_of(req) -> SamplingParams:
@@ -63,7 +59,7 @@ def test_rope_tables_are_bf16_rounded():
 
 @pytest.mark.parametrize("name", ALL)
 def test_generated_frames_identical(model, fixture_dir, requests_by_name, name):
-    g, req = golden(fixture_dir, name), requests_by_name[name]
+    g, req = load_golden(fixture_dir, name), requests_by_name[name]
     generator = torch.Generator().manual_seed(req["seed"])
     frames = list(generate(model, torch.from_numpy(g["prompt"]), params_of(req), generator,
                            req["max_new_tokens"], IM_END))
@@ -77,7 +73,7 @@ def test_generated_frames_identical(model, fixture_dir, requests_by_name, name):
 
 def test_global_rng_does_not_leak_into_generation(model, fixture_dir, requests_by_name):
     """Same seed, same codes, however much the global generator is used in between."""
-    g, req = golden(fixture_dir, "a"), requests_by_name["a"]
+    g, req = load_golden(fixture_dir, "a"), requests_by_name["a"]
     generator = torch.Generator().manual_seed(req["seed"])
     frames = []
     for frame in generate(model, torch.from_numpy(g["prompt"]), params_of(req), generator,
@@ -91,7 +87,7 @@ def test_global_rng_does_not_leak_into_generation(model, fixture_dir, requests_b
 @pytest.mark.parametrize("name", CAPTURED)
 def test_teacher_forced_slow_and_fast_logits(model, fixture_dir, name):
     """Feed the golden frames back in and compare every logit the reference sampled from."""
-    g = golden(fixture_dir, name)
+    g = load_golden(fixture_dir, name)
     prompt = torch.from_numpy(g["prompt"]).long()
     generated = torch.from_numpy(g["generated"]).long()
     length = prompt.shape[1]
@@ -116,7 +112,7 @@ def test_teacher_forced_slow_and_fast_logits(model, fixture_dir, name):
 @pytest.mark.parametrize("name", CAPTURED)
 def test_noise_stream_matches_reference(fixture_dir, model, requests_by_name, name):
     """Per frame: the slow draw over the vocabulary, then 9 draws of 1024 — from the request's generator."""
-    g, req = golden(fixture_dir, name), requests_by_name[name]
+    g, req = load_golden(fixture_dir, name), requests_by_name[name]
     gen = torch.Generator().manual_seed(req["seed"])
     for t in range(g["generated"].shape[1]):
         slow = torch.empty(model.config.vocab_size).exponential_(1, generator=gen)
@@ -130,7 +126,7 @@ def test_noise_stream_matches_reference(fixture_dir, model, requests_by_name, na
 def test_penalty_windows_match_reference(fixture_dir, model, name):
     """The windows the serving path samples with (DecodeBatch, as the scheduler fills it), fed the golden frames,
     are the reference's, frame by frame; in a slot that is not the first, beside another row."""
-    g = golden(fixture_dir, name)
+    g = load_golden(fixture_dir, name)
     generated = torch.from_numpy(g["generated"]).long()
     n = generated.shape[1]
     batch = DecodeBatch(model, slots=2)
@@ -150,7 +146,7 @@ def test_penalty_windows_match_reference(fixture_dir, model, name):
 
 def test_batched_rows_equal_single_rows(model, fixture_dir, requests_by_name):
     """Two prompts of different lengths decoded side by side give each row's single-row logits."""
-    prompts = [torch.from_numpy(golden(fixture_dir, n)["prompt"]).long() for n in ("a", "b")]
+    prompts = [torch.from_numpy(load_golden(fixture_dir, n)["prompt"]).long() for n in ("a", "b")]
     singles = []
     with torch.inference_mode():
         for p in prompts:
@@ -167,7 +163,7 @@ def test_batched_rows_equal_single_rows(model, fixture_dir, requests_by_name):
 
 
 def test_prefill_frame_is_sampled_without_penalty(model, fixture_dir, requests_by_name):
-    g, req = golden(fixture_dir, "a"), requests_by_name["a"]
+    g, req = load_golden(fixture_dir, "a"), requests_by_name["a"]
     prompt = torch.from_numpy(g["prompt"]).long()
     gen = torch.Generator().manual_seed(req["seed"])
     with torch.inference_mode():
