@@ -8,6 +8,7 @@ leaked into a real one, or a mask that let a padded key through, changes them at
 from __future__ import annotations
 
 import concurrent.futures
+import os
 
 import numpy as np
 import pytest
@@ -24,9 +25,15 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def compiled(fixture_dir, tmp_path_factory):
+def compile_cache(tmp_path_factory):
+    """The compile cache dir the compiled engine is given (empty until it compiles)."""
+    return tmp_path_factory.mktemp("compile-cache")
+
+
+@pytest.fixture(scope="module")
+def compiled(fixture_dir, compile_cache):
     return FishEngine.load(fixture_dir, device="cpu", precision="float32", compile=True, max_batch_size=4,
-                           compile_cache_dir=tmp_path_factory.mktemp("compile-cache"))
+                           compile_cache_dir=compile_cache)
 
 
 @pytest.fixture(scope="module")
@@ -86,12 +93,14 @@ def test_compiled_caches_are_static(compiled):
     assert model.layers[0].attention.kv_cache.k.data_ptr() == before
 
 
-def test_compile_cache_is_written_under_the_given_dir(compiled):
-    import os
-
-    given = compiled.compile_cache_dir
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(given)
-    assert any(path.is_file() for path in given.rglob("*"))  # compiled kernels landed there
+def test_compile_cache_is_written_under_the_given_dir(compiled, compile_cache):
+    """The dir handed to `FishEngine.load` (not one the engine picks) is where inductor writes what it compiles."""
+    compiled.run(SynthesisRequest(text="Kernels on disk.", seed=3, max_new_tokens=8))  # compiled by now, if not before
+    assert compiled.compile_cache_dir == compile_cache
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(compile_cache)
+    written = [path.relative_to(compile_cache) for path in compile_cache.rglob("*") if path.is_file()]
+    assert any(path.suffix == ".py" for path in written), written  # inductor's generated kernels
+    assert any(path.parts[0] == "fxgraph" for path in written), written  # its FX graph cache, which a restart reuses
 
 
 def test_cuda_graphs_need_compile_and_cuda(fixture_dir):
