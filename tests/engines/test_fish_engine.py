@@ -38,12 +38,27 @@ def test_every_golden_request_gives_the_golden_codes_and_audio(engine, fixture_d
         assert result.stopped_by_im_end == [req["stopped_by_im_end"]]
 
 
-def test_saved_reference_is_encoded_once(engine, fixture_dir, golden_requests):
-    refs = [r for r in golden_requests if r["reference"]]
-    before = engine.encode_count
-    for req in refs[:2]:
-        engine.run(as_request(fixture_dir, {**req, "max_new_tokens": 4}))
-    assert engine.encode_count - before <= 1  # same clip bytes: one encode at most (zero if cached already)
+def test_a_reference_clip_is_encoded_once_then_served_from_the_cache(engine):
+    """The same clip bytes in two requests: one codec encode (a cache miss), then a hit and no encode. Other bytes
+    are encoded again, and a saved voice's codes are used as they are."""
+    clip, other = noise_clip(1.5, seed=21), noise_clip(1.5, seed=22)  # bytes no other test sends
+
+    def speak(*references: Reference) -> None:
+        engine.run(SynthesisRequest(text="Cached.", references=references, seed=1, max_new_tokens=4))
+
+    def counts() -> tuple[int, int, int]:
+        return engine.encode_count, engine.reference_cache_misses, engine.reference_cache_hits
+
+    encodes, misses, hits = counts()
+    speak(Reference(clip, "Some noise."))
+    assert counts() == (encodes + 1, misses + 1, hits)
+    speak(Reference(clip, "Some noise."))
+    assert counts() == (encodes + 1, misses + 1, hits + 1)
+    speak(Reference(other, "Other noise."))
+    assert counts() == (encodes + 2, misses + 2, hits + 1)
+    codes = engine.encode_reference(Reference(clip, "Some noise.")).numpy()  # a hit
+    speak(Reference(None, "Some noise.", codes=codes))
+    assert counts() == (encodes + 2, misses + 2, hits + 2)
 
 
 def test_encode_reference_matches_golden_codes(engine, fixture_dir):
