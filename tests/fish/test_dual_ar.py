@@ -8,7 +8,8 @@ import torch
 
 from shoal.fish.checkpoint import normalise_model_keys, strict_load
 from shoal.fish.dual_ar import DualARConfig, DualARTransformer, rope_table
-from shoal.fish.generate import DecodeBatch, generate, sample_frame
+from shoal.fish import generate as generate_module
+from shoal.fish.generate import DecodeBatch, decode_one_token, generate, prefill, sample_frame
 from shoal.fish.sampling import SamplingParams, params_tensor
 
 from support import load_golden, load_requests
@@ -123,24 +124,40 @@ def test_noise_stream_matches_reference(fixture_dir, model, requests_by_name, na
 
 
 @pytest.mark.parametrize("name", CAPTURED)
-def test_penalty_windows_match_reference(fixture_dir, model, name):
-    """The windows the serving path samples with (DecodeBatch, as the scheduler fills it), fed the golden frames,
-    are the reference's, frame by frame; in a slot that is not the first, beside another row."""
-    g = load_golden(fixture_dir, name)
-    generated = torch.from_numpy(g["generated"]).long()
-    n = generated.shape[1]
+def test_penalty_windows_match_reference(model, fixture_dir, requests_by_name, monkeypatch, name):
+    """The windows the serving path samples with are the reference's, frame by frame. They are caught where the
+    decode step hands them to `sample`, while the request runs as the scheduler runs it: `prefill` into slot 1 of
+    a `DecodeBatch` beside another row, then batched `decode_one_token` steps."""
+    g, req = load_golden(fixture_dir, name), requests_by_name[name]
+    beside = requests_by_name[next(n for n in CAPTURED if n != name)]
+    caught = []  # per sample() call: the window of the last row of the call (slot 1 in a step), or None
+
+    def sample(logits, params, generators, window=None):
+        caught.append(None if window is None else window[-1].clone())
+        return real_sample(logits, params, generators, window)
+
+    real_sample = generate_module.sample
+    monkeypatch.setattr(generate_module, "sample", sample)
     batch = DecodeBatch(model, slots=2)
-    other = batch.add(5, 48, SamplingParams(), torch.Generator())
-    slot = batch.add(g["prompt"].shape[1], 48, SamplingParams(), torch.Generator())
-    assert (other, slot) == (0, 1)
+    for r in (beside, req):  # the other row first: the request under test takes slot 1
+        prompt = torch.from_numpy(load_golden(fixture_dir, r)["prompt"]).long()
+        slot = batch.add(prompt.shape[1], r["max_new_tokens"], params_of(r), torch.Generator().manual_seed(r["seed"]))
+        caught.clear()  # only the request under test's draws count
+        frames = [prefill(model, batch, slot, prompt)]
+    assert slot == 1 and batch.n == 2
+    n = g["generated"].shape[1]
+    for _ in range(1, n):
+        frames.append(decode_one_token(model, batch)[slot])
+    np.testing.assert_array_equal(torch.stack(frames, dim=1).numpy(), g["generated"])
+    per_frame = model.config.num_codebooks  # one slow draw, then one per residual codebook
+    assert len(caught) == n * per_frame
     assert (g["slow_prev_ids"][0] == -1).all() and (g["fast_prev_ids"][0] == -1).all()
-    batch.record_prefill(other, generated[:, 0].flip(0))
-    batch.record_prefill(slot, generated[:, 0])
+    assert all(w is None for w in caught[:per_frame])  # the prefill frame: no penalty
     for t in range(1, n):
-        window = batch.windows(0, 2)[slot]
-        np.testing.assert_array_equal(window[:, 0].numpy(), g["slow_prev_ids"][t])
-        np.testing.assert_array_equal(window[2:].numpy(), g["fast_prev_ids"][t])
-        batch.record(0, 2, torch.stack([generated[:, t].flip(0), generated[:, t]]))
+        slow, *fast = caught[t * per_frame : (t + 1) * per_frame]
+        np.testing.assert_array_equal(slow.numpy(), g["slow_prev_ids"][t], err_msg=f"slow window of frame {t}")
+        np.testing.assert_array_equal(torch.stack(fast).numpy(), g["fast_prev_ids"][t],
+                                      err_msg=f"fast windows of frame {t}")
     assert batch.host_positions[slot] == g["prompt"].shape[1] + n - 1
 
 
