@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
+import av
 import numpy as np
 import soundfile as sf
 
@@ -97,8 +98,6 @@ def pyav_decode(data: bytes, fmt: str | None = None, rate: int | None = None) ->
     if fmt == "pcm":
         assert len(data) % 2 == 0, f"a pcm body of {len(data)} bytes: not whole 16-bit samples"
         return (np.frombuffer(data, "<i2").astype(np.float32) / 32768)[None], rate
-    import av
-
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.audio[0]
         rate = stream.rate
