@@ -4,7 +4,7 @@
     .venv/bin/python bench/soak.py --full     # about 6 minutes; writes bench/results/<date>-load.md and .json
     .venv/bin/python bench/soak.py --quick --scenario disconnects   # one scenario
 
-Three scenarios, each against a server process of its own (started with `tests/serverproc.py`):
+Three scenarios, each against a server process of its own (`shoal.testing.Server`, as the API tests use):
 
 - concurrency: many clients posting short speech requests at once while a separate thread polls
   GET /v1/health; every answer must be 200, 429 with Retry-After, or 503, and health must keep answering;
@@ -44,10 +44,9 @@ import numpy as np
 import psutil
 import soundfile as sf
 
+from shoal.testing import Server, write_tiny_checkpoint
+
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO / "tests") not in sys.path:  # the server harness the API tests use, so the two cannot drift
-    sys.path.insert(0, str(REPO / "tests"))
-from serverproc import Server  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 #: What a loaded server may answer a well-formed speech request with.
@@ -104,45 +103,10 @@ def rss_bytes(server: Server) -> int:
     return psutil.Process(server.proc.pid).memory_info().rss
 
 
-def alive(server: Server) -> bool:
-    return server.proc is not None and server.proc.poll() is None
-
-
 def health(client: httpx.Client) -> dict:
     response = client.get("/v1/health", timeout=5)
     response.raise_for_status()
     return response.json()
-
-
-def wait_idle(client: httpx.Client, timeout_s: float, interval_s: float = 0.02) -> dict:
-    """Poll health until no row is waiting or decoding and no request is queued (or until `timeout_s`).
-
-    Returns {"idle": bool, "seconds": time taken, "polls": n, "steps": decode steps seen meanwhile, "last": the
-    last health body}."""
-    start = time.monotonic()
-    first = last = None
-    polls = 0
-    while True:
-        polls += 1
-        try:
-            last = health(client)
-        except httpx.HTTPError:
-            last = None
-        if last is not None:
-            first = first or last
-            counters = last.get("counters", {})
-            if counters.get("in_flight", 0) == 0 and last.get("queue_depth", 0) == 0:
-                break
-        waited = time.monotonic() - start
-        if waited >= timeout_s:
-            break
-        time.sleep(interval_s if waited < 1.0 else max(interval_s, 0.05))  # lighter polling on a long drain
-    seconds = time.monotonic() - start
-    idle = last is not None and last["counters"].get("in_flight", 0) == 0 and last.get("queue_depth", 0) == 0
-    steps = None
-    if first is not None and last is not None:
-        steps = last["counters"].get("decode_steps", 0) - first["counters"].get("decode_steps", 0)
-    return {"idle": idle, "seconds": seconds, "polls": polls, "steps": steps, "last": last}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -318,8 +282,8 @@ def run_concurrency(server: Server, plan: Plan) -> dict:
         poller.stop()
         poller.join(plan.health_timeout_s + 5)
     elapsed = time.monotonic() - start
+    drained = server.wait_idle(plan.free_timeout_s)
     with httpx.Client(base_url=server.url) as c:
-        drained = wait_idle(c, plan.free_timeout_s)
         after = health(c)
     answered = sum(tally.statuses.values())
     ok = tally.statuses.get("200", 0)
@@ -336,7 +300,7 @@ def run_concurrency(server: Server, plan: Plan) -> dict:
                    "p99_target_ms": HEALTH_P99_TARGET_MS},
         "decode_steps": after["counters"].get("decode_steps", 0) - before["counters"].get("decode_steps", 0),
         "drained": {"idle": drained["idle"], "seconds": round(drained["seconds"], 3)},
-        "server_alive": alive(server),
+        "server_alive": server.alive,
     }
 
 
@@ -410,7 +374,7 @@ def run_memory(server: Server, plan: Plan) -> dict:
                 mismatches.append(f"stopped at request {i}: the run passed its time bound")
                 break
             if i == plan.warmup_requests:
-                settle = wait_idle(client, plan.free_timeout_s)
+                settle = server.wait_idle(plan.free_timeout_s)
                 baseline = rss_bytes(server)
                 samples.append({"request": i, "seconds": round(time.monotonic() - t0, 1), "rss": baseline,
                                 "idle": settle["idle"]})
@@ -427,7 +391,7 @@ def run_memory(server: Server, plan: Plan) -> dict:
             if done > 0 and done % plan.rss_sample_every == 0 and done < plan.soak_requests:
                 samples.append({"request": i + 1, "seconds": round(time.monotonic() - t0, 1),
                                 "rss": rss_bytes(server)})
-        settle = wait_idle(client, plan.free_timeout_s)
+        settle = server.wait_idle(plan.free_timeout_s)
         final = rss_bytes(server)
         samples.append({"request": plan.warmup_requests + plan.soak_requests,
                         "seconds": round(time.monotonic() - t0, 1), "rss": final, "idle": settle["idle"]})
@@ -441,7 +405,7 @@ def run_memory(server: Server, plan: Plan) -> dict:
         "rss_over_time": samples, "statuses": statuses, "mismatches": mismatches,
         "distinct_references": sum(1 for i in range(plan.warmup_requests + plan.soak_requests)
                                    if MEMORY_MIX[i % len(MEMORY_MIX)][0] == "tts-distinct-reference"),
-        "counters": counters, "idle_at_end": settle["idle"], "server_alive": alive(server),
+        "counters": counters, "idle_at_end": settle["idle"], "server_alive": server.alive,
     }
 
 
@@ -500,9 +464,9 @@ def _disconnect_round(server: Server, plan: Plan, clients: int, abandon_after_s:
     t0 = time.monotonic()
     results = asyncio.run(_disconnecting_clients(server.url, plan, clients, t0, abandon_after_s))
     gone = time.monotonic() - t0
+    freed = server.wait_idle(free_timeout_s, interval=0.01)
+    freed_at = time.monotonic() - t0
     with httpx.Client(base_url=server.url) as c:
-        freed = wait_idle(c, free_timeout_s, interval_s=0.01)
-        freed_at = time.monotonic() - t0
         after = health(c)
     last_disconnect = max((r.get("disconnected_s", 0.0) for r in results), default=0.0)
     statuses: dict[str, int] = {}
@@ -541,7 +505,7 @@ def run_disconnects(server: Server, plan: Plan) -> dict:
     result = _disconnect_round(server, plan, plan.disconnect_clients, None, plan.free_timeout_s)
     result["queued"] = _disconnect_round(server, plan, plan.queued_clients, plan.abandon_after_s,
                                          plan.request_timeout_s)
-    result["server_alive"] = alive(server)
+    result["server_alive"] = server.alive
     return result
 
 
@@ -606,8 +570,6 @@ def environment() -> dict:
 
 
 def run(plan: Plan, scenarios: list[str] | None = None, work_dir: Path | None = None) -> dict:
-    from shoal.testing import write_tiny_checkpoint
-
     report = {"plan": asdict(plan), "environment": environment(), "scenarios": {}}
     with tempfile.TemporaryDirectory(prefix="shoal-soak-", dir=work_dir) as tmp:
         checkpoint = write_tiny_checkpoint(Path(tmp) / "tiny", seed=1)

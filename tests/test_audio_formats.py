@@ -14,6 +14,8 @@ from shoal.audio import (FORMATS, MEDIA_TYPES, StreamEncoder, change_speed, enco
                          output_format, write_audio)
 from shoal.errors import BadRequest
 
+from support import pyav_decode, tone
+
 LOSSLESS = ("wav", "pcm", "flac")
 LOSSY = ("mp3", "opus", "aac")
 # First bytes of each format's stream: RIFF....WAVE, an ID3v2 tag or an MPEG frame sync, OggS, ADTS sync, fLaC.
@@ -28,11 +30,6 @@ MAGIC = {
 LOSSY_SLACK_SECONDS = 0.1
 
 
-def tone(seconds: float, sample_rate: int, freq: float = 440.0, amplitude: float = 0.3) -> np.ndarray:
-    n = int(round(seconds * sample_rate))
-    return (amplitude * np.sin(2 * np.pi * freq * np.arange(n) / sample_rate)).astype(np.float32)
-
-
 def pcm16(audio: np.ndarray) -> np.ndarray:
     """The quantisation the PCM16 formats promise: x * 32768, rounded, clipped."""
     return np.clip(np.rint(audio.astype(np.float64) * 32768), -32768, 32767).astype(np.int16)
@@ -40,17 +37,9 @@ def pcm16(audio: np.ndarray) -> np.ndarray:
 
 def decode(data: bytes, fmt: str, sample_rate: int) -> tuple[np.ndarray, int]:
     """(mono samples, sample rate) as FFmpeg decodes them; pcm has no header, so it is read as what it claims."""
-    if fmt == "pcm":
-        return np.frombuffer(data, "<i2").astype(np.float32) / 32768, sample_rate
-    with av.open(io.BytesIO(data)) as container:
-        stream = container.streams.audio[0]
-        assert stream.codec_context.channels == 1
-        frames = list(container.decode(stream))
-    assert all(len(f.layout.channels) == 1 for f in frames)
-    samples = np.concatenate([f.to_ndarray().reshape(-1) for f in frames])
-    if samples.dtype == np.int16:
-        samples = samples.astype(np.float32) / 32768
-    return samples.astype(np.float32), frames[0].sample_rate
+    samples, rate = pyav_decode(data, fmt, sample_rate)
+    assert samples.shape[0] == 1, f"{samples.shape[0]} channels"
+    return samples[0], rate
 
 
 def dominant_frequency(audio: np.ndarray, sample_rate: int) -> float:

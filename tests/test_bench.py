@@ -7,23 +7,19 @@ Benchmarks are not tests: nothing here checks a speed, only that the numbers exi
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from shoal import bench
 
-
-def shoal(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "shoal", *args], capture_output=True, text=True, timeout=timeout)
+from support import shoal
 
 
 # About 17 s on 2 quiet cores (four fresh processes, each loading the model), so not marked slow.
 def test_bench_writes_the_table_and_the_json(fixture_dir, tmp_path):
     proc = shoal("bench", "--tiny", "--fixture", str(fixture_dir), "--no-reference", "--tokens", "8",
                  "--concurrency", "1,2", "--out", str(tmp_path), "--label", "test", "--bandwidth-mib", "64",
-                 "--max-seq-len", "2400")
+                 "--max-seq-len", "2400", timeout=600)
     assert proc.returncode == 0, proc.stderr
     [md] = tmp_path.glob("*-test.md")
     [js] = tmp_path.glob("*-test.json")

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import soundfile as sf
 
-
-def shoal(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "shoal", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
+from support import load_golden, load_request, shoal
 
 
 def test_say_with_the_golden_request_writes_the_golden_codes(fixture_dir, tmp_path):
-    req = next(r for r in json.loads((fixture_dir / "requests.json").read_text())["requests"] if r["name"] == "b")
+    req = load_request(fixture_dir, "b")
     out, codes = tmp_path / "b.wav", tmp_path / "b.npy"
     proc = shoal("say", req["text"], "-o", str(out), "--checkpoint", str(fixture_dir),
                  "--reference-audio", str(fixture_dir / req["reference"]),
@@ -28,7 +22,7 @@ def test_say_with_the_golden_request_writes_the_golden_codes(fixture_dir, tmp_pa
                  "--max-new-tokens", str(req["max_new_tokens"]), "--device", "cpu", "--precision", "float32",
                  "--codes-out", str(codes))
     assert proc.returncode == 0, proc.stderr
-    golden = np.load(fixture_dir / req["file"])
+    golden = load_golden(fixture_dir, req)
     saved = np.load(codes)
     assert saved.dtype == np.int64 and saved.shape == golden["codes"].shape
     np.testing.assert_array_equal(saved, golden["codes"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -16,19 +15,17 @@ from shoal.doctor import FAIL, OK, WARN, check_checkpoint, check_data_dir, check
 from shoal.settings import Settings
 from shoal.testing import write_tiny_checkpoint
 
+from support import shoal_as_user
+
 NAMES = {"python", "environment", "sys.path", "numpy", "torch", "soundfile", "tiktoken", "device", "memory",
          "checkpoint", "piper voice", "data dir", "port", "audio encoders"}
 
 
 def shoal_doctor(*args: str, cwd: Path, pythonpath: str | None = None) -> subprocess.CompletedProcess:
     """Run `shoal doctor` as a user would, away from this machine's SHOAL_* settings and any .env file."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_") and k != "PYTHONPATH"}
-    env["SHOAL_DATA_DIR"] = str(cwd / "data")
-    env["SHOAL_PORT"] = "0"  # any free port: the port check must not depend on what else runs here
-    if pythonpath:
-        env["PYTHONPATH"] = pythonpath
-    return subprocess.run([sys.executable, "-m", "shoal", "doctor", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    # SHOAL_PORT 0: any free port, so the port check does not depend on what else runs here.
+    return shoal_as_user("doctor", *args, cwd=cwd, pythonpath=pythonpath or None, env={"SHOAL_PORT": "0"},
+                         timeout=120)
 
 
 def settings(checkpoint: Path, tmp_path: Path) -> Settings:

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,6 +22,8 @@ from shoal.download import default_directory, explain_hub_error, next_step, run_
 from shoal.errors import BadRequest, CheckpointError, Unavailable
 from shoal.layout import CHECKPOINT_FILES
 
+from support import shoal
+
 REPO = "fishaudio/openaudio-s1-mini"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 FILES = {name: f"contents of {name}\n".encode() * 50 for name in (*CHECKPOINT_FILES, "codec_config.yaml")}
@@ -31,11 +31,9 @@ FILES = {name: f"contents of {name}\n".encode() * 50 for name in (*CHECKPOINT_FI
 
 def shoal_download(*args: str, cwd: Path, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess,
                                                                                         float]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "SHOAL_"))}
-    full_env.update({"HF_HOME": str(cwd / ".hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1", **(env or {})})
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "shoal", "download", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=60)
+    proc = shoal("download", *args, cwd=cwd, drop=("HF_", "SHOAL_"), timeout=60,
+                 env={"HF_HOME": str(cwd / ".hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1", **(env or {})})
     return proc, time.perf_counter() - start
 
 

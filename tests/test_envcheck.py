@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +10,8 @@ import pytest
 
 from shoal.cli import EXIT_BROKEN_ENVIRONMENT
 from shoal.envcheck import describe_import_failure, pollution, warn_if_polluted
+
+from support import shoal_as_user as shoal
 
 #: Another environment's numpy that defers to this one's, so shoal runs on: the leak is real (its site-packages
 #: comes first on sys.path and holds a numpy), only the damage is spared.
@@ -44,16 +44,6 @@ def foreign_site(root: Path, numpy_source: str) -> Path:
     (site / "numpy").mkdir(parents=True)
     (site / "numpy" / "__init__.py").write_text(numpy_source)
     return site
-
-
-def shoal(*args: str, cwd: Path, pythonpath: Path | None = None) -> subprocess.CompletedProcess:
-    """Run the installed CLI as a user would, away from this machine's SHOAL_* settings and PYTHONPATH."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_") and k != "PYTHONPATH"}
-    env["SHOAL_DATA_DIR"] = str(cwd / "data")
-    if pythonpath is not None:
-        env["PYTHONPATH"] = str(pythonpath)
-    return subprocess.run([sys.executable, "-m", "shoal", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
 
 
 def warnings_in(stderr: str) -> list[str]:

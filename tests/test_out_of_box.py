@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import io
-import subprocess
-import sys
 
 import httpx
 import openai
 import soundfile as sf
 
+from shoal.testing import Server
+
 from asr import transcribe, word_error_rate
-from serverproc import Server
+from support import shoal
 
 SENTENCE = "The quick brown fox jumps over the lazy dog."
 
@@ -36,10 +36,8 @@ def test_serve_without_checkpoint_speaks_intelligibly_with_the_bundled_voice(tmp
 
 def test_print_config_shows_values_and_their_sources(tmp_path):
     (tmp_path / ".env").write_text("SHOAL_PORT=9123\nSHOAL_QUEUE_SIZE=3\n")
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("SHOAL_")}
-    env.update(SHOAL_QUEUE_SIZE="5", SHOAL_LOG_LEVEL="WARNING", SHOAL_PROT="1")
-    proc = subprocess.run([sys.executable, "-m", "shoal", "serve", "--print-config", "--host", "0.0.0.0"],
-                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    proc = shoal("serve", "--print-config", "--host", "0.0.0.0", cwd=tmp_path, drop=("SHOAL_",), timeout=120,
+                 env={"SHOAL_QUEUE_SIZE": "5", "SHOAL_LOG_LEVEL": "WARNING", "SHOAL_PROT": "1"})
     assert proc.returncode == 0, proc.stderr
     rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()}
     assert rows["host"][1:] == ["0.0.0.0", "(cli)"]
@@ -51,9 +49,7 @@ def test_print_config_shows_values_and_their_sources(tmp_path):
 
 
 def test_invalid_setting_is_one_line(tmp_path):
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("SHOAL_")}
-    env["SHOAL_PORT"] = "eighty"
-    proc = subprocess.run([sys.executable, "-m", "shoal", "serve", "--print-config"], capture_output=True,
-                          text=True, cwd=tmp_path, env=env, timeout=120)
+    proc = shoal("serve", "--print-config", cwd=tmp_path, drop=("SHOAL_",), env={"SHOAL_PORT": "eighty"},
+                 timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "SHOAL_PORT" in proc.stderr and "Traceback" not in proc.stderr

@@ -4,7 +4,6 @@ batching together, errors, voices and closing."""
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import re
 import shutil
 import subprocess
@@ -17,6 +16,8 @@ import pytest
 
 import shoal
 from shoal.errors import BadRequest, Conflict, NotFound, ShoalError, Unavailable
+
+from support import load_golden, load_requests
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,7 +34,7 @@ def tts(fixture_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def golden(fixture_dir):
-    return json.loads((fixture_dir / "requests.json").read_text())["requests"]
+    return load_requests(fixture_dir)
 
 
 def golden_kwargs(fixture_dir, req) -> dict:
@@ -75,7 +76,7 @@ def test_readme_examples_run_as_written(fixture_dir, tmp_path, monkeypatch):
 def test_golden_requests_through_the_api_give_the_golden_audio(tts, fixture_dir, golden):
     for req in golden:
         sr, audio = tts(req["text"], **golden_kwargs(fixture_dir, req))
-        expected = np.load(fixture_dir / req["file"])["audio"]
+        expected = load_golden(fixture_dir, req)["audio"]
         assert sr == 44100 and audio.dtype == np.float32 and audio.shape == expected.shape
         np.testing.assert_allclose(audio, expected, atol=1e-4, rtol=0, err_msg=req["name"])
 
@@ -89,7 +90,7 @@ def test_threads_calling_at_once_batch_together_and_keep_their_audio(tts, fixtur
     assert fish.scheduler.max_seen_batch >= 2  # rows from different threads shared decode steps
     assert fish.scheduler.steps - steps_before < fish.scheduler.frames_generated - frames_before
     for req, (_, audio) in zip(golden, results):
-        np.testing.assert_allclose(audio, np.load(fixture_dir / req["file"])["audio"], atol=1e-4, rtol=0,
+        np.testing.assert_allclose(audio, load_golden(fixture_dir, req)["audio"], atol=1e-4, rtol=0,
                                    err_msg=req["name"])
 
 
@@ -97,7 +98,7 @@ def test_stream_yields_chunks_that_match_the_whole_audio(tts, fixture_dir, golde
     req = golden[0]
     chunks = list(tts.stream(req["text"], **golden_kwargs(fixture_dir, req)))
     assert len(chunks) >= 2 and all(c.dtype == np.float32 for c in chunks)
-    streamed, whole = np.concatenate(chunks), np.load(fixture_dir / req["file"])["audio"]
+    streamed, whole = np.concatenate(chunks), load_golden(fixture_dir, req)["audio"]
     assert streamed.shape == whole.shape
     assert np.linalg.norm(streamed - whole) / np.linalg.norm(whole) < 1e-2
 
@@ -124,7 +125,7 @@ def test_saved_voice_gives_the_same_audio_as_its_clip_without_encoding(tts, fixt
     encodes = fish.encode_count
     _, audio = tts(req["text"], voice="narrator", **kwargs)
     assert fish.encode_count == encodes
-    np.testing.assert_allclose(audio, np.load(fixture_dir / req["file"])["audio"], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(audio, load_golden(fixture_dir, req)["audio"], atol=1e-4, rtol=0)
     with pytest.raises(Conflict):
         tts.save_voice("narrator", clip, text)
     tts.delete_voice("narrator")

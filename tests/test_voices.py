@@ -22,6 +22,8 @@ from shoal.audio import load_audio
 from shoal.errors import BadRequest, Conflict, NotFound, PayloadTooLarge, ShoalError
 from shoal.voices import VOICE_ID_PATTERN, Voice, VoiceLibrary
 
+from support import load_codec_golden, tone, tone_clip as wav, tree
+
 TEXT = "A short test sentence."
 
 
@@ -39,21 +41,6 @@ class FakeEncoder:
         frames = math.ceil(len(audio) / 2048)
         salt = int(np.abs(audio).sum() * 1000) % 997
         return (np.arange(10)[:, None] * 1000 + np.arange(frames)[None, :] + salt).astype(np.int64)
-
-
-def wav(seconds: float = 2.0, sample_rate: int = 44100, channels: int = 1, freq: float = 440.0,
-        format: str = "WAV", subtype: str | None = "PCM_16") -> bytes:
-    t = np.arange(int(seconds * sample_rate)) / sample_rate
-    mono = (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
-    audio = np.stack([mono * (c + 1) / channels for c in range(channels)], axis=1)
-    buf = io.BytesIO()
-    sf.write(buf, audio, sample_rate, format=format, subtype=subtype)
-    return buf.getvalue()
-
-
-def tree(path: Path) -> dict[str, int]:
-    """Every path under `path` with its size (-1 for folders): what a test compares before and after."""
-    return {str(p.relative_to(path)): (p.stat().st_size if p.is_file() else -1) for p in sorted(path.rglob("*"))}
 
 
 @pytest.fixture
@@ -312,7 +299,7 @@ def test_bad_transcripts_are_refused(lib, enc, text):
 
 
 def test_stereo_22k_upload_is_stored_as_mono_44k(lib, root, enc):
-    data = wav(2.0, sample_rate=22050, channels=2)
+    data = wav(2.0, 22050, channels=2)
     voice = lib.add("st", data, TEXT, enc)
     assert (voice.original_sample_rate, voice.original_channels, voice.sample_rate) == (22050, 2, 44100)
     info = sf.info(str(lib.clip_path("st")))
@@ -337,8 +324,7 @@ def test_m4a_upload_is_probed_with_pyav(lib, root, enc):
     with av.open(buf, "w", format="mp4") as container:
         stream = container.add_stream("aac", rate=48000)
         stream.layout = "mono"
-        t = np.arange(96000) / 48000
-        mono = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+        mono = tone(2.0, 48000)
         frame = av.AudioFrame.from_ndarray(mono[None, :], format="flt", layout="mono")
         frame.sample_rate = 48000
         for packet in [*stream.encode(frame), *stream.encode(None)]:
@@ -508,7 +494,7 @@ def test_real_codec_codes_are_stored_and_served_without_encoding(tmp_path, fixtu
     assert engine.encode_count == 1 and voice.codec_checksum == engine.codec_checksum
     (audio, expected), = seen
     assert np.array_equal(audio, load_audio(lib.clip_path("ref"), engine.sample_rate))  # it encoded clip.wav
-    assert np.array_equal(expected, np.load(fixture_dir / "codec.npz")["codes"])  # as the reference does
+    assert np.array_equal(expected, load_codec_golden(fixture_dir)["codes"])  # as the reference does
     assert np.array_equal(np.load(tmp_path / "voices/ref/codes.npy"), expected)
     assert np.array_equal(lib.codes("ref", engine), expected)
     assert np.array_equal(VoiceLibrary(tmp_path).codes("ref", engine), expected)

@@ -2,6 +2,8 @@
 
 Everything random here draws from a seeded `torch.Generator`, never the global RNG, so a (config, seed) pair
 always gives the same bytes and tests cannot disturb each other.
+
+`Server` runs a real `shoal serve` process on loopback: the API, UI and hostile tests and `bench/soak.py` share it.
 """
 
 from __future__ import annotations
@@ -9,6 +11,11 @@ from __future__ import annotations
 import base64
 import json
 import math
+import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -287,3 +294,123 @@ def write_full_size_checkpoint(directory: str | Path, seed: int = 0) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return directory
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A server process (the API, UI and hostile tests, and bench/soak.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m shoal serve` with its data dir at `root/data`, its log at `root/server-PORT.log`, run from
+    `root` (so no ./checkpoints or .env of the repo is seen). `start()` = `spawn()` + `wait_ready()`; as a context
+    manager it is stopped on leaving the block. Talking to it needs httpx (the `test` extra)."""
+
+    def __init__(self, checkpoint: Path | None, root: Path, *extra: str, env: dict | None = None):
+        self.checkpoint, self.root, self.extra = checkpoint, Path(root), extra
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.data_dir = self.root / "data"
+        self.env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", **(env or {})}
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = self.root / f"server-{self.port}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def spawn(self) -> "Server":
+        args = [sys.executable, "-m", "shoal", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir),
+                *self.extra]
+        if self.checkpoint is not None:
+            args += ["--checkpoint", str(self.checkpoint)]
+        self.proc = subprocess.Popen(args, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env=self.env,
+                                     cwd=self.root)
+        return self
+
+    def wait_ready(self, timeout: float = 120.0) -> "Server":
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/v1/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"server not ready in {timeout} s:\n{self.log.read_text()[-3000:]}")
+
+    def start(self, timeout: float = 120.0) -> "Server":
+        return self.spawn().wait_ready(timeout)
+
+    def client(self, **kwargs):
+        """An `httpx.Client` on the server, with a generous timeout."""
+        import httpx
+
+        return httpx.Client(base_url=self.url, timeout=120, **kwargs)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_idle(self, timeout: float = 30.0, interval: float = 0.02) -> dict:
+        """Poll /v1/health until no request is queued (`queue_depth`) and no row is waiting or decoding
+        (`counters.in_flight`), or until `timeout` s. A body without those two figures is never idle.
+
+        Returns {"idle": bool, "seconds": time taken, "polls": n, "steps": decode steps seen meanwhile (or None),
+        "last": the last health body (None if no poll was answered)}."""
+        import httpx
+
+        def idle(body: dict | None) -> bool:
+            counters = (body or {}).get("counters", {})
+            return body is not None and body.get("queue_depth") == 0 and counters.get("in_flight") == 0
+
+        start = time.monotonic()
+        first = last = None
+        polls = 0
+        with httpx.Client(base_url=self.url, timeout=5) as client:
+            while True:
+                polls += 1
+                try:
+                    response = client.get("/v1/health")
+                    response.raise_for_status()
+                    last = response.json()
+                except httpx.HTTPError:
+                    last = None
+                first = first or last
+                waited = time.monotonic() - start
+                if idle(last) or waited >= timeout:
+                    break
+                time.sleep(interval if waited < 1.0 else max(interval, 0.05))  # lighter polling on a long drain
+        steps = None
+        if first is not None and last is not None:
+            steps = (last.get("counters", {}).get("decode_steps", 0)
+                     - first.get("counters", {}).get("decode_steps", 0))
+        return {"idle": idle(last), "seconds": time.monotonic() - start, "polls": polls, "steps": steps, "last": last}
+
+    def stop(self) -> int | None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode if self.proc else None
+
+    def restart(self) -> "Server":
+        self.stop()
+        return self.start()
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -8,7 +8,7 @@ leaked into a real one, or a mask that let a padded key through, changes them at
 from __future__ import annotations
 
 import concurrent.futures
-import json
+import os
 
 import numpy as np
 import pytest
@@ -19,15 +19,21 @@ from shoal.engines.fish import FishEngine
 from shoal.errors import BadRequest
 from shoal.fish.runner import batch_buckets, key_bucket
 
-from test_fish_engine import as_request
+from support import as_request, load_golden, load_requests
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def compiled(fixture_dir, tmp_path_factory):
+def compile_cache(tmp_path_factory):
+    """The compile cache dir the compiled engine is given (empty until it compiles)."""
+    return tmp_path_factory.mktemp("compile-cache")
+
+
+@pytest.fixture(scope="module")
+def compiled(fixture_dir, compile_cache):
     return FishEngine.load(fixture_dir, device="cpu", precision="float32", compile=True, max_batch_size=4,
-                           compile_cache_dir=tmp_path_factory.mktemp("compile-cache"))
+                           compile_cache_dir=compile_cache)
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +74,8 @@ def test_padded_compiled_steps_match_eager_steps(compiled, eager):
 
 
 def test_compiled_engine_gives_the_golden_codes_alone_and_batched(compiled, fixture_dir):
-    requests = json.loads((fixture_dir / "requests.json").read_text())["requests"]
-    golden = {r["name"]: np.load(fixture_dir / r["file"])["codes"] for r in requests}
+    requests = load_requests(fixture_dir)
+    golden = {r["name"]: load_golden(fixture_dir, r)["codes"] for r in requests}
     for req in requests:
         np.testing.assert_array_equal(compiled.run(as_request(fixture_dir, req)).codes, golden[req["name"]],
                                       err_msg=req["name"])
@@ -87,12 +93,14 @@ def test_compiled_caches_are_static(compiled):
     assert model.layers[0].attention.kv_cache.k.data_ptr() == before
 
 
-def test_compile_cache_is_written_under_the_given_dir(compiled):
-    import os
-
-    given = compiled.compile_cache_dir
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(given)
-    assert any(path.is_file() for path in given.rglob("*"))  # compiled kernels landed there
+def test_compile_cache_is_written_under_the_given_dir(compiled, compile_cache):
+    """The dir handed to `FishEngine.load` (not one the engine picks) is where inductor writes what it compiles."""
+    compiled.run(SynthesisRequest(text="Kernels on disk.", seed=3, max_new_tokens=8))  # compiled by now, if not before
+    assert compiled.compile_cache_dir == compile_cache
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(compile_cache)
+    written = [path.relative_to(compile_cache) for path in compile_cache.rglob("*") if path.is_file()]
+    assert any(path.suffix == ".py" for path in written), written  # inductor's generated kernels
+    assert any(path.parts[0] == "fxgraph" for path in written), written  # its FX graph cache, which a restart reuses
 
 
 def test_cuda_graphs_need_compile_and_cuda(fixture_dir):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
@@ -14,6 +13,8 @@ from shoal.engines.fish import FishEngine
 from shoal.errors import BadRequest, Cancelled, CheckpointError, NotFound
 from shoal.testing import S1_MINI_CONFIG, write_tiny_checkpoint
 
+from support import as_request, load_codec_golden, load_golden, load_requests, noise_clip
+
 
 @pytest.fixture(scope="module")
 def engine(fixture_dir):
@@ -22,21 +23,12 @@ def engine(fixture_dir):
 
 @pytest.fixture(scope="module")
 def golden_requests(fixture_dir):
-    return json.loads((fixture_dir / "requests.json").read_text())["requests"]
-
-
-def as_request(fixture_dir, req) -> SynthesisRequest:
-    refs = ()
-    if req["reference"]:
-        refs = (Reference((fixture_dir / req["reference"]).read_bytes(), req["reference_text"]),)
-    return SynthesisRequest(text=req["text"], references=refs, seed=req["seed"], temperature=req["temperature"],
-                            top_p=req["top_p"], repetition_penalty=req["repetition_penalty"],
-                            max_new_tokens=req["max_new_tokens"], chunk_length=req["chunk_length"])
+    return load_requests(fixture_dir)
 
 
 def test_every_golden_request_gives_the_golden_codes_and_audio(engine, fixture_dir, golden_requests):
     for req in golden_requests:
-        g = np.load(fixture_dir / req["file"])
+        g = load_golden(fixture_dir, req)
         result = engine.run(as_request(fixture_dir, req))
         np.testing.assert_array_equal(result.codes, g["codes"], err_msg=req["name"])
         assert result.codes.dtype == np.int64
@@ -46,17 +38,32 @@ def test_every_golden_request_gives_the_golden_codes_and_audio(engine, fixture_d
         assert result.stopped_by_im_end == [req["stopped_by_im_end"]]
 
 
-def test_saved_reference_is_encoded_once(engine, fixture_dir, golden_requests):
-    refs = [r for r in golden_requests if r["reference"]]
-    before = engine.encode_count
-    for req in refs[:2]:
-        engine.run(as_request(fixture_dir, {**req, "max_new_tokens": 4}))
-    assert engine.encode_count - before <= 1  # same clip bytes: one encode at most (zero if cached already)
+def test_a_reference_clip_is_encoded_once_then_served_from_the_cache(engine):
+    """The same clip bytes in two requests: one codec encode (a cache miss), then a hit and no encode. Other bytes
+    are encoded again, and a saved voice's codes are used as they are."""
+    clip, other = noise_clip(1.5, seed=21), noise_clip(1.5, seed=22)  # bytes no other test sends
+
+    def speak(*references: Reference) -> None:
+        engine.run(SynthesisRequest(text="Cached.", references=references, seed=1, max_new_tokens=4))
+
+    def counts() -> tuple[int, int, int]:
+        return engine.encode_count, engine.reference_cache_misses, engine.reference_cache_hits
+
+    encodes, misses, hits = counts()
+    speak(Reference(clip, "Some noise."))
+    assert counts() == (encodes + 1, misses + 1, hits)
+    speak(Reference(clip, "Some noise."))
+    assert counts() == (encodes + 1, misses + 1, hits + 1)
+    speak(Reference(other, "Other noise."))
+    assert counts() == (encodes + 2, misses + 2, hits + 1)
+    codes = engine.encode_reference(Reference(clip, "Some noise.")).numpy()  # a hit
+    speak(Reference(None, "Some noise.", codes=codes))
+    assert counts() == (encodes + 2, misses + 2, hits + 2)
 
 
 def test_encode_reference_matches_golden_codes(engine, fixture_dir):
     codes = engine.encode_reference(Reference(fixture_dir / "reference.wav", "x"))
-    np.testing.assert_array_equal(codes.numpy(), np.load(fixture_dir / "codec.npz")["codes"])
+    np.testing.assert_array_equal(codes.numpy(), load_codec_golden(fixture_dir)["codes"])
 
 
 def relative_l2(a: np.ndarray, b: np.ndarray) -> float:
@@ -105,7 +112,7 @@ def test_golden_requests_in_one_batch_give_the_golden_codes(engine, fixture_dir,
         results = list(pool.map(engine.run, requests))
     assert engine.scheduler.max_seen_batch >= 2  # they really decoded side by side
     for req, result in zip(golden_requests, results):
-        np.testing.assert_array_equal(result.codes, np.load(fixture_dir / req["file"])["codes"], err_msg=req["name"])
+        np.testing.assert_array_equal(result.codes, load_golden(fixture_dir, req)["codes"], err_msg=req["name"])
 
 
 def test_staggered_arrivals_give_the_golden_codes(engine, fixture_dir, golden_requests):
@@ -120,7 +127,7 @@ def test_staggered_arrivals_give_the_golden_codes(engine, fixture_dir, golden_re
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         results = list(pool.map(delayed, enumerate(golden_requests)))
     for req, result in zip(golden_requests, results):
-        np.testing.assert_array_equal(result.codes, np.load(fixture_dir / req["file"])["codes"], err_msg=req["name"])
+        np.testing.assert_array_equal(result.codes, load_golden(fixture_dir, req)["codes"], err_msg=req["name"])
 
 
 def test_cancel_stops_generation_and_frees_the_slot(engine):
@@ -210,21 +217,10 @@ def test_bad_reference_audio_is_a_bad_request(engine, audio, error, message):
         engine.run(SynthesisRequest(text="x", references=(Reference(audio, "words"),), seed=1))
 
 
-def noise_wav(seconds: float) -> bytes:
-    import io
-
-    import soundfile as sf
-
-    buf = io.BytesIO()
-    sf.write(buf, (0.1 * np.random.default_rng(0).standard_normal(int(44100 * seconds))).astype(np.float32), 44100,
-             format="WAV")
-    return buf.getvalue()
-
-
 def test_references_longer_than_the_limit_or_the_codec_are_bad_requests(fixture_dir):
     limited = FishEngine.load(fixture_dir, device="cpu", max_reference_seconds=2.0)
     with pytest.raises(BadRequest, match="2 s"):
-        limited.encode_reference(Reference(noise_wav(3.0), "words", cache=False))
+        limited.encode_reference(Reference(noise_clip(3.0), "words", cache=False))
     # The fixture's codec transformers take a bounded number of frames in one piece: past it, a clear 400
     # instead of the codec's ValueError (which was a 500).
     frames = limited.codec.config.quantizer_transformer.block_size
@@ -249,7 +245,7 @@ def test_max_seq_len_caps_positions_and_keeps_the_codes(fixture_dir, golden_requ
     capped = FishEngine.load(fixture_dir, device="cpu", precision="float32", max_seq_len=2200)
     assert capped.model.config.max_seq_len == 2200 and capped.model.rope.shape[0] == 2200
     for req in golden_requests:
-        g = np.load(fixture_dir / req["file"])
+        g = load_golden(fixture_dir, req)
         np.testing.assert_array_equal(capped.run(as_request(fixture_dir, req)).codes, g["codes"],
                                       err_msg=req["name"])
     # 152 prompt positions now: a text the uncapped engine takes is refused, naming the cap.

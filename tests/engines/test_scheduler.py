@@ -3,7 +3,6 @@ decode step, isolated to the row that has them."""
 
 from __future__ import annotations
 
-import json
 import threading
 
 import numpy as np
@@ -14,6 +13,8 @@ from shoal.engines.scheduler import BatchScheduler
 from shoal.fish.checkpoint import load_dual_ar
 from shoal.fish.sampling import SamplingParams
 from shoal.fish.tokenizer import FishTokenizer
+
+from support import load_golden, load_requests
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +31,8 @@ def model(fixture_dir, tokenizer):
 def goldens(fixture_dir, tokenizer):
     """(prompt, params, seed, max_new_tokens, generated frames, <|im_end|> id) of every golden request."""
     out = []
-    for req in json.loads((fixture_dir / "requests.json").read_text())["requests"]:
-        g = np.load(fixture_dir / req["file"])
+    for req in load_requests(fixture_dir):
+        g = load_golden(fixture_dir, req)
         params = SamplingParams(req["temperature"], req["top_p"], req["repetition_penalty"])
         out.append((torch.from_numpy(g["prompt"]), params, req["seed"], req["max_new_tokens"], g["generated"],
                     tokenizer.im_end_id))

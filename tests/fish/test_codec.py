@@ -12,6 +12,8 @@ from shoal.errors import CheckpointError
 from shoal.fish.codec import Codec, CodecConfig, load_codec, rope_table, window_mask
 from shoal.testing import random_codec_state_dict, tiny_codec_config, write_tiny_codec
 
+from support import load_codec_golden
+
 
 @pytest.fixture(scope="module")
 def codec(fixture_dir) -> Codec:
@@ -20,7 +22,7 @@ def codec(fixture_dir) -> Codec:
 
 @pytest.fixture(scope="module")
 def golden(fixture_dir):
-    return dict(np.load(fixture_dir / "codec.npz"))
+    return load_codec_golden(fixture_dir)
 
 
 @pytest.fixture(scope="module")

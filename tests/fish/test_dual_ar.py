@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
 from shoal.fish.checkpoint import normalise_model_keys, strict_load
 from shoal.fish.dual_ar import DualARConfig, DualARTransformer, rope_table
-from shoal.fish.generate import DecodeBatch, generate, sample_frame
+from shoal.fish import generate as generate_module
+from shoal.fish.generate import DecodeBatch, decode_one_token, generate, prefill, sample_frame
 from shoal.fish.sampling import SamplingParams, params_tensor
+
+from support import load_golden, load_requests
 
 IM_END, SEMANTIC_BEGIN, SEMANTIC_END = 516, 527, 4622
 CAPTURED = ["a", "b"]  # requests whose logits, noise and penalty windows were captured
@@ -33,11 +34,7 @@ def model(fixture_dir):
 
 @pytest.fixture(scope="module")
 def requests_by_name(fixture_dir):
-    return {r["name"]: r for r in json.loads((fixture_dir / "requests.json").read_text())["requests"]}
-
-
-def golden(fixture_dir, name):
-    return np.load(fixture_dir / f"gen_{name}.npz")
+    return {r["name"]: r for r in load_requests(fixture_dir)}
 
 
 def params_of(req) -> SamplingParams:
@@ -63,7 +60,7 @@ def test_rope_tables_are_bf16_rounded():
 
 @pytest.mark.parametrize("name", ALL)
 def test_generated_frames_identical(model, fixture_dir, requests_by_name, name):
-    g, req = golden(fixture_dir, name), requests_by_name[name]
+    g, req = load_golden(fixture_dir, name), requests_by_name[name]
     generator = torch.Generator().manual_seed(req["seed"])
     frames = list(generate(model, torch.from_numpy(g["prompt"]), params_of(req), generator,
                            req["max_new_tokens"], IM_END))
@@ -77,7 +74,7 @@ def test_generated_frames_identical(model, fixture_dir, requests_by_name, name):
 
 def test_global_rng_does_not_leak_into_generation(model, fixture_dir, requests_by_name):
     """Same seed, same codes, however much the global generator is used in between."""
-    g, req = golden(fixture_dir, "a"), requests_by_name["a"]
+    g, req = load_golden(fixture_dir, "a"), requests_by_name["a"]
     generator = torch.Generator().manual_seed(req["seed"])
     frames = []
     for frame in generate(model, torch.from_numpy(g["prompt"]), params_of(req), generator,
@@ -91,7 +88,7 @@ def test_global_rng_does_not_leak_into_generation(model, fixture_dir, requests_b
 @pytest.mark.parametrize("name", CAPTURED)
 def test_teacher_forced_slow_and_fast_logits(model, fixture_dir, name):
     """Feed the golden frames back in and compare every logit the reference sampled from."""
-    g = golden(fixture_dir, name)
+    g = load_golden(fixture_dir, name)
     prompt = torch.from_numpy(g["prompt"]).long()
     generated = torch.from_numpy(g["generated"]).long()
     length = prompt.shape[1]
@@ -116,7 +113,7 @@ def test_teacher_forced_slow_and_fast_logits(model, fixture_dir, name):
 @pytest.mark.parametrize("name", CAPTURED)
 def test_noise_stream_matches_reference(fixture_dir, model, requests_by_name, name):
     """Per frame: the slow draw over the vocabulary, then 9 draws of 1024 — from the request's generator."""
-    g, req = golden(fixture_dir, name), requests_by_name[name]
+    g, req = load_golden(fixture_dir, name), requests_by_name[name]
     gen = torch.Generator().manual_seed(req["seed"])
     for t in range(g["generated"].shape[1]):
         slow = torch.empty(model.config.vocab_size).exponential_(1, generator=gen)
@@ -127,30 +124,46 @@ def test_noise_stream_matches_reference(fixture_dir, model, requests_by_name, na
 
 
 @pytest.mark.parametrize("name", CAPTURED)
-def test_penalty_windows_match_reference(fixture_dir, model, name):
-    """The windows the serving path samples with (DecodeBatch, as the scheduler fills it), fed the golden frames,
-    are the reference's, frame by frame; in a slot that is not the first, beside another row."""
-    g = golden(fixture_dir, name)
-    generated = torch.from_numpy(g["generated"]).long()
-    n = generated.shape[1]
+def test_penalty_windows_match_reference(model, fixture_dir, requests_by_name, monkeypatch, name):
+    """The windows the serving path samples with are the reference's, frame by frame. They are caught where the
+    decode step hands them to `sample`, while the request runs as the scheduler runs it: `prefill` into slot 1 of
+    a `DecodeBatch` beside another row, then batched `decode_one_token` steps."""
+    g, req = load_golden(fixture_dir, name), requests_by_name[name]
+    beside = requests_by_name[next(n for n in CAPTURED if n != name)]
+    caught = []  # per sample() call: the window of the last row of the call (slot 1 in a step), or None
+
+    def sample(logits, params, generators, window=None):
+        caught.append(None if window is None else window[-1].clone())
+        return real_sample(logits, params, generators, window)
+
+    real_sample = generate_module.sample
+    monkeypatch.setattr(generate_module, "sample", sample)
     batch = DecodeBatch(model, slots=2)
-    other = batch.add(5, 48, SamplingParams(), torch.Generator())
-    slot = batch.add(g["prompt"].shape[1], 48, SamplingParams(), torch.Generator())
-    assert (other, slot) == (0, 1)
+    for r in (beside, req):  # the other row first: the request under test takes slot 1
+        prompt = torch.from_numpy(load_golden(fixture_dir, r)["prompt"]).long()
+        slot = batch.add(prompt.shape[1], r["max_new_tokens"], params_of(r), torch.Generator().manual_seed(r["seed"]))
+        caught.clear()  # only the request under test's draws count
+        frames = [prefill(model, batch, slot, prompt)]
+    assert slot == 1 and batch.n == 2
+    n = g["generated"].shape[1]
+    for _ in range(1, n):
+        frames.append(decode_one_token(model, batch)[slot])
+    np.testing.assert_array_equal(torch.stack(frames, dim=1).numpy(), g["generated"])
+    per_frame = model.config.num_codebooks  # one slow draw, then one per residual codebook
+    assert len(caught) == n * per_frame
     assert (g["slow_prev_ids"][0] == -1).all() and (g["fast_prev_ids"][0] == -1).all()
-    batch.record_prefill(other, generated[:, 0].flip(0))
-    batch.record_prefill(slot, generated[:, 0])
+    assert all(w is None for w in caught[:per_frame])  # the prefill frame: no penalty
     for t in range(1, n):
-        window = batch.windows(0, 2)[slot]
-        np.testing.assert_array_equal(window[:, 0].numpy(), g["slow_prev_ids"][t])
-        np.testing.assert_array_equal(window[2:].numpy(), g["fast_prev_ids"][t])
-        batch.record(0, 2, torch.stack([generated[:, t].flip(0), generated[:, t]]))
+        slow, *fast = caught[t * per_frame : (t + 1) * per_frame]
+        np.testing.assert_array_equal(slow.numpy(), g["slow_prev_ids"][t], err_msg=f"slow window of frame {t}")
+        np.testing.assert_array_equal(torch.stack(fast).numpy(), g["fast_prev_ids"][t],
+                                      err_msg=f"fast windows of frame {t}")
     assert batch.host_positions[slot] == g["prompt"].shape[1] + n - 1
 
 
 def test_batched_rows_equal_single_rows(model, fixture_dir, requests_by_name):
     """Two prompts of different lengths decoded side by side give each row's single-row logits."""
-    prompts = [torch.from_numpy(golden(fixture_dir, n)["prompt"]).long() for n in ("a", "b")]
+    prompts = [torch.from_numpy(load_golden(fixture_dir, n)["prompt"]).long() for n in ("a", "b")]
     singles = []
     with torch.inference_mode():
         for p in prompts:
@@ -167,7 +180,7 @@ def test_batched_rows_equal_single_rows(model, fixture_dir, requests_by_name):
 
 
 def test_prefill_frame_is_sampled_without_penalty(model, fixture_dir, requests_by_name):
-    g, req = golden(fixture_dir, "a"), requests_by_name["a"]
+    g, req = load_golden(fixture_dir, "a"), requests_by_name["a"]
     prompt = torch.from_numpy(g["prompt"]).long()
     gen = torch.Generator().manual_seed(req["seed"])
     with torch.inference_mode():

@@ -12,6 +12,8 @@ from shoal.errors import BadRequest
 from shoal.fish.prompt import build_prompt, check_prompt_length
 from shoal.fish.tokenizer import FishTokenizer
 
+from support import load_codec_golden, load_golden, load_requests
+
 
 @pytest.fixture(scope="module")
 def tok(fixture_dir) -> FishTokenizer:
@@ -21,17 +23,17 @@ def tok(fixture_dir) -> FishTokenizer:
 @pytest.fixture(scope="module")
 def reference(fixture_dir) -> tuple[str, np.ndarray]:
     transcript = (fixture_dir / "reference.txt").read_text().strip()
-    return transcript, np.load(fixture_dir / "codec.npz")["codes"]
+    return transcript, load_codec_golden(fixture_dir)["codes"]
 
 
 def requests(fixture_dir):
-    return {r["name"]: r for r in json.loads((fixture_dir / "requests.json").read_text())["requests"]}
+    return {r["name"]: r for r in load_requests(fixture_dir)}
 
 
 @pytest.mark.parametrize("name", ["a", "b", "c", "d"])
 def test_prompt_matches_reference(fixture_dir, tok, reference, name):
     request = requests(fixture_dir)[name]
-    golden = np.load(fixture_dir / request["file"])["prompt"]
+    golden = load_golden(fixture_dir, request)["prompt"]
     refs = [reference] if request["reference"] else []
     prompt = build_prompt(tok, request["text"], refs)
     assert prompt.dtype == torch.int32

@@ -9,9 +9,6 @@ these figures say the kernels and the wiring are right, not how real speech soun
 
 from __future__ import annotations
 
-import json
-
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,6 +19,8 @@ from shoal.fish.checkpoint import load_dual_ar
 from shoal.fish.generate import RESIDUAL_CODEBOOK_SIZE
 from shoal.fish.quant import is_quantized, quantize_int8, weight_bytes
 from shoal.fish.tokenizer import FishTokenizer
+
+from support import load_golden, load_requests
 
 #: Measured on the fixture (2026-12-02, torch 2.13 x86/fbgemm; all four requests, 122 slow and 1098 fast
 #: positions): mean KL 2.3e-3 (slow) and 1.3e-3 (fast) nats, the worst single position 9.6e-3 and 1.3e-2; top-1
@@ -64,10 +63,10 @@ def fidelity(fixture_dir):
     tokenizer = FishTokenizer.from_dir(fixture_dir)
     f32 = load_dual_ar(fixture_dir, tokenizer, torch.device("cpu"), torch.float32)
     int8 = quantize_int8(load_dual_ar(fixture_dir, tokenizer, torch.device("cpu"), torch.float32))
-    requests = json.loads((fixture_dir / "requests.json").read_text())["requests"]
+    requests = load_requests(fixture_dir)
     logits = {"f32": ([], []), "int8": ([], [])}
     for req in requests:
-        g = np.load(fixture_dir / req["file"])
+        g = load_golden(fixture_dir, req)
         prompt, generated = torch.from_numpy(g["prompt"]).long(), torch.from_numpy(g["generated"]).long()
         for name, model in (("f32", f32), ("int8", int8)):
             slow, fast = teacher_forced_logits(model, prompt, generated)

@@ -6,9 +6,10 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from shoal.testing import Server
+
 from hostile_checks import ANCHOR, API_KEY, check_alive, snapshot, stray_files
 from hostile_media import good_wav
-from serverproc import Server
 
 # The tiny checkpoint's codec encodes at most ~12 s at once; voice clips and inline references stay below.
 OPEN_ENV = {"SHOAL_MAX_VOICE_SECONDS": "10"}

@@ -4,15 +4,14 @@ the server lives on, and nothing appears on disk that is not a valid voice."""
 from __future__ import annotations
 
 import base64
-import hashlib
-import io
 import json
 import re
 from pathlib import Path
 
-import av
 import httpx
 import numpy as np
+
+from support import pyav_decode, tree
 
 REPO = Path(__file__).resolve().parents[2]
 API_KEY = "hostile-Key_0123456789abcdefXYZ"  # the key server's
@@ -54,12 +53,7 @@ def check_alive(server) -> None:
 
 def decoded_samples(data: bytes, fmt: str) -> int:
     """How many samples an audio body decodes to (pcm: raw int16, so bytes / 2)."""
-    if fmt == "pcm":
-        assert len(data) % 2 == 0
-        return len(data) // 2
-    with av.open(io.BytesIO(data)) as container:
-        stream = container.streams.audio[0]
-        return sum(frame.samples for frame in container.decode(stream))
+    return pyav_decode(data, fmt)[0].shape[1]
 
 
 def check_audio(server, r: httpx.Response, fmt: str = "wav") -> int:
@@ -83,19 +77,7 @@ def check_audio(server, r: httpx.Response, fmt: str = "wav") -> int:
 
 def snapshot(*roots: Path) -> dict[str, tuple]:
     """Every path under `roots` with its kind and content hash; servers' logs excluded (they grow)."""
-    out = {}
-    for root in roots:
-        for p in sorted(root.rglob("*")):
-            rel = f"{root.name}/{p.relative_to(root)}"
-            if p.parent == root and p.name.startswith("server-") and p.suffix == ".log":
-                continue
-            if p.is_symlink():
-                out[rel] = ("link", str(p.readlink()))
-            elif p.is_dir():
-                out[rel] = ("dir",)
-            else:
-                out[rel] = ("file", hashlib.sha256(p.read_bytes()).hexdigest())
-    return out
+    return tree(*roots, ignore="server-*.log")
 
 
 def stray_files(server) -> list[str]:

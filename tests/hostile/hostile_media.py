@@ -11,6 +11,11 @@ import zipfile
 import numpy as np
 import soundfile as sf
 
+from support import tone, tone_clip
+
+#: The suite's tone: 220 Hz, and 16 kHz by default, so a 2 s voice clip (~64 KB) fits the key server's upload limit.
+FREQ, RATE = 220.0, 16000
+
 
 def wav_header(*, channels: int = 1, rate: int = 44100, bits: int = 16, data_bytes: int, fmt_tag: int = 1,
                riff_size: int | None = None) -> bytes:
@@ -22,21 +27,9 @@ def wav_header(*, channels: int = 1, rate: int = 44100, bits: int = 16, data_byt
             + b"data" + struct.pack("<I", data_bytes & 0xFFFFFFFF))
 
 
-def tone(seconds: float, rate: int = 16000, channels: int = 1) -> np.ndarray:
-    t = np.arange(int(seconds * rate)) / rate
-    mono = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
-    return np.repeat(mono[:, None], channels, axis=1)
-
-
-def encoded(audio: np.ndarray, rate: int, fmt: str = "WAV", subtype: str | None = "PCM_16") -> bytes:
-    buf = io.BytesIO()
-    sf.write(buf, audio, rate, format=fmt, subtype=subtype)
-    return buf.getvalue()
-
-
-def good_wav(seconds: float = 2.0, rate: int = 16000, channels: int = 1) -> bytes:
-    """A valid voice clip: a tone."""
-    return encoded(tone(seconds, rate, channels), rate)
+def good_wav(seconds: float = 2.0, rate: int = RATE, channels: int = 1) -> bytes:
+    """A valid voice clip: a tone, as a 16-bit WAV."""
+    return tone_clip(seconds, rate, freq=FREQ, channels=channels)
 
 
 def silent_flac(seconds: float, rate: int = 8000, *, unknown_length: bool = False) -> bytes:
@@ -76,7 +69,7 @@ def hostile_clips() -> dict[str, tuple[bytes, bool]]:
     """name -> (upload bytes, whether a server may accept it as a voice). Most must be refused; the few
     that are odd but real audio (8 channels, 384 kHz, a mismatched transcript) may become valid voices."""
     ok = good_wav()
-    pcm = (tone(2.0)[:, 0] * 32767).astype("<i2").tobytes()
+    pcm = (tone(2.0, RATE, FREQ) * 32767).astype("<i2").tobytes()
     half_second = pcm[:16000]
     refuse = {
         "zero-length": b"",
@@ -122,7 +115,7 @@ def hostile_clips() -> dict[str, tuple[bytes, bool]]:
         "8-channel": good_wav(2.0, channels=8),
         "384-khz": good_wav(1.5, rate=384000),
         "1-khz": good_wav(2.0, rate=1000),
-        "stereo-flac": encoded(tone(2.0, 22050, 2), 22050, "FLAC"),
-        "ogg-vorbis": encoded(tone(2.0, 22050), 22050, "OGG", "VORBIS"),
+        "stereo-flac": tone_clip(2.0, 22050, freq=FREQ, channels=2, format="FLAC"),
+        "ogg-vorbis": tone_clip(2.0, 22050, freq=FREQ, format="OGG", subtype="VORBIS"),
     }
     return {**{k: (v, False) for k, v in refuse.items()}, **{k: (v, True) for k, v in accept.items()}}

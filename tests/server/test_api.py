@@ -8,7 +8,6 @@ import json
 import threading
 import time
 
-import av
 import httpx
 import msgpack
 import numpy as np
@@ -16,22 +15,9 @@ import openai
 import pytest
 import soundfile as sf
 
+from support import load_golden, load_request, pyav_decode, tree
 
 FIXTURE_TEXT = "This is a short reference recording."
-
-
-def decode(data: bytes) -> tuple[np.ndarray, int]:
-    """Any container PyAV reads -> (mono float32 samples, rate)."""
-    with av.open(io.BytesIO(data)) as container:
-        stream = container.streams.audio[0]
-        frames = [f.to_ndarray() for f in container.decode(stream)]
-        rate = stream.rate
-    audio = np.concatenate([f.reshape(-1, f.shape[-1]).mean(axis=0) if f.ndim > 1 else f for f in frames])
-    return audio.astype(np.float32), rate
-
-
-def tree(path) -> set[str]:
-    return {str(p.relative_to(path)) for p in path.rglob("*")} if path.exists() else set()
 
 
 # -- basics ------------------------------------------------------------------------------------------------------
@@ -70,7 +56,8 @@ def test_openai_sdk_streaming_mp3(server):
             extra_body={"seed": 2, "max_new_tokens": 12}) as response:
         for chunk in response.iter_bytes():
             buf.write(chunk)
-    audio, rate = decode(buf.getvalue())
+    audio, rate = pyav_decode(buf.getvalue())
+    audio = audio.mean(axis=0)
     assert rate == 44100 and abs(len(audio) - 11 * 2048) < 4096
 
 
@@ -344,8 +331,8 @@ def test_request_timeout_is_504_and_frees_the_queue(make_server):
 
 def test_fish_api_reproduces_the_golden_request(make_server, fixture_dir):
     """Default settings through the HTTP API give the reference's audio for the same seed."""
-    req = next(r for r in json.loads((fixture_dir / "requests.json").read_text())["requests"] if r["name"] == "c")
-    golden = np.load(fixture_dir / req["file"])["audio"]
+    req = load_request(fixture_dir, "c")
+    golden = load_golden(fixture_dir, req)["audio"]
     srv = make_server(checkpoint=fixture_dir)
     ref = {"audio": (fixture_dir / req["reference"]).read_bytes(), "text": req["reference_text"]}
     body = {"text": req["text"], "references": [ref], "seed": req["seed"], "temperature": req["temperature"],

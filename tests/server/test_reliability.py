@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import random
 import signal
@@ -10,14 +9,14 @@ import threading
 import time
 
 import httpx
-import numpy as np
 import pytest
-import soundfile as sf
 from prometheus_client.parser import text_string_to_metric_families
 
-from serverproc import Server
 from shoal.server.ratelimit import RateLimiter
 from shoal.errors import RateLimited
+from shoal.testing import Server
+
+from support import noise_clip
 
 FAULTS = {"SHOAL_FAULT_INJECTION": "true"}
 # seed 7 runs ~450 frames on the tiny checkpoint (seed 1) before <|im_end|>: a few seconds of generation.
@@ -34,14 +33,9 @@ def counters(srv: Server) -> dict:
     return httpx.get(srv.url + "/v1/health", timeout=10).json()["counters"]
 
 
-def wait_idle(srv: Server, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        body = httpx.get(srv.url + "/v1/health", timeout=10).json()
-        if body["queue_depth"] == 0 and body["counters"]["in_flight"] == 0:
-            return
-        time.sleep(0.05)
-    pytest.fail(f"the server did not go idle: {body}")
+def assert_idle(srv: Server, timeout: float = 30) -> None:
+    idle = srv.wait_idle(timeout, interval=0.05)
+    assert idle["idle"], f"the server did not go idle: {idle['last']}"
 
 
 def metrics(srv: Server, **kwargs) -> dict[tuple[str, tuple], float]:
@@ -76,7 +70,7 @@ def test_a_fault_in_one_request_fails_only_that_request(make_server):
     assert fault.json()["error"]["code"] == "engine_failure" and "Traceback" not in fault.text
     for seed in seeds:  # the rows beside the failed one finished, with exactly their solo audio
         assert results[seed].status_code == 200 and results[seed].content == alone[seed]
-    wait_idle(srv)
+    assert_idle(srv)
     with srv.client() as c:
         assert speech(c, "Still serving.", 1, tokens=8).status_code == 200
     assert srv.proc.poll() is None
@@ -89,7 +83,7 @@ def test_cuda_out_of_memory_is_a_503_for_that_request(make_server):
         assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
         assert "out of memory" in r.json()["error"]["message"]
         assert speech(c, "Fine again.", 1, tokens=8).status_code == 200
-    wait_idle(srv)
+    assert_idle(srv)
 
 
 def test_out_of_memory_in_a_batch_is_retried_in_halves_and_every_request_keeps_its_audio(make_server):
@@ -114,7 +108,7 @@ def test_out_of_memory_in_a_batch_is_retried_in_halves_and_every_request_keeps_i
         assert results[seed].status_code == 200 and results[seed].content == alone[seed], seed
     with srv.client() as c:
         assert c.get("/v1/health").json()["counters"]["isolated_faults"] >= 1  # the batched step did fail
-    wait_idle(srv)
+    assert_idle(srv)
 
 
 def test_fault_markers_do_nothing_without_the_setting(server):
@@ -158,13 +152,6 @@ def test_sigterm_grace_period_bounds_the_wait(make_server):
 
 # -- crashes mid-upload ------------------------------------------------------------------------------------------
 
-def clip(seconds: float, seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    sf.write(buf, (0.1 * rng.standard_normal(int(44100 * seconds))).astype(np.float32), 44100, format="WAV")
-    return buf.getvalue()
-
-
 def test_kill_9_during_uploads_leaves_only_whole_voices(tmp_path, tiny_checkpoint):
     """SIGKILL the server at random points while voices upload; after each restart every listed voice is whole
     and usable without an encode, and no half-written folder is left anywhere."""
@@ -182,7 +169,7 @@ def test_kill_9_during_uploads_leaves_only_whole_voices(tmp_path, tiny_checkpoin
                     while not stop.is_set() and i < 50:
                         try:
                             c.post("/v1/references/add", data={"id": f"v{round_}-{i}", "text": "Some words."},
-                                   files={"audio": ("a.wav", clip(3.0, i), "audio/wav")})
+                                   files={"audio": ("a.wav", noise_clip(3.0, i), "audio/wav")})
                             uploaded += 1
                         except httpx.TransportError:
                             return
@@ -222,7 +209,7 @@ def test_damaged_codes_are_recomputed_by_the_server_never_served(make_server):
     srv = make_server("--no-ui")
     with srv.client() as c:
         assert c.post("/v1/references/add", data={"id": "narrator", "text": "Some words."},
-                      files={"audio": ("a.wav", clip(2.0, 5), "audio/wav")}).status_code == 200
+                      files={"audio": ("a.wav", noise_clip(2.0, 5), "audio/wav")}).status_code == 200
         body = {"text": "My saved voice.", "reference_id": "narrator", "seed": 3, "max_new_tokens": 10}
         good = c.post("/v1/tts", json=body).content
     codes = srv.data_dir / "voices" / "narrator" / "codes.npy"
@@ -310,7 +297,7 @@ def test_saved_voice_cache_hits_and_misses_are_counted(make_server):
     srv = make_server("--no-ui")
     with srv.client() as c:
         assert c.post("/v1/references/add", data={"id": "v", "text": "Some words."},
-                      files={"audio": ("a.wav", clip(2.0, 1), "audio/wav")}).status_code == 200
+                      files={"audio": ("a.wav", noise_clip(2.0, 1), "audio/wav")}).status_code == 200
         m0 = metrics(srv)
         for _ in range(2):
             assert c.post("/v1/tts", json={"text": "Hi.", "reference_id": "v", "max_new_tokens": 4}).status_code == 200
@@ -368,7 +355,7 @@ def test_clients_that_give_up_while_queued_never_reach_the_model(make_server):
         t.start()
     for t in quitters + [first]:
         t.join(120)
-    wait_idle(srv)
+    assert_idle(srv)
     assert pcm, "the long request failed"
     frames_of_long = len(pcm) // (2 * 2048) + 1  # the last generated frame is never decoded
     assert counters(srv)["generated_tokens"] - before == frames_of_long

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from serverproc import Server
+from shoal.testing import Server
+
+from support import server_factory
 
 CHROMIUM = os.environ.get("SHOAL_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -23,25 +25,15 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="module")
 def ui_server(tmp_path_factory, tiny_checkpoint):
-    srv = Server(tiny_checkpoint, tmp_path_factory.mktemp("ui-server")).start()
-    yield srv
-    srv.stop()
+    with Server(tiny_checkpoint, tmp_path_factory.mktemp("ui-server")) as srv:
+        yield srv.start()
 
 
 @pytest.fixture
 def make_ui_server(tmp_path, tiny_checkpoint):
-    """Start servers with their own flags (stopped at the end of the test)."""
-    started: list[Server] = []
-
-    def make(*extra: str, checkpoint: Path | None = tiny_checkpoint, env: dict | None = None,
-             wait: bool = True) -> Server:
-        srv = Server(checkpoint, tmp_path / f"srv{len(started)}", *extra, env=env).spawn()
-        started.append(srv)
-        return srv.wait_ready() if wait else srv
-
-    yield make
-    for srv in started:
-        srv.stop()
+    """Start servers with their own flags (stopped at the end of the test; `wait=False`: not waited for)."""
+    with server_factory(tmp_path, tiny_checkpoint) as make:
+        yield make
 
 
 @pytest.fixture(scope="session")

@@ -14,11 +14,11 @@ import httpx
 import pytest
 import soundfile as sf
 
-from serverproc import free_port
 from shoal.engines.registry import load_engines
 from shoal.errors import CheckpointError
 from shoal.server.app import create_app
 from shoal.settings import Settings
+from shoal.testing import free_port
 
 pytestmark = [
     pytest.mark.browser,
