@@ -919,61 +919,17 @@ print(json.dumps({"torch": torch.__version__, "intra_op_threads": torch.get_num_
 """
 
 
-def free_port() -> int:
-    import socket
+def start_server(server) -> dict:
+    """Start a `shoal.testing.Server` and return its health answer; a server that fails is a BenchError naming
+    the last line it logged."""
+    import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServeProcess:
-    """`python -m shoal serve --no-ui` on a free loopback port, run from `root` (so no ./checkpoints or .env is
-    seen), its data dir under `root` and its output in `root/server.log`. What tests/serverproc.py does for the
-    tests, kept here because the bench ships in the package and tests/ does not."""
-
-    def __init__(self, root: Path, args: list[str], env: dict):
-        self.root, self.env = root, env
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = root / "server.log"
-        self.args = [sys.executable, "-m", "shoal", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-                     "--data-dir", str(root / "data"), "--no-ui", *args]
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = SERVER_READY_TIMEOUT_S) -> dict:
-        """Spawn it and wait until /v1/health says ok; returns that health answer."""
-        import httpx
-
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                         cwd=self.root)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise BenchError(f"shoal serve exited with {self.proc.returncode} before it was ready: "
-                                 f"{last_line(self.log.read_text(errors='replace'))}")
-            try:
-                response = httpx.get(self.url + "/v1/health", timeout=5)
-                if response.status_code == 200:
-                    return response.json()
-                if response.json().get("status") == "error":
-                    raise BenchError(f"shoal serve failed to load: {response.json().get('error')}")
-            except (httpx.HTTPError, ValueError):
-                pass
-            time.sleep(0.2)
-        raise BenchError(f"shoal serve was not ready in {timeout:.0f} s: "
-                         f"{last_line(self.log.read_text(errors='replace')) or 'it wrote nothing'}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+    try:
+        server.start(SERVER_READY_TIMEOUT_S)
+    except RuntimeError:
+        raise BenchError(f"shoal serve did not become ready: "
+                         f"{last_line(server.log.read_text(errors='replace')) or 'it wrote nothing'}") from None
+    return httpx.get(server.url + "/v1/health", timeout=30).json()
 
 
 class RepeatBench(Bench):
@@ -1035,16 +991,18 @@ class RepeatBench(Bench):
         import httpx
         import psutil
 
+        from shoal.testing import Server
+
         o = self.o
         threads_env = {k: env.get(k) for k in THREAD_VARIABLES}
         title = "default threads" if name == "default" else "OMP_NUM_THREADS=1"
-        server = ServeProcess(root, ["--checkpoint", checkpoint["path"], "--device", o["device"], "--precision",
-                                     o["precision"]], env)
+        server = Server(Path(checkpoint["path"]), root, "--host", "127.0.0.1", "--no-ui", "--device", o["device"],
+                        "--precision", o["precision"], env=env, inherit_env=False)
         progress(f"{title}: starting shoal serve on port {server.port} "
                  f"({', '.join(f'{k}={v}' for k, v in threads_env.items() if v) or 'no thread variables'})")
         t0 = time.perf_counter()
         try:
-            health = server.start()
+            health = start_server(server)
             ready_s = time.perf_counter() - t0
             proc = psutil.Process(server.proc.pid)
             out = {"env": threads_env, "ready_s": ready_s, "threads_at_ready": proc.num_threads(),

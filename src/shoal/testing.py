@@ -313,11 +313,13 @@ class Server:
     `root` (so no ./checkpoints or .env of the repo is seen). `start()` = `spawn()` + `wait_ready()`; as a context
     manager it is stopped on leaving the block. Talking to it needs httpx (the `test` extra)."""
 
-    def __init__(self, checkpoint: Path | None, root: Path, *extra: str, env: dict | None = None):
+    def __init__(self, checkpoint: Path | None, root: Path, *extra: str, env: dict | None = None,
+                 inherit_env: bool = True):
+        """`env` is added to this process's environment, or, with `inherit_env` False, is the whole of it."""
         self.checkpoint, self.root, self.extra = checkpoint, Path(root), extra
         self.root.mkdir(parents=True, exist_ok=True)
         self.data_dir = self.root / "data"
-        self.env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", **(env or {})}
+        self.env = {**(os.environ if inherit_env else {}), "GRADIO_ANALYTICS_ENABLED": "False", **(env or {})}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = self.root / f"server-{self.port}.log"

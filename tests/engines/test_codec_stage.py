@@ -9,6 +9,7 @@ import torch
 
 from shoal.engines.codec_stage import CodecStage
 from shoal.fish.codec import CodecConfig, load_codec, push_streams
+from support import load_codec_golden
 
 # Batching changes how the codec's sums are split, nothing else: float rounding (2.5e-5 measured; the incremental
 # decode's own bound is 1e-4; a wrong state gives errors near 1).
@@ -23,7 +24,7 @@ def codec(fixture_dir):
 @pytest.fixture(scope="module")
 def codes(fixture_dir):
     """Two different code streams [10, F] from the reference's golden codec codes."""
-    golden = torch.from_numpy(np.load(fixture_dir / "codec.npz")["codes"]).long()
+    golden = torch.from_numpy(load_codec_golden(fixture_dir)["codes"]).long()
     c = golden[0] if golden.dim() == 3 else golden
     return c, c.flip(-1).contiguous()
 
