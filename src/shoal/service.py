@@ -122,7 +122,9 @@ class Dispatcher:
             try:  # reference clips are read and decoded in submit: off the event loop
                 await asyncio.to_thread(job.engine.submit, job.request, sink, sink.cancel, stream)
             except BaseException as exc:
-                sink.end(None)  # never submitted: nothing else will end it
+                sink.end(None)  # refused, or the consumer left meanwhile: free the slot now (a later end is ignored)
+                if not isinstance(exc, Exception):
+                    raise
                 outcome = "error"
                 raise engine_error(exc) from None
             deadline = asyncio.get_running_loop().time() + self.timeout
@@ -170,14 +172,16 @@ class LoopSink(Sink):
         self.cancel = threading.Event()
         self._on_end = on_end
         self._ended = False
+        self._lock = threading.Lock()  # the engine's thread and the loop's may both end it
 
     def audio(self, chunk: np.ndarray) -> None:
         self._post(("audio", chunk))
 
     def end(self, error: BaseException | None = None) -> None:
-        if self._ended:
-            return
-        self._ended = True
+        with self._lock:
+            if self._ended:
+                return
+            self._ended = True
         self._on_end()
         self._post(("end", error))
 

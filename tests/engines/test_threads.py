@@ -12,6 +12,7 @@ import sys
 PROBE = r"""
 import json, os, sys, threading
 import shoal  # first, as the CLI and the Python API import it
+import numpy
 import torch
 from shoal.compose import build_service
 from shoal.service import SpeechParams
@@ -28,8 +29,17 @@ def watched_flush():
     flush()
 
 fish.scheduler.after_step = watched_flush
+encode, encoded = fish._encode, set()
+
+def watched_encode(audio):
+    encoded.add(threading.current_thread().name)
+    return encode(audio)
+
+fish._encode = watched_encode
 service.run(service.prepare(SpeechParams(text="Hi.", seed=1, max_new_tokens=4)))
+fish.encode_audio(numpy.zeros(44100, "float32"))  # as saving a voice does, from this thread
 print(json.dumps({"engine_threads": fish.scheduler.call(torch.get_num_threads), "step_threads": sorted(seen),
+                  "encode_threads": sorted(encoded),
                   "main_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}))
 service.close(engines=True)
 """
@@ -45,7 +55,8 @@ def probe(fixture_dir, tmp_path, env_extra: dict, settings_env: dict) -> dict:
 
 def test_the_engine_thread_runs_the_steps_with_the_configured_torch_threads(fixture_dir, tmp_path):
     found = probe(fixture_dir, tmp_path, {}, {"SHOAL_TORCH_THREADS": "1"})
-    assert found["step_threads"] == ["shoal-engine"]
+    assert found["step_threads"] == ["shoal-engine"]  # decode steps and the codec stage after them
+    assert found["encode_threads"] == ["shoal-engine"]  # a reference encode asked for from another thread
     assert found["engine_threads"] == 1
     assert found["omp_wait_policy"] == "PASSIVE"
 
