@@ -9,6 +9,7 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -27,6 +28,18 @@ LONG = {"input": "A long one. " * 20, "voice": "default", "response_format": "pc
 def speech(c: httpx.Client, text: str, seed: int, tokens: int = 40, **extra) -> httpx.Response:
     return c.post("/v1/audio/speech", json={"input": text, "voice": "default", "response_format": "pcm",
                                             "seed": seed, "max_new_tokens": tokens, "chunk_length": 0, **extra})
+
+
+#: PCM16 samples may differ by this much between a request decoded alone and beside others: streamed chunks of
+#: requests that decode in step share codec calls, which splits the codec's sums differently (1 LSB seen). Audio
+#: of the wrong row, or a lost frame, differs by thousands.
+BATCHED_CODEC_LSB = 2
+
+
+def same_audio(a: bytes, b: bytes) -> bool:
+    """The same streamed PCM16 audio, to the codec's float rounding."""
+    x, y = np.frombuffer(a, "<i2").astype(np.int32), np.frombuffer(b, "<i2").astype(np.int32)
+    return x.shape == y.shape and int(np.abs(x - y).max(initial=0)) <= BATCHED_CODEC_LSB
 
 
 def counters(srv: Server) -> dict:
@@ -68,8 +81,8 @@ def test_a_fault_in_one_request_fails_only_that_request(make_server):
     fault = results["fault"]
     assert fault.status_code == 500, fault.text
     assert fault.json()["error"]["code"] == "engine_failure" and "Traceback" not in fault.text
-    for seed in seeds:  # the rows beside the failed one finished, with exactly their solo audio
-        assert results[seed].status_code == 200 and results[seed].content == alone[seed]
+    for seed in seeds:  # the rows beside the failed one finished, with their solo audio
+        assert results[seed].status_code == 200 and same_audio(results[seed].content, alone[seed])
     assert_idle(srv)
     with srv.client() as c:
         assert speech(c, "Still serving.", 1, tokens=8).status_code == 200
@@ -88,7 +101,7 @@ def test_cuda_out_of_memory_is_a_503_for_that_request(make_server):
 
 def test_out_of_memory_in_a_batch_is_retried_in_halves_and_every_request_keeps_its_audio(make_server):
     """`[[fault:oom-batched]]` runs out of memory inside any decode step of more than one row: the scheduler halves
-    the batch until the steps fit, and every request, that one included, gets exactly its solo audio."""
+    the batch until the steps fit, and every request, that one included, gets its solo audio."""
     srv = make_server(env=FAULTS)
     texts = {11: "Beside a tight squeeze.", 12: "Squeezed [[fault:oom-batched]] in.", 13: "Another one beside."}
     with srv.client() as c:
@@ -105,7 +118,7 @@ def test_out_of_memory_in_a_batch_is_retried_in_halves_and_every_request_keeps_i
     for t in threads:
         t.join(120)
     for seed in texts:
-        assert results[seed].status_code == 200 and results[seed].content == alone[seed], seed
+        assert results[seed].status_code == 200 and same_audio(results[seed].content, alone[seed]), seed
     with srv.client() as c:
         assert c.get("/v1/health").json()["counters"]["isolated_faults"] >= 1  # the batched step did fail
     assert_idle(srv)
