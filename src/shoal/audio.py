@@ -279,6 +279,9 @@ MEDIA_TYPES = MappingProxyType({fmt: encoding.media_type for fmt, encoding in EN
 # the same, and nothing advertises the FFmpeg build. flush_packets hands every packet to the drain at once.
 MUXER_OPTIONS = {"fflags": "+bitexact", "flush_packets": "1"}
 ENCODER_OPTIONS = {"flags": "+bitexact"}
+# The output rates a client may ask for where the encoder takes any (wav, pcm, flac): telephone to studio.
+MIN_OUTPUT_RATE = 8_000
+MAX_OUTPUT_RATE = 192_000
 # Lossy encoders take a fixed set of rates (opus: 8/12/16/24/48 kHz only); other rates are resampled here,
 # with soxr, to the one rate all three take.
 FALLBACK_RATE = 48_000
@@ -289,6 +292,22 @@ def encoding_for(fmt: str) -> Encoding:
         return ENCODINGS[fmt]
     except (KeyError, TypeError):
         raise BadRequest(f"unknown audio format {fmt!r}; use one of: {', '.join(FORMATS)}") from None
+
+
+def check_output_rate(fmt: str, rate: object) -> int:
+    """A client's output sample rate, if `fmt`'s encoder takes it; else BadRequest listing what it takes."""
+    encoder = encoding_for(fmt).encoder
+    rates = av.Codec(encoder, "w").audio_rates
+    ok = isinstance(rate, (int, np.integer)) and not isinstance(rate, bool)
+    if ok and rates:
+        ok = rate in rates
+    elif ok:
+        ok = MIN_OUTPUT_RATE <= rate <= MAX_OUTPUT_RATE
+    if not ok:
+        allowed = (", ".join(str(r) for r in sorted(rates)) if rates
+                   else f"any integer from {MIN_OUTPUT_RATE} to {MAX_OUTPUT_RATE}")
+        raise BadRequest(f"sample_rate {rate!r} is not one {fmt} can be encoded at; use {allowed}")
+    return int(rate)
 
 
 def encoder_rate(encoder: str, sample_rate: int) -> int:
@@ -355,12 +374,16 @@ class StreamEncoder:
     real lengths at the end. Errors from FFmpeg become EngineFailure. Not thread-safe: one writer at a time.
     """
 
-    def __init__(self, fmt: str, sample_rate: int, *, whole_file: bool = False):
+    def __init__(self, fmt: str, sample_rate: int, *, whole_file: bool = False, out_rate: int | None = None,
+                 bitrate: int | None = None):
         self.fmt = fmt
         self.encoding = encoding_for(fmt)
         self.media_type = self.encoding.media_type
         self.sample_rate = engine_rate(sample_rate)
-        self.encoded_rate = encoder_rate(self.encoding.encoder, self.sample_rate)
+        if out_rate is None:
+            self.encoded_rate = encoder_rate(self.encoding.encoder, self.sample_rate)
+        else:
+            self.encoded_rate = check_output_rate(fmt, out_rate)
         self.resampler = None
         if self.encoded_rate != self.sample_rate:
             self.resampler = soxr.ResampleStream(self.sample_rate, self.encoded_rate, 1, dtype="float32",
@@ -373,6 +396,8 @@ class StreamEncoder:
                                      container_options={**MUXER_OPTIONS, **self.encoding.muxer_options})
             self.stream = self.container.add_stream(self.encoding.encoder, rate=self.encoded_rate, layout="mono",
                                                     format=self.encoding.sample_format, options=ENCODER_OPTIONS)
+            if bitrate is not None:
+                self.stream.bit_rate = bitrate
             self.container.start_encoding()
 
     def push(self, chunk: np.ndarray) -> bytes:
@@ -435,7 +460,97 @@ class StreamEncoder:
 
 def encode_audio(audio: np.ndarray, sample_rate: int, fmt: str) -> bytes:
     """One whole file of `fmt` (see StreamEncoder) from mono float32 audio, clipped to [-1, 1]."""
-    encoder = StreamEncoder(fmt, sample_rate, whole_file=True)
+    return encode_output(audio, sample_rate, OutputOptions(fmt))
+
+
+# --- output options: what a Fish Audio request asks of the audio it gets back ---------------------------------
+
+# Loudness normalisation: the level speech is brought to (RMS over the blocks that are not silence, in dBFS,
+# about what broadcast speech measures), the block those are measured in, the level below which a block is
+# silence, and the most gain it may add or take away.
+LOUDNESS_TARGET_DBFS = -20.0
+LOUDNESS_BLOCK_SECONDS = 0.02
+LOUDNESS_GATE_DBFS = -50.0
+LOUDNESS_MAX_GAIN_DB = 20.0
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """How a request wants its audio: the format, the sample rate (None: the engine's), the bitrate in bits per
+    second (None: the encoder's default), a volume change in dB, and whether to normalise loudness."""
+
+    format: str
+    sample_rate: int | None = None
+    bitrate: int | None = None
+    volume_db: float = 0.0
+    normalize_loudness: bool = False
+
+    @property
+    def media_type(self) -> str:
+        return MEDIA_TYPES[self.format]
+
+
+class Loudness:
+    """Loudness normalisation that can run on a stream: the gain brings the RMS of the speech heard so far
+    (blocks above the gate) to the target, and moves to each new value in a linear ramp across the chunk, so it
+    never jumps. A whole file is one chunk: its gain is the exact integrated one."""
+
+    def __init__(self, sample_rate: int):
+        self.block = max(1, round(sample_rate * LOUDNESS_BLOCK_SECONDS))
+        self.energy = 0.0  # sum of squares of the gated blocks so far
+        self.samples = 0
+        self.gain: float | None = None
+
+    def __call__(self, audio: np.ndarray) -> np.ndarray:
+        blocks = audio[: len(audio) // self.block * self.block].reshape(-1, self.block).astype(np.float64)
+        if len(blocks):
+            power = (blocks**2).mean(axis=1)
+            loud = power > 10 ** (LOUDNESS_GATE_DBFS / 10)
+            self.energy += float(power[loud].sum()) * self.block
+            self.samples += int(loud.sum()) * self.block
+        if not self.samples:
+            return audio
+        rms_db = 10 * math.log10(self.energy / self.samples)
+        gain_db = min(max(LOUDNESS_TARGET_DBFS - rms_db, -LOUDNESS_MAX_GAIN_DB), LOUDNESS_MAX_GAIN_DB)
+        target = 10 ** (gain_db / 20)
+        start = target if self.gain is None else self.gain
+        self.gain = target
+        ramp = np.linspace(start, target, num=len(audio), dtype=np.float32) if start != target else target
+        return (audio * ramp).astype(np.float32)
+
+
+class OutputEncoder:
+    """A StreamEncoder for `OutputOptions`: loudness, then volume, then the resampling and encoding it asks for."""
+
+    def __init__(self, options: OutputOptions, sample_rate: int, *, whole_file: bool = False):
+        self.options = options
+        self.gain = 10 ** (options.volume_db / 20) if options.volume_db else None
+        self.loudness = Loudness(sample_rate) if options.normalize_loudness else None
+        self.encoder = StreamEncoder(options.format, sample_rate, whole_file=whole_file,
+                                     out_rate=options.sample_rate, bitrate=options.bitrate)
+        self.media_type = self.encoder.media_type
+
+    def shape(self, audio: np.ndarray) -> np.ndarray:
+        audio = np.asarray(audio, dtype=np.float32)
+        if self.loudness is not None:
+            audio = self.loudness(audio)
+        if self.gain is not None:
+            audio = audio * np.float32(self.gain)
+        return audio
+
+    def push(self, chunk: np.ndarray) -> bytes:
+        return self.encoder.push(self.shape(chunk))
+
+    def finish(self) -> bytes:
+        return self.encoder.finish()
+
+    def close(self) -> None:
+        self.encoder.close()
+
+
+def encode_output(audio: np.ndarray, sample_rate: int, options: OutputOptions) -> bytes:
+    """One whole file as `options` ask (see OutputEncoder)."""
+    encoder = OutputEncoder(options, sample_rate, whole_file=True)
     return encoder.push(audio) + encoder.finish()
 
 

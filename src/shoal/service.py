@@ -51,6 +51,9 @@ class SpeechParams:
     max_new_tokens: int = MAX_NEW_TOKENS.default
     chunk_length: int = CHUNK_LENGTH.default
     speed: float = SPEED.default
+    latency: str = "balanced"
+    condition_on_previous: bool = True
+    min_chunk_length: int = 0
 
 
 @dataclass
@@ -232,6 +235,26 @@ class Service:
             raise BadRequest(f"unknown model {name!r}; valid models: {valid}")
         return name, self.engines.get(name)
 
+    def resolve_fish_model(self, name: str | None) -> str:
+        """The served model a Fish Audio `model` header means: a served name (or one of its Fish names, such as
+        `s1` for an S1 checkpoint) as it is; a Fish Audio cloud name (`s2-pro`, `speech-1.6`, ...) through the
+        `model_map` setting, to the model it names if that is served, else to the server's default (the
+        closest there is); no header, the default. Anything else is a BadRequest listing the valid names."""
+        if not name:
+            return self.engines.default
+        served = self.engines.names()
+        if name in served:
+            return served[name]
+        mapped = self.settings.model_map.get(name)
+        if mapped is not None:
+            return served.get(mapped, self.engines.default)
+        valid = ", ".join(sorted({*served, *self.settings.model_map}))
+        raise BadRequest(f"unknown model {name!r}; valid models: {valid}")
+
+    def public_name(self, model: str) -> str:
+        """The name a response reports for a served model: its Fish name where it has one (`s1`)."""
+        return self.engines.fish_names.get(model, model)
+
     def stats(self) -> EngineStats:
         """Every engine's `stats()`, summed: what /metrics and /v1/health report."""
         total = EngineStats()
@@ -308,7 +331,9 @@ class Service:
         request = SynthesisRequest(
             text=params.text, references=tuple(references), seed=params.seed, temperature=params.temperature,
             top_p=params.top_p, repetition_penalty=params.repetition_penalty,
-            max_new_tokens=params.max_new_tokens, chunk_length=params.chunk_length, speed=params.speed)
+            max_new_tokens=params.max_new_tokens, chunk_length=params.chunk_length, speed=params.speed,
+            latency=params.latency, condition_on_previous=params.condition_on_previous,
+            min_chunk_length=params.min_chunk_length)
         return Job(model, engine, request, voice=voice)
 
     def stream(self, job: Job) -> AsyncIterator[np.ndarray]:

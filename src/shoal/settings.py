@@ -8,20 +8,24 @@ environment; everything else receives the built object.
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import platformdirs
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from dotenv import dotenv_values
 
 from shoal.errors import BadRequest
 from shoal.layout import GENERATION_HEADROOM
 
 ENV_PREFIX = "SHOAL_"
+#: The Fish Audio cloud's model names that clients send by default (the SDK `s2-pro`, LiveKit `s2.1-pro`) and
+#: the served model closest to each; an S2 checkpoint, once served, answers to its own name first.
+FISH_MODEL_MAP = {"s2-pro": "s1", "s2.1-pro": "s1", "speech-1.5": "s1", "speech-1.6": "s1", "drama-3": "s1"}
 DOTENV = ".env"
 
 
@@ -84,6 +88,9 @@ class Settings(BaseSettings):
     # Defaults for requests
     default_model: Literal["auto", "fish", "piper"] = Field("auto", description="auto: fish if a checkpoint "
                                                             "loads, else piper")
+    model_map: Annotated[dict[str, str], NoDecode] = Field(default_factory=lambda: dict(FISH_MODEL_MAP), description="Fish Audio "
+                                      "model names (the `model` header) -> the served model each means, as JSON "
+                                      "or `name=model,...`; a target that is not served means the default model")
     default_voice: str | None = Field(None, description="saved voice used when a request names none")
     lite_voice: bool = Field(True, description="also load the bundled piper voice (the fallback when no "
                              "checkpoint is found); false saves its start-up time and memory")
@@ -91,6 +98,22 @@ class Settings(BaseSettings):
     # Testing
     fault_injection: bool = Field(False, description="testing only: a request whose text contains "
                                   "[[fault:error]] or [[fault:oom]] fails inside generation")
+
+    @field_validator("model_map", mode="before")
+    @classmethod
+    def _pairs(cls, value: Any) -> Any:
+        """`s2-pro=s1,drama-3=s1`, or a JSON object."""
+        if isinstance(value, str) and value.lstrip().startswith("{"):
+            try:
+                return json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"model_map is not valid JSON: {exc}") from None
+        if isinstance(value, str):
+            pairs = [item.partition("=") for item in value.split(",") if item.strip()]
+            if any(not sep or not k.strip() or not v.strip() for k, sep, v in pairs):
+                raise ValueError("write the map as name=model pairs separated by commas, or as a JSON object")
+            return {k.strip(): v.strip() for k, _, v in pairs}
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -19,15 +19,30 @@ _BREAKS = (
 )
 
 
-def split_text(text: str, chunk_length: int) -> list[str]:
+def split_text(text: str, chunk_length: int, min_length: int = 0) -> list[str]:
     """Split `text` into segments of at most `chunk_length` characters (0: never split).
 
     Segments are slices of the original text: only the whitespace at a break is dropped. A run of
-    `chunk_length` characters with no break at all is cut hard.
+    `chunk_length` characters with no break at all is cut hard. A segment shorter than `min_length` is joined
+    to the one before it (the first, to the one after), even past `chunk_length`: a few words alone make a
+    segment too short to carry the voice.
     """
     if chunk_length <= 0 or len(text) <= chunk_length:
         return [text]
-    return [text[a:b] for a, b in _split(text, 0, len(text), chunk_length, 0)]
+    spans = _split(text, 0, len(text), chunk_length, 0)
+    if min_length > 0:
+        spans = _join_short(spans, min_length)
+    return [text[a:b] for a, b in spans]
+
+
+def _join_short(spans: list[tuple[int, int]], min_length: int) -> list[tuple[int, int]]:
+    joined: list[tuple[int, int]] = []
+    for a, b in spans:
+        if joined and (b - a < min_length or joined[-1][1] - joined[-1][0] < min_length):
+            joined[-1] = (joined[-1][0], b)
+        else:
+            joined.append((a, b))
+    return joined
 
 
 def _split(text: str, start: int, end: int, limit: int, level: int) -> list[tuple[int, int]]:

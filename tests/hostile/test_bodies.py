@@ -158,7 +158,7 @@ FISH_INVALID = [
     ("use_memory_cache", "maybe"), ("use_memory_cache", True), ("use_memory_cache", 1),
     ("use_memory_cache", None), ("use_memory_cache", "ON"), ("use_memory_cache", ""),
     ("normalize", "maybe"), ("normalize", 2), ("normalize", None), ("normalize", []),
-    ("streaming", "maybe"), ("streaming", 2), ("streaming", None), ("streaming", {}),
+    ("streaming", "maybe"), ("streaming", 2), ("streaming", {}),
     ("max_new_tokens", -1), ("max_new_tokens", 1), ("max_new_tokens", 8193), ("max_new_tokens", 2**64),
     ("max_new_tokens", "many"), ("max_new_tokens", 2.5), ("max_new_tokens", None), ("max_new_tokens", [4]),
     ("max_new_tokens", True),
@@ -168,7 +168,23 @@ FISH_INVALID = [
     ("repetition_penalty", "x"), ("repetition_penalty", None),
     ("temperature", 0), ("temperature", 0.09), ("temperature", 1.01), ("temperature", -0.5),
     ("temperature", "hot"), ("temperature", None),
-    ("wibble", 1), ("prosody", {}), ("__proto__", {"admin": True}), ("Text", "hi"), ("input", "hi"),
+    # the Fish Audio API's fields
+    ("sample_rate", 0), ("sample_rate", -8000), ("sample_rate", 10**6), ("sample_rate", "fast"),
+    ("sample_rate", 22050.5), ("mp3_bitrate", 100), ("mp3_bitrate", "128"), ("mp3_bitrate", -1),
+    ("opus_bitrate", 7), ("opus_bitrate", 25000), ("opus_bitrate", "auto"), ("opus_bitrate", -1),
+    ("latency", "fast"), ("latency", ""), ("latency", None), ("latency", 1),
+    ("prosody", "fast"), ("prosody", []), ("prosody", {"speed": 3}), ("prosody", {"speed": 0.1}),
+    ("prosody", {"volume": 30}), ("prosody", {"volume": -21}), ("prosody", {"speed": "x"}),
+    ("prosody", {"normalize_loudness": "maybe"}),
+    ("min_chunk_length", -1), ("min_chunk_length", 101), ("min_chunk_length", "x"),
+    ("early_stop_threshold", 2), ("early_stop_threshold", -0.1), ("early_stop_threshold", "x"),
+    ("condition_on_previous_chunks", "x"), ("condition_on_previous_chunks", None),
+]
+
+# Fields shoal does not know: accepted, ignored, and named in the X-Shoal-Ignored-Fields header.
+FISH_IGNORED = [
+    ("wibble", 1, "wibble"), ("__proto__", {"admin": True}, "__proto__"), ("Text", "hi", "Text"),
+    ("input", "hi", "input"), ("prosody", {"speed": 1.0, "pitch": 2}, "prosody.pitch"),
 ]
 
 # Odd but acceptable: pydantic's lax coercions as Fish's own server has them, seeds of any size, every format.
@@ -181,6 +197,10 @@ FISH_ACCEPTABLE = [
     ("references", [{"audio": CLIP_B64, "text": "a\x00b"}]), ("references", [{"audio": CLIP_B64, "text": "\ud800"}]),
     ("references", [{"audio": CLIP_B64, "text": "مرحبا 你好 😀"}]), ("references", [REF] * 8),
     ("top_p", 0.1), ("top_p", 1), ("temperature", 1.0), ("repetition_penalty", 1.99),
+    ("streaming", None), ("prosody", {}), ("prosody", None), ("sample_rate", 8000), ("sample_rate", None),
+    ("mp3_bitrate", 64), ("opus_bitrate", -1000), ("opus_bitrate", 24000), ("latency", "low"),
+    ("min_chunk_length", 0), ("min_chunk_length", 100), ("early_stop_threshold", 0),
+    ("condition_on_previous_chunks", False), ("prosody", {"speed": 2, "volume": -20, "normalize_loudness": True}),
 ]
 
 FLOATS_AND_INTS = ["top_p", "repetition_penalty", "temperature", "seed", "max_new_tokens", "chunk_length"]
@@ -214,6 +234,14 @@ def test_tts_acceptable_fields(open_server, field, value):
     r = send(open_server, "/v1/tts", encode({**FISH_BASE, field: value}, JSON), JSON)
     outcome(open_server, r, ok=True)
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("field, value, listed", FISH_IGNORED, ids=[f for f, _, _ in FISH_IGNORED])
+def test_tts_unknown_fields_are_listed(open_server, field, value, listed):
+    r = send(open_server, "/v1/tts", encode({**FISH_BASE, field: value}, MSGPACK), MSGPACK)
+    outcome(open_server, r, ok=True)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-shoal-ignored-fields"] == listed
 
 
 # Inline clips have no shortest length (saved voices do), so short but decodable audio may be spoken from.

@@ -15,6 +15,10 @@ import numpy as np
 from shoal.errors import BadRequest, Cancelled, NotFound
 from shoal.params import CHUNK_LENGTH, MAX_NEW_TOKENS, PARAMS, REPETITION_PENALTY, SPEED, TEMPERATURE, TOP_P
 
+#: Fish Audio's `latency` modes: how long the first streamed chunk is, as a multiple of the engine's
+#: `stream_first_frames` (11 frames, ~0.5 s, by default); chunks double from there either way.
+LATENCY_FIRST_CHUNK = {"low": 0.5, "balanced": 1.0, "normal": 2.0}
+
 # Seeds as the reference normalises them: negative seeds are mirrored, large ones capped at 2**31.
 SEED_CAP = 1 << 31
 
@@ -64,6 +68,12 @@ class SynthesisRequest:
     max_new_tokens: int = MAX_NEW_TOKENS.default
     chunk_length: int = CHUNK_LENGTH.default
     speed: float = SPEED.default
+    #: Streaming: how soon the first chunk comes (LATENCY_FIRST_CHUNK).
+    latency: str = "balanced"
+    #: Whether a segment's prompt carries the previous segment's text and codes (the voice continues).
+    condition_on_previous: bool = True
+    #: Segments shorter than this many characters are joined to a neighbour (0: segments as split).
+    min_chunk_length: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "references", tuple(self.references))
@@ -81,6 +91,10 @@ class SynthesisRequest:
                              "is never decoded")
         if self.seed is not None and not _is_int(self.seed):
             raise BadRequest("seed must be an integer")
+        if self.latency not in LATENCY_FIRST_CHUNK:
+            raise BadRequest(f"latency must be one of {', '.join(LATENCY_FIRST_CHUNK)}, got {self.latency!r}")
+        if not _is_int(self.min_chunk_length) or self.min_chunk_length < 0:
+            raise BadRequest("min_chunk_length must be a non-negative integer")
         for ref in self.references:
             if not isinstance(ref, Reference):
                 raise BadRequest("references must be Reference(audio, text) items")

@@ -75,9 +75,9 @@ class CodecStage:
         self.batched_calls = 0
 
     # -- what the engine hands in ------------------------------------------------------------------------------
-    def open(self) -> SegmentStream:
-        """The state of a new streamed segment."""
-        return SegmentStream(self.codec.stream(), self.first_frames)
+    def open(self, first_chunk_scale: float = 1.0) -> SegmentStream:
+        """The state of a new streamed segment, whose first chunk is `first_chunk_scale` times the usual."""
+        return SegmentStream(self.codec.stream(), max(1, round(self.first_frames * first_chunk_scale)))
 
     def frame_added(self, owner: Any, segment: SegmentStream, frames: list[torch.Tensor],
                     then: AudioCallback) -> None:

@@ -32,8 +32,8 @@ from shoal.fish.sampling import SamplingParams
 from shoal.fish.tokenizer import FishTokenizer
 from shoal.text import split_text
 
-from .base import (EngineStats, Progress, Reference, Segment, Sink, Synthesis, SynthesisRequest, run_blocking,
-                   synthesize_blocking)
+from .base import (LATENCY_FIRST_CHUNK, EngineStats, Progress, Reference, Segment, Sink, Synthesis,
+                   SynthesisRequest, run_blocking, synthesize_blocking)
 from .codec_stage import CodecStage, SegmentStream
 from .scheduler import BatchScheduler, Row
 
@@ -300,7 +300,7 @@ class FishEngine:
                 return self._finish(u)
             u.references = [(text, codes if isinstance(codes, torch.Tensor) else self._encode_clip(codes))
                             for text, codes in u.references]
-            u.segments = split_text(u.request.text, u.request.chunk_length)
+            u.segments = split_text(u.request.text, u.request.chunk_length, u.request.min_chunk_length)
             # One generator for the whole request, seeded after the references are encoded (as the reference does).
             u.generator = torch.Generator(device=self.device).manual_seed(u.seed)
             self._next_segment(u)
@@ -316,7 +316,7 @@ class FishEngine:
             self._prompt(text, u.references, request.max_new_tokens, strict=True)
         u.total = u.done + max_new * (len(u.segments) - u.index)
         u.frames = []
-        u.stream_state = self.codec_stage.open() if u.stream else None
+        u.stream_state = self.codec_stage.open(LATENCY_FIRST_CHUNK[request.latency]) if u.stream else None
         params = SamplingParams(request.temperature, request.top_p, request.repetition_penalty)
         fault = fault_for(request.text) if self.fault_injection else None
         u.row = self.scheduler.submit(prompt, params, u.generator, max_new, self.tokenizer.im_end_id,
@@ -349,7 +349,7 @@ class FishEngine:
         self.codec_stage.then(u, lambda: u.sink.segment(segment))
         if last:
             return self.codec_stage.then(u, lambda: self._finish(u))
-        if segment.codes.shape[1]:
+        if segment.codes.shape[1] and u.request.condition_on_previous:
             u.previous = [(u.segments[index], torch.from_numpy(segment.codes))]
         u.index += 1
         try:

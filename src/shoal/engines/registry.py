@@ -13,6 +13,9 @@ from .base import Engine
 
 log = logging.getLogger("shoal.engines")
 
+#: The Fish Audio model name of the S1 checkpoints the fish engine serves (openaudio-s1-mini and fine-tunes).
+S1_MODEL = "s1"
+
 
 @dataclass
 class Engines:
@@ -22,9 +25,15 @@ class Engines:
     default: str = ""
     notice: str | None = None  # shown in logs, /v1/health and the UI when the lite voice stands in
     checkpoint: Path | None = None
+    #: The Fish Audio name of a served model, by model name: "fish" is `s1` when its checkpoint is an S1.
+    fish_names: dict[str, str] = field(default_factory=dict)
 
     def get(self, name: str) -> Engine:
         return self.engines[name]
+
+    def names(self) -> dict[str, str]:
+        """Every name a served model answers to (its own and its Fish name) -> its model name."""
+        return {**{name: name for name in self.engines}, **{fish: name for name, fish in self.fish_names.items()}}
 
     def close(self) -> None:
         """Stop every engine that runs threads of its own (the fish engine's scheduler)."""
@@ -70,6 +79,7 @@ def load_engines(settings) -> Engines:
                                                  compile_cache_dir=settings.compile_cache
                                                  or Path(settings.data_dir) / "compile-cache")
         result.checkpoint = checkpoint
+        result.fish_names["fish"] = S1_MODEL
     if checkpoint is None and not settings.lite_voice:
         raise CheckpointError(f"no Fish Speech checkpoint was found at {', '.join(str(p) for p in searched)} and "
                               f"the lite voice is off (lite_voice); {HOW_TO_GET}")

@@ -12,23 +12,29 @@ import numpy as np
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from shoal.audio import MEDIA_TYPES, StreamEncoder, encode_audio
+from shoal.audio import OutputEncoder, OutputOptions, StreamEncoder, encode_output
 from shoal.errors import Cancelled, ShoalError
 from shoal.service import Job, Service
 
 log = logging.getLogger("shoal.server")
 
+#: Names the model that generated the audio (its Fish Audio name where it has one).
+MODEL_HEADER = "X-Shoal-Model"
 
-async def audio_response(request: Request, service: Service, job: Job, fmt: str, stream: bool) -> Response:
+
+async def audio_response(request: Request, service: Service, job: Job, output: OutputOptions, stream: bool,
+                         headers: dict[str, str] | None = None) -> Response:
+    """The job's audio as `output` asks, streamed or whole; `X-Shoal-Model` names the model that spoke."""
     request.state.job = job  # for the access log's audio seconds
-    headers = {"Content-Disposition": f"attachment; filename=speech.{fmt}", "X-Shoal-Model": job.model}
+    headers = {"Content-Disposition": f"attachment; filename=speech.{output.format}",
+               MODEL_HEADER: service.public_name(job.model), **(headers or {})}
     if stream:
         chunks, source = await started(request, service, job)
-        return JobStreamingResponse(encoded_stream(chunks, job, fmt), source, media_type=MEDIA_TYPES[fmt],
+        return JobStreamingResponse(encoded_stream(chunks, job, output), source, media_type=output.media_type,
                                     headers=headers)
     audio = await until_disconnect(request, service.synthesize(job))
-    data = await asyncio.to_thread(encode_audio, audio, job.engine.sample_rate, fmt)
-    return Response(data, media_type=MEDIA_TYPES[fmt], headers=headers)
+    data = await asyncio.to_thread(encode_output, audio, job.engine.sample_rate, output)
+    return Response(data, media_type=output.media_type, headers=headers)
 
 
 async def until_disconnect(request: Request, work):
@@ -86,12 +92,13 @@ async def started(request: Request, service: Service,
     return resumed(), chunks
 
 
-async def encoded_stream(chunks: AsyncIterator[np.ndarray], job: Job, fmt: str) -> AsyncIterator[bytes]:
+async def encoded_stream(chunks: AsyncIterator[np.ndarray], job: Job,
+                         output: OutputOptions) -> AsyncIterator[bytes]:
     """Encoded bytes as audio arrives, the container's header first.
 
     Once the response has started, an error can no longer change the status: it is logged and the stream ends.
     """
-    encoder = StreamEncoder(fmt, job.engine.sample_rate)
+    encoder = OutputEncoder(output, job.engine.sample_rate)
     try:
         async for chunk in chunks:
             data = await asyncio.to_thread(encoder.push, chunk)

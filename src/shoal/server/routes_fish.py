@@ -13,16 +13,19 @@ from shoal.errors import BadRequest, PayloadTooLarge
 from shoal.server.audio_responses import audio_response
 from shoal.server.deps import get_service
 from shoal.server.errors import UnsupportedMediaType
-from shoal.server.schemas import ReferenceIdBody, ReferenceRenameBody, ServeTTSRequest
-from shoal.service import Service, SpeechParams
+from shoal.server.schemas import (ReferenceIdBody, ReferenceRenameBody, validate_tts_request,
+                                  validation_message)
+from shoal.service import Service
 
 router = APIRouter(tags=["fish"])
 
 BODY_TYPES = ("application/json", "application/msgpack", "application/x-msgpack")
+#: Lists the request fields shoal ignored (unknown to it), comma-separated.
+IGNORED_FIELDS_HEADER = "X-Shoal-Ignored-Fields"
 
 
-async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
-    """A JSON or msgpack body, validated into `model`; anything else is a 4xx with a clear message."""
+async def parse_body(request: Request) -> dict:
+    """A JSON or msgpack object; anything else is a 4xx with a clear message."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type not in BODY_TYPES:
         raise UnsupportedMediaType(f"send the body as application/json or application/msgpack, not "
@@ -37,25 +40,29 @@ async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
         raise BadRequest(f"the body is not valid {kind}: {str(exc).splitlines()[0][:200]}") from None
     if not isinstance(data, dict):
         raise BadRequest("the body must be an object")
+    return data
+
+
+async def parse_model(request: Request, model: type[BaseModel]) -> BaseModel:
+    """A JSON or msgpack body validated into `model` (see parse_body)."""
+    data = await parse_body(request)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"]) or "body"
-        raise BadRequest(f"{loc}: {first['msg']}") from None
+        raise BadRequest(validation_message(exc)) from None
 
 
-@router.post("/v1/tts", summary="Text to speech (Fish Speech ServeTTSRequest, JSON or msgpack)")
+@router.post("/v1/tts", summary="Text to speech (fish-speech's ServeTTSRequest or the Fish Audio API's "
+             "TTSRequest, JSON or msgpack)")
 async def tts(request: Request, service: Service = Depends(get_service)):
-    body: ServeTTSRequest = await parse_body(request, ServeTTSRequest)
-    params = SpeechParams(
-        text=body.text, model="fish" if "fish" in service.model_names else None, voice=body.reference_id,
-        references=[(ref.audio, ref.text) for ref in body.references],
-        use_memory_cache=body.use_memory_cache == "on", seed=body.seed, temperature=body.temperature,
-        top_p=body.top_p, repetition_penalty=body.repetition_penalty, max_new_tokens=body.max_new_tokens,
-        chunk_length=body.chunk_length)
-    job = await asyncio.to_thread(service.prepare, params)
-    return await audio_response(request, service, job, body.format, stream=body.streaming)
+    body, ignored = validate_tts_request(await parse_body(request))
+    header = request.headers.get("model")
+    model = service.resolve_fish_model(header)
+    output = body.output()
+    job = await asyncio.to_thread(service.prepare, body.speech_params(model))
+    headers = {IGNORED_FIELDS_HEADER: ", ".join(ignored)} if ignored else {}
+    stream = body.streaming if body.streaming is not None else header is not None
+    return await audio_response(request, service, job, output, stream=stream, headers=headers)
 
 
 @router.post("/v1/references/add", summary="Save a voice (multipart: id, audio, text)")
@@ -74,14 +81,14 @@ async def list_references(service: Service = Depends(get_service)):
 
 @router.post("/v1/references/delete", summary="Delete a saved voice")
 async def delete_reference(request: Request, service: Service = Depends(get_service)):
-    body: ReferenceIdBody = await parse_body(request, ReferenceIdBody)
+    body: ReferenceIdBody = await parse_model(request, ReferenceIdBody)
     await asyncio.to_thread(service.delete_voice, body.reference_id)
     return {"success": True, "message": f"voice {body.reference_id} deleted", "reference_id": body.reference_id}
 
 
 @router.post("/v1/references/update", summary="Rename a saved voice")
 async def rename_reference(request: Request, service: Service = Depends(get_service)):
-    body: ReferenceRenameBody = await parse_body(request, ReferenceRenameBody)
+    body: ReferenceRenameBody = await parse_model(request, ReferenceRenameBody)
     voice = await asyncio.to_thread(service.rename_voice, body.old_reference_id, body.new_reference_id)
     return {"success": True, "message": f"voice {body.old_reference_id} renamed to {voice.id}",
             "old_reference_id": body.old_reference_id, "new_reference_id": voice.id}

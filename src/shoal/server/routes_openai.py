@@ -7,7 +7,8 @@ import time
 
 from fastapi import APIRouter, Depends, Request
 
-from shoal.server.audio_responses import JobStreamingResponse, audio_response, sse_stream, started
+from shoal.audio import OutputOptions
+from shoal.server.audio_responses import MODEL_HEADER, JobStreamingResponse, audio_response, sse_stream, started
 from shoal.server.deps import get_service
 from shoal.server.errors import UnsupportedMediaType
 from shoal.server.schemas import SpeechRequest
@@ -39,11 +40,12 @@ async def speech(body: SpeechRequest, request: Request, service: Service = Depen
         chunks, source = await started(request, service, job)
         return JobStreamingResponse(sse_stream(chunks, job, body.response_format), source,
                                     media_type="text/event-stream",
-                                    headers={"Cache-Control": "no-cache", "X-Shoal-Model": job.model})
+                                    headers={"Cache-Control": "no-cache",
+                                             MODEL_HEADER: service.public_name(job.model)})
     # Audio streams as it is produced (OpenAI's behaviour), except WAV: a streamed WAV header cannot state its
     # length, and many clients of this endpoint read WAVs with strict parsers.
     stream = body.response_format != "wav"
-    return await audio_response(request, service, job, body.response_format, stream=stream)
+    return await audio_response(request, service, job, OutputOptions(body.response_format), stream=stream)
 
 
 @router.get("/v1/models", summary="The models this server runs")
