@@ -90,3 +90,23 @@ def test_missing_and_empty_paths(tmp_path):
     (tmp_path / "empty.wav").write_bytes(b"")
     with pytest.raises(BadRequest, match="empty"):
         load_audio(tmp_path / "empty.wav")
+
+
+@pytest.mark.parametrize("level_db", [-40.0, -20.0, -8.0])
+def test_loudness_normalisation_reaches_the_target_whole_and_streamed(level_db):
+    from shoal.audio import LOUDNESS_TARGET_DBFS, Loudness
+
+    rate = 44100
+    t = np.arange(rate * 2) / rate
+    speech = (np.sin(2 * np.pi * 220 * t) * np.sqrt(2) * 10 ** (level_db / 20)).astype(np.float32)
+    audio = np.concatenate([np.zeros(rate // 2, np.float32), speech])  # silence is gated out
+    whole = Loudness(rate)(audio)
+    stream = Loudness(rate)
+    streamed = np.concatenate([stream(audio[i:i + 4096]) for i in range(0, len(audio), 4096)])
+
+    def speech_db(x):
+        return 10 * np.log10(np.mean(x[rate // 2:].astype(np.float64) ** 2))
+
+    assert abs(speech_db(whole) - LOUDNESS_TARGET_DBFS) < 0.01
+    assert abs(speech_db(streamed[-rate:]) - LOUDNESS_TARGET_DBFS) < 0.1  # converged once it has heard enough
+    assert np.max(np.abs(np.diff(streamed))) < 0.1  # ramped, no jumps

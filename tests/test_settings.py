@@ -37,6 +37,9 @@ def test_unknown_variables_warn_with_a_suggestion():
     ({"SHOAL_LOG_LEVEL": "loud"}, "log_level"),
     ({"SHOAL_DEFAULT_MODEL": "gpt"}, "default_model"),
     ({"SHOAL_MAX_SEQ_LEN": "2048"}, "max_seq_len"),
+    ({"SHOAL_MODEL_MAP": "s2-pro"}, "model_map"),
+    ({"SHOAL_MODEL_MAP": "{not json"}, "model_map"),
+    ({"SHOAL_MODEL_MAP": "=s1"}, "model_map"),
 ])
 def test_invalid_values_are_bad_requests_naming_the_setting(env, needle):
     with pytest.raises(BadRequest, match=needle):
@@ -63,3 +66,9 @@ def test_an_invalid_value_names_the_flag_only_where_the_cli_has_one():
     with pytest.raises(BadRequest) as err:
         Settings.load(cli={"port": None}, env={"SHOAL_QUEUE_SIZE": "0"}, dotenv=None)
     assert "(SHOAL_QUEUE_SIZE)" in str(err.value)
+
+
+@pytest.mark.parametrize("value", ["s2-pro=piper, drama-3=s1", '{"s2-pro": "piper", "drama-3": "s1"}'])
+def test_the_model_map_takes_pairs_or_json(value):
+    assert Settings.load(env={"SHOAL_MODEL_MAP": value}, dotenv=None).model_map == {"s2-pro": "piper",
+                                                                                   "drama-3": "s1"}

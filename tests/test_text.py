@@ -33,3 +33,13 @@ def test_cjk_splits_after_full_stops_without_spaces():
 
 def test_unbreakable_runs_are_cut_hard():
     assert split_text("a" * 25, 10) == ["a" * 10, "a" * 10, "a" * 5]
+
+
+def test_min_length_joins_a_short_segment_to_its_neighbour():
+    middle = "Then a sentence that is long enough. Hi. Ok. And one more that is long enough too."
+    assert split_text(middle, 38) == ["Then a sentence that is long enough.", "Hi. Ok.",
+                                      "And one more that is long enough too."]
+    assert split_text(middle, 38, min_length=10) == ["Then a sentence that is long enough. Hi. Ok.",
+                                                     "And one more that is long enough too."]
+    first = "Ok. Then a sentence that is long enough. And one more that is long enough too."
+    assert split_text(first, 38, min_length=10)[0].startswith("Ok. Then")  # the first joins the one after

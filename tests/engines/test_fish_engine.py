@@ -388,3 +388,38 @@ def test_streamed_requests_that_arrive_together_decode_in_step_and_share_codec_c
     assert engine.stats().codec_batches > before
     for one, many in zip(alone, together):
         assert many.shape == one.shape and relative_l2(many, one) < STREAM_TOLERANCE
+
+
+@pytest.mark.parametrize("latency, frames", [("low", 6), ("balanced", 11), ("normal", 22)])
+def test_latency_sets_the_first_streamed_chunk(engine, latency, frames):
+    request = SynthesisRequest(text="How soon the audio starts.", seed=11, max_new_tokens=60, chunk_length=0,
+                               latency=latency)
+    chunks = list(engine.synthesize(request))
+    assert len(chunks[0]) == frames * engine.frame_length
+    assert np.concatenate(chunks).shape == engine.run(request).audio.shape  # the same audio, cut differently
+
+
+@pytest.mark.parametrize("condition", [True, False])
+def test_condition_on_previous_decides_whether_a_segment_carries_the_last_one(engine, monkeypatch, condition):
+    prompted = []
+    real = engine._prompt
+
+    def spy(text, references, *args, **kwargs):
+        prompted.append([ref_text for ref_text, _ in references])
+        return real(text, references, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "_prompt", spy)
+    text = "First sentence is here. Second one follows it. Third closes the text."
+    engine.run(SynthesisRequest(text=text, seed=3, max_new_tokens=6, chunk_length=30,
+                                condition_on_previous=condition))
+    if condition:
+        assert prompted == [[], ["First sentence is here."], ["Second one follows it."]]
+    else:
+        assert prompted == [[], [], []]
+
+
+def test_min_chunk_length_joins_short_segments(engine):
+    text = "First sentence is here. Second one follows it. Third closes the text."
+    split = engine.run(SynthesisRequest(text=text, seed=3, max_new_tokens=6, chunk_length=30))
+    joined = engine.run(SynthesisRequest(text=text, seed=3, max_new_tokens=6, chunk_length=30, min_chunk_length=23))
+    assert len(split.stopped_by_im_end) == 3 and len(joined.stopped_by_im_end) == 1

@@ -344,3 +344,118 @@ def test_fish_api_reproduces_the_golden_request(make_server, fixture_dir):
     audio, rate = sf.read(io.BytesIO(r.content), dtype="float32")
     assert rate == 44100 and audio.shape == golden.shape
     np.testing.assert_allclose(audio, golden, atol=1 / 32768 + 1e-4)  # PCM16 quantisation
+
+
+# -- the Fish Audio API's request on /v1/tts ---------------------------------------------------------------------
+
+def fish_audio(server, headers=None, **fields) -> httpx.Response:
+    """A /v1/tts request as the fishaudio SDK sends it (msgpack), with `fields` over a short fixed-seed body."""
+    body = {"text": "The quick brown fox.", "max_new_tokens": 12, "seed": 3, "format": "wav", **fields}
+    with server.client() as c:
+        return c.post("/v1/tts", content=msgpack.packb(body),
+                      headers={"content-type": "application/msgpack", **(headers or {})})
+
+
+def rms(audio: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(audio, dtype=np.float64))))
+
+
+@pytest.mark.parametrize("header, spoke", [(None, "s1"), ("s1", "s1"), ("fish", "s1"), ("s2-pro", "s1"),
+                                           ("s2.1-pro", "s1"), ("speech-1.6", "s1"), ("drama-3", "s1"),
+                                           ("piper", "piper")])
+def test_model_header_picks_the_model_and_the_response_names_it(server, header, spoke):
+    r = fish_audio(server, {"model": header} if header else None, streaming=False)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-shoal-model"] == spoke
+
+
+def test_unknown_model_header_is_a_400_listing_the_valid_names(server):
+    r = fish_audio(server, {"model": "speech-9"})
+    assert r.status_code == 400
+    message = r.json()["error"]["message"]
+    assert "speech-9" in message and all(name in message for name in ("s1", "piper", "s2-pro", "drama-3"))
+
+
+def test_model_map_is_a_setting(make_server):
+    srv = make_server(env={"SHOAL_MODEL_MAP": "s2-pro=piper,house-voice=s1,gone=s9"})
+    assert fish_audio(srv, {"model": "s2-pro"}).headers["x-shoal-model"] == "piper"
+    assert fish_audio(srv, {"model": "house-voice"}).headers["x-shoal-model"] == "s1"
+    assert fish_audio(srv, {"model": "gone"}).headers["x-shoal-model"] == "s1"  # not served: the default
+    assert fish_audio(srv, {"model": "drama-3"}).status_code == 400  # the map replaced the default one
+
+
+def test_a_fish_audio_request_streams_by_default_and_fish_speech_s_does_not(server):
+    streamed = fish_audio(server, {"model": "s1"})
+    whole = fish_audio(server)
+    explicit = fish_audio(server, {"model": "s1"}, streaming=False)
+    assert streamed.content[40:44] == b"\xff\xff\xff\xff"  # a streamed WAV's data size: unknown
+    assert whole.content[40:44] != b"\xff\xff\xff\xff" and explicit.content[40:44] != b"\xff\xff\xff\xff"
+    assert streamed.content[44:] == whole.content[44:]
+
+
+@pytest.mark.parametrize("fmt, rate", [("wav", 16000), ("pcm", 24000), ("flac", 8000), ("mp3", 32000),
+                                       ("opus", 48000)])
+def test_sample_rate_resamples_the_output(server, fmt, rate):
+    r = fish_audio(server, format=fmt, sample_rate=rate, streaming=False)
+    assert r.status_code == 200, r.text
+    audio, decoded_rate = pyav_decode(r.content, fmt, rate)
+    assert decoded_rate == rate
+    native, _ = pyav_decode(fish_audio(server, format="wav", streaming=False).content)
+    assert abs(audio.shape[1] / rate - native.shape[1] / 44100) < 0.03  # the same speech, at the new rate
+
+
+def test_resampling_is_soxr_on_the_model_output(server):
+    import soxr
+
+    native, _ = pyav_decode(fish_audio(server, format="wav", streaming=False).content)
+    resampled, _ = pyav_decode(fish_audio(server, format="wav", sample_rate=22050, streaming=False).content)
+    expected = soxr.resample(native[0], 44100, 22050, quality="VHQ")
+    assert resampled.shape[1] == len(expected)
+    assert np.max(np.abs(resampled[0] - expected)) < 2 / 32768
+
+
+def test_an_unsupported_rate_for_the_format_is_a_400_listing_the_rates(server):
+    r = fish_audio(server, format="mp3", sample_rate=96000)
+    assert r.status_code == 400
+    assert "sample_rate" in r.json()["error"]["message"] and "44100" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("fmt, field, low, high", [("mp3", "mp3_bitrate", 64, 192),
+                                                   ("opus", "opus_bitrate", 24, 64),
+                                                   ("opus", "opus_bitrate", 24000, 64000)])
+def test_bitrates_change_the_encoding(server, fmt, field, low, high):
+    body = dict(text="A longer sentence, so that the bitrate shows in the size of the file.", max_new_tokens=80,
+                format=fmt, streaming=False)
+    small = fish_audio(server, **body, **{field: low})
+    large = fish_audio(server, **body, **{field: high})
+    assert small.status_code == large.status_code == 200
+    assert len(large.content) > 1.8 * len(small.content)
+
+
+def test_opus_automatic_bitrate_is_accepted(server):
+    assert fish_audio(server, format="opus", opus_bitrate=-1000, streaming=False).status_code == 200
+
+
+@pytest.mark.parametrize("volume", [-6.0, -12.0])
+def test_prosody_volume_is_a_gain_in_db(server, volume):
+    plain, _ = pyav_decode(fish_audio(server, streaming=False).content)
+    quiet, _ = pyav_decode(fish_audio(server, streaming=False, prosody={"volume": volume}).content)
+    assert abs(20 * np.log10(rms(quiet) / rms(plain)) - volume) < 0.1
+
+
+def test_prosody_normalize_loudness_brings_speech_to_minus_20_dbfs_then_volume_applies(server):
+    def level(prosody) -> float:
+        audio, _ = pyav_decode(fish_audio(server, streaming=False, max_new_tokens=40, prosody=prosody).content)
+        blocks = audio[0, : len(audio[0]) // 882 * 882].reshape(-1, 882)  # 20 ms blocks, as the normaliser's
+        voiced = blocks[np.sqrt(np.mean(blocks ** 2, axis=1)) > 10 ** (-50 / 20)]
+        return 20 * np.log10(rms(voiced))
+
+    assert abs(level({}) + 20) > 2  # the tiny model's own level is off the target
+    for volume in (-6.0, 0.0):
+        assert abs(level({"volume": volume, "normalize_loudness": True}) - (-20 + volume)) < 1.0, volume
+
+
+def test_prosody_speed_changes_the_duration(server):
+    plain, _ = pyav_decode(fish_audio(server, streaming=False).content)
+    fast, _ = pyav_decode(fish_audio(server, streaming=False, prosody={"speed": 2.0}).content)
+    assert abs(fast.shape[1] / plain.shape[1] - 0.5) < 0.05
