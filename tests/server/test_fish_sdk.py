@@ -1,0 +1,98 @@
+"""The official Fish Audio SDK (`fishaudio`, pinned in the test extra) against a live `shoal serve`: the calls a
+user makes after changing `base_url`, sync and async."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from fishaudio import AsyncFishAudio, FishAudio
+from fishaudio.exceptions import AuthenticationError, APIError
+from fishaudio.types import Prosody, TTSConfig
+
+from shoal.testing import Server
+
+from support import pyav_decode
+
+KEY = "sdk-key"
+# Short generations on the tiny checkpoint; the SDK's own defaults (1024 tokens) would only take longer.
+CONFIG = TTSConfig(max_new_tokens=12, temperature=0.7, top_p=0.7)
+FORMATS = ["mp3", "wav", "pcm", "opus"]
+SDK_DEFAULT_RATE = 44100  # what shoal's engine makes; the SDK sends no sample_rate unless asked
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_checkpoint):
+    with Server(tiny_checkpoint, tmp_path_factory.mktemp("sdk"), "--api-key", KEY) as srv:
+        yield srv.start()
+
+
+@pytest.fixture
+def client(server):
+    with FishAudio(api_key=KEY, base_url=server.url) as c:
+        yield c
+
+
+def decoded_seconds(data: bytes, fmt: str, rate: int = SDK_DEFAULT_RATE) -> float:
+    audio, decoded_rate = pyav_decode(data, fmt, rate)
+    return audio.shape[1] / decoded_rate
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_convert_in_every_format(client, fmt):
+    data = client.tts.convert(text="Hello from the SDK.", format=fmt, config=CONFIG)
+    assert 0.1 < decoded_seconds(data, fmt) < 2.0
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_async_convert_in_every_format(server, fmt):
+    async def main():
+        async with AsyncFishAudio(api_key=KEY, base_url=server.url) as c:
+            return await c.tts.convert(text="Hello, asynchronously.", format=fmt, config=CONFIG)
+
+    assert 0.1 < decoded_seconds(asyncio.run(main()), fmt) < 2.0
+
+
+def test_stream_yields_chunks_that_make_one_file(client):
+    """shoal streams the body (the SDK's `model` header makes it default to streaming); SDK 1.3.0's `tts.stream`
+    itself reads the whole response before it iterates, so the chunk count says nothing about the server."""
+    config = CONFIG.model_copy(update={"max_new_tokens": 60})
+    chunks = list(client.tts.stream(text="A streamed sentence, in chunks.", format="pcm", config=config))
+    assert decoded_seconds(b"".join(chunks), "pcm") > 0.5
+
+
+def test_async_stream(server):
+    async def main():
+        async with AsyncFishAudio(api_key=KEY, base_url=server.url) as c:
+            stream = await c.tts.stream(text="Streamed, asynchronously.", format="mp3", config=CONFIG)
+            return [chunk async for chunk in stream]
+
+    assert decoded_seconds(b"".join(asyncio.run(main())), "mp3") > 0.1
+
+
+def test_sdk_options_reach_the_audio(client):
+    """sample_rate, speed and volume from the SDK's own types change what comes back."""
+    plain = client.tts.convert(text="Options.", format="pcm", config=CONFIG.model_copy(update={"sample_rate": 16000}))
+    options = CONFIG.model_copy(update={"sample_rate": 16000, "prosody": Prosody(speed=2.0, volume=-6)})
+    changed = client.tts.convert(text="Options.", format="pcm", config=options)
+    a, _ = pyav_decode(plain, "pcm", 16000)
+    b, _ = pyav_decode(changed, "pcm", 16000)
+    assert abs(b.shape[1] / a.shape[1] - 0.5) < 0.05
+    assert np.sqrt(np.mean(b ** 2)) < np.sqrt(np.mean(a ** 2))
+
+
+def test_every_fish_model_name_the_sdk_knows_is_served(client):
+    for model in ("s1", "s2-pro", "speech-1.5", "speech-1.6"):
+        assert client.tts.convert(text="Model.", format="wav", config=CONFIG, model=model)
+
+
+def test_wrong_key_is_an_authentication_error(server):
+    with FishAudio(api_key="wrong", base_url=server.url) as c, pytest.raises(AuthenticationError):
+        c.tts.convert(text="No.", config=CONFIG)
+
+
+def test_bad_request_surfaces_shoal_s_message(client):
+    with pytest.raises(APIError) as info:
+        client.tts.convert(text="Bad.", config=CONFIG, reference_id="nobody-saved-this")
+    assert info.value.status == 400 and "nobody-saved-this" in str(info.value)
