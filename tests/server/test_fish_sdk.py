@@ -96,3 +96,27 @@ def test_bad_request_surfaces_shoal_s_message(client):
     with pytest.raises(APIError) as info:
         client.tts.convert(text="Bad.", config=CONFIG, reference_id="nobody-saved-this")
     assert info.value.status == 400 and "nobody-saved-this" in str(info.value)
+
+
+# -- LiveKit Agents' Fish Audio plugin ----------------------------------------------------------------------------
+
+def livekit_tts(server, session, **options):
+    from livekit.plugins import fishaudio
+
+    # voice_id: the plugin's default is a voice on Fish's cloud, which a self-hosted server does not have.
+    return fishaudio.TTS(base_url=server.url, api_key=KEY, http_session=session, voice_id="default",
+                         max_new_tokens=12, **options)
+
+
+@pytest.mark.parametrize("fmt, rate", [("wav", 24000), ("mp3", 32000), ("pcm", 24000)])
+def test_livekit_synthesize(server, fmt, rate):
+    import aiohttp
+
+    async def main():
+        async with aiohttp.ClientSession() as session:
+            tts = livekit_tts(server, session, output_format=fmt, volume=-3.0, normalize_loudness=True)
+            return [event.frame async for event in tts.synthesize("Hello from LiveKit.")]
+
+    frames = asyncio.run(main())
+    assert frames and all(f.sample_rate == rate and f.num_channels == 1 for f in frames)
+    assert 0.1 < sum(f.samples_per_channel for f in frames) / rate < 2.0
