@@ -201,6 +201,7 @@ FISH_ACCEPTABLE = [
     ("mp3_bitrate", 64), ("opus_bitrate", -1000), ("opus_bitrate", 24000), ("latency", "low"),
     ("min_chunk_length", 0), ("min_chunk_length", 100), ("early_stop_threshold", 0),
     ("condition_on_previous_chunks", False), ("prosody", {"speed": 2, "volume": -20, "normalize_loudness": True}),
+    ("prosody", {"speed": None, "volume": None, "normalize_loudness": None}),
 ]
 
 FLOATS_AND_INTS = ["top_p", "repetition_penalty", "temperature", "seed", "max_new_tokens", "chunk_length"]

@@ -68,6 +68,12 @@ class Prosody(Lenient):
     volume: float = Field(0.0, ge=-20.0, le=20.0, description="volume change in dB")
     normalize_loudness: bool = Field(False, description="bring the speech to about -20 dBFS RMS (see README)")
 
+    @field_validator("speed", "volume", "normalize_loudness", mode="before")
+    @classmethod
+    def _null_is_default(cls, value, info):
+        """Pipecat's settings are Optional and send null for "unset": that means the default."""
+        return cls.model_fields[info.field_name].default if value is None else value
+
 
 class ServeTTSRequest(Lenient):
     """`POST /v1/tts`: fish-speech 0.1.0's `ServeTTSRequest` and the Fish Audio API's `TTSRequest` (what the
