@@ -196,3 +196,55 @@ def test_bad_repeat_options_are_one_line(flags, says, tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and says in lines[0] and lines[0].startswith("shoal: error:")
+
+
+# -- --live ---------------------------------------------------------------------------------------------------------
+
+def test_live_figures_come_from_the_segments_timings():
+    from shoal.bench_live import summarise_session
+
+    rate = 1000
+    sent = [0.5, 1.0]  # sentence 0 flushed at 0.5 s, sentence 1 at 1.0 s
+    audio = [(0.8, 0, 500), (1.1, 0, 500), (1.9, 1, 1000)]  # (arrival, segment, samples)
+    s = summarise_session(sent, audio, rate)
+    assert s["flush_to_first_audio_s"] == pytest.approx([0.3, 0.9])
+    assert s["gap_between_segments_s"] == pytest.approx([0.8])
+    # played from 0.8: chunk 2 due at 1.3 (arrived 1.1, no stall), chunk 3 due at 1.8, arrived 1.9: 0.1 s stall
+    assert s["playback_stall_s"] == pytest.approx(0.1)
+    assert s["audio_s"] == 2.0 and s["session_s"] == 1.9
+
+
+def test_live_figures_need_every_segment_marked():
+    from shoal.bench_live import summarise_session
+
+    with pytest.raises(RuntimeError, match="segments 0..1"):
+        summarise_session([0.5, 1.0], [(0.8, -1, 500)], 1000)
+
+
+# One `shoal serve` on the tiny fixture, a warm-up then 3 live sessions and 6 HTTP streams of 8 tokens each.
+def test_live_bench_writes_its_table_and_json(fixture_dir, tmp_path):
+    proc = shoal("bench", "--live", "--tiny", "--fixture", str(fixture_dir), "--tokens", "8", "--out", str(tmp_path),
+                 timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    [md] = tmp_path.glob("*-tiny-live.md")
+    [js] = tmp_path.glob("*-tiny-live.json")
+    report = json.loads(js.read_text())
+    summary = report["summary"]
+    assert summary["live_first_sentence_flush_to_first_audio_s"]["n"] == 3
+    assert summary["live_later_sentences_flush_to_first_audio_s"]["n"] == 6
+    assert summary["live_gap_between_segments_s"]["n"] == 6
+    assert all(d["min"] > 0 for name, d in summary.items() if "first_audio" in name)
+    for run in report["runs"]:
+        assert run["live"]["audio_s"] > 0 and len(run["live"]["flush_to_first_audio_s"]) == 3
+    assert "flush → first audio" in md.read_text()
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--live", "--concurrency", "1,4"], "--concurrency"),
+    (["--live", "--repeat", "3"], "--repeat"),
+])
+def test_bad_live_options_are_one_line(flags, says, tmp_path):
+    proc = shoal("bench", "--out", str(tmp_path), *flags, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0] and lines[0].startswith("shoal: error:")

@@ -137,6 +137,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--one-process", action="store_true", help="run shoal's single stream and every "
                         "concurrency level in one process: one load and one compile in all (peak RSS is then "
                         "cumulative); bench/gpu.sh uses it to fit its time")
+    parser.add_argument("--live", action="store_true", help="bench the live WebSocket (/v1/tts/live): flush to "
+                        "first audio with text streamed in a few words every 50 ms, the gaps between segments, beside "
+                        "HTTP streaming (shoal only; see shoal/bench_live.py)")
     parser.add_argument("--label", help="name of this run in the result files (default: the checkpoint kind)")
     parser.add_argument("--out", metavar="DIR", default=str(DEFAULT_OUT),
                         help=f"where the .md and .json go (default {DEFAULT_OUT})")
@@ -157,10 +160,26 @@ def run_bench(args: argparse.Namespace) -> int:
     except BenchError as exc:
         raise BadRequest(str(exc)) from None
     try:
-        (RepeatBench if options["repeat"] else Bench)(options).run()
+        if options["live"]:
+            run_live(options)
+        else:
+            (RepeatBench if options["repeat"] else Bench)(options).run()
     except BenchError as exc:
         raise EngineFailure(str(exc)) from None
     return 0
+
+
+def run_live(options: dict) -> None:
+    """`--live`: bench_live on this run's checkpoint; the report goes where the other runs' go."""
+    from shoal.bench_live import render_live_markdown, run_live_bench, write_live_report
+
+    options["out"].mkdir(parents=True, exist_ok=True)
+    try:
+        report = run_live_bench(options, Bench(options).checkpoint(), TEXTS)
+    except RuntimeError as exc:
+        raise BenchError(str(exc)) from None
+    print(render_live_markdown(report))
+    progress(f"wrote {write_live_report(report, options['out'])}.md and .json")
 
 
 def resolve_options(args: argparse.Namespace) -> dict:
@@ -196,6 +215,14 @@ def resolve_options(args: argparse.Namespace) -> dict:
         if clashing:
             raise BenchError(f"{clashing[0]} does not apply to --repeat (one request, one at a time, shoal only)")
         args.no_reference = True
+    live = getattr(args, "live", False)
+    if live:
+        clashing = [flag for flag, given in (("--concurrency", args.concurrency is not None),
+                                             ("--one-process", args.one_process), ("--repeat", repeat is not None),
+                                             ("--setup-reference", args.setup_reference)) if given]
+        if clashing:
+            raise BenchError(f"{clashing[0]} does not apply to --live (live sessions one after another, shoal only)")
+        args.no_reference = True
     label = args.label or (Path(args.checkpoint).name if args.checkpoint else kind)
     if repeat is not None and not args.label:  # --quick --repeat is the tiny fixture with 16 tokens
         label = f"{'tiny' if kind == 'quick' else label}-repeat"
@@ -229,6 +256,7 @@ def resolve_options(args: argparse.Namespace) -> dict:
         "out": Path(args.out).expanduser(),
         "bandwidth_mib": args.bandwidth_mib,
         "repeat": repeat,
+        "live": live,
         "debug": getattr(args, "debug", False),
     }
 

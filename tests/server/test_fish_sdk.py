@@ -4,6 +4,9 @@ user makes after changing `base_url`, sync and async."""
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +16,7 @@ from fishaudio.types import Prosody, TTSConfig
 
 from shoal.testing import Server
 
-from support import pyav_decode
+from support import pyav_decode, tone_clip
 
 KEY = "sdk-key"
 # Short generations on the tiny checkpoint; the SDK's own defaults (1024 tokens) would only take longer.
@@ -120,3 +123,30 @@ def test_livekit_synthesize(server, fmt, rate):
     frames = asyncio.run(main())
     assert frames and all(f.sample_rate == rate and f.num_channels == 1 for f in frames)
     assert 0.1 < sum(f.samples_per_channel for f in frames) / rate < 2.0
+
+
+# -- the README's snippet -----------------------------------------------------------------------------------------
+
+def readme_sdk_snippet() -> str:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Use it from the Fish Audio SDK, LiveKit or Pipecat", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.S)[0]
+
+
+def test_the_readme_sdk_snippet_runs_as_written(server, tmp_path):
+    """The README's fishaudio snippet, run against the live server: only the URL, the key and a cap on tokens
+    (the tiny checkpoint's random weights never stop on their own) are changed."""
+    code = readme_sdk_snippet()
+    for old, new in (('"http://127.0.0.1:8080"', repr(server.url)), ('"my-key"', repr(KEY)),
+                     ("reference_id=voice.id)", "reference_id=voice.id, config=CONFIG)")):
+        assert old in code, old
+        code = code.replace(old, new)
+    (tmp_path / "me.wav").write_bytes(tone_clip(3.0))
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        exec(compile(code, "README.md", "exec"), {"CONFIG": CONFIG})
+    finally:
+        os.chdir(cwd)
+    for name in ("hello.mp3", "live.mp3"):
+        assert decoded_seconds((tmp_path / name).read_bytes(), "mp3") > 0.1, name
