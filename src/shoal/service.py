@@ -39,6 +39,8 @@ DEFAULT_VOICE = "default"
 #: the Fish API's popularity orders (task_count, its default, and score) list the newest voices first.
 VOICE_SORTS = {"created_at": ("created", True), "updated_at": ("updated", True), "task_count": ("created", True),
                "score": ("created", True)}
+#: The longest page `find_voices` returns: a listing stays one quick response.
+MAX_PAGE_SIZE = 100
 
 
 @dataclass
@@ -321,8 +323,8 @@ class Service:
         one of `tags`, ordered by `sort_by` (VOICE_SORTS), pages numbered from 1."""
         if sort_by not in VOICE_SORTS:
             raise BadRequest(f"sort_by must be one of {', '.join(VOICE_SORTS)}, not {sort_by!r}")
-        if page_size < 1 or page_number < 1:
-            raise BadRequest("page_size and page_number must be 1 or more")
+        if not 1 <= page_size <= MAX_PAGE_SIZE or page_number < 1:
+            raise BadRequest(f"page_size must be 1 to {MAX_PAGE_SIZE} and page_number 1 or more")
         voices = self.voices.list()
         if title:
             voices = [v for v in voices if title.casefold() in v.details.title.casefold()]
