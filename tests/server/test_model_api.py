@@ -34,14 +34,14 @@ def create(c: httpx.Client, title: str, clips: list[tuple[bytes, str]], *, tags=
 
 
 def check_sdk_error(r: httpx.Response, status: int, *words: str) -> str:
-    """A `status` error in the house shape that also carries its message at the top level, where the SDK
-    reads it; the message contains every one of `words`."""
+    """A `status` error in the house shape that also carries its message as the top-level `detail`, where
+    both Fish Audio SDKs read it; the message contains every one of `words`."""
     assert r.status_code == status, r.text
     body = r.json()
-    assert set(body) == {"error", "message"} and body["message"] == body["error"]["message"], body
+    assert set(body) == {"error", "detail"} and body["detail"] == body["error"]["message"], body
     for word in words:
-        assert word in body["message"], body
-    return body["message"]
+        assert word in body["detail"], body
+    return body["detail"]
 
 
 def test_create_read_change_and_delete_a_voice_of_two_clips(server):
@@ -212,6 +212,9 @@ def test_a_full_data_dir_is_507_naming_it_and_keeps_the_voices_whole(small_data_
             error = answer.json()["error"]
             assert error["code"] == "insufficient_storage" and str(small_data_dir) in error["message"]
             check_sdk_error(create(c, "one more", [(noise_clip(5.0, 99), "Noise.")]), 507, str(small_data_dir))
+            r = c.post("/v1/references/add", data={"id": "one-more", "text": "Noise."},
+                       files={"audio": ("a.wav", noise_clip(5.0, 98), "audio/wav")})
+            assert r.status_code == 507 and str(small_data_dir) in r.json()["error"]["message"], r.text
             # an update that needs room it cannot get: a cover larger than what is left
             free = shutil.disk_usage(small_data_dir).free
             r = c.patch(f"/model/{saved[0]}", files=[("cover_image", ("c", PNG + bytes(free + 4096)))])

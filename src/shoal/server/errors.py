@@ -19,17 +19,18 @@ HTTP_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "p
               499: "cancelled", 503: "server_error", 504: "timeout_error", 507: "storage_error"}
 
 
-#: The Fish Audio model API's routes. The Fish Audio SDK reads an error's text from the body's top-level
-#: `message` (else `detail`), so their errors carry a copy of the message there beside the house shape.
+#: The Fish Audio model API's routes. The Fish Audio SDKs read an error's text from the body's top level: the
+#: current one from `message` or else `detail`, the legacy `fish_audio_sdk` from `detail` only. Errors of
+#: these routes carry a copy of the message as `detail`, beside the house shape, so both SDKs show it.
 MODEL_PREFIX = "/model"
 
 
 def error_response(status: int, message: str, code: str, headers: dict | None = None,
                    path: str = "") -> JSONResponse:
-    """The house error body; for a request to `path` under MODEL_PREFIX, also the top-level `message`."""
+    """The house error body; for a request to `path` under MODEL_PREFIX, also the top-level `detail`."""
     body: dict = {"error": {"message": message, "type": HTTP_TYPES.get(status, "server_error"), "code": code}}
     if path == MODEL_PREFIX or path.startswith(MODEL_PREFIX + "/"):
-        body["message"] = message
+        body["detail"] = message
     return JSONResponse(body, status_code=status, headers=headers)
 
 
