@@ -29,16 +29,23 @@ def no_leaks(server, text: str) -> None:
         assert marker not in text, f"{marker!r} leaked into the response: {text[:500]}"
 
 
+def error_keys(path: str) -> set[str]:
+    """The top-level keys of an error body on `path`."""
+    return {"error", "detail"} if path == "/model" or path.startswith("/model/") else {"error"}
+
+
 def check_error(server, r: httpx.Response, statuses: set[int] | None = None) -> dict:
-    """A 4xx (one of `statuses` if given) whose body is exactly {"error": {"message", "type", "code"}}."""
+    """A 4xx (one of `statuses` if given) whose body is exactly {"error": {"message", "type", "code"}}, plus the
+    message again as `detail` on the Fish Audio model API's routes (/model), where the SDKs read it."""
     assert 400 <= r.status_code < 500, f"{r.status_code}: {r.text[:500]}"
     if statuses is not None:
         assert r.status_code in statuses, f"{r.status_code} not in {statuses}: {r.text[:500]}"
     assert r.headers.get("content-type", "").startswith("application/json"), r.headers.get("content-type")
     no_leaks(server, r.text)
     body = r.json()
-    assert isinstance(body, dict) and set(body) == {"error"}, body
+    assert isinstance(body, dict) and set(body) == error_keys(r.request.url.path), body
     err = body["error"]
+    assert body.get("detail", err["message"]) == err["message"], body
     assert isinstance(err, dict) and set(err) == {"message", "type", "code"}, err
     assert all(isinstance(err[k], str) and err[k] for k in err), err
     assert err["type"] in ERROR_TYPES, err

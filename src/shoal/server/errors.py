@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -61,6 +62,17 @@ def cut_off_by_body_limit(exc: Exception) -> bool:
     return isinstance(exc.__cause__, BodyTooLarge)
 
 
+def allowed_methods(request: Request, exc: StarletteHTTPException) -> list[str]:
+    """Every method the API takes on the request's path. Starlette's own Allow header (in `exc`) names only the
+    first route whose path matches, and /model/{id} is three routes (GET, PATCH, DELETE), so the methods the
+    OpenAPI schema lists for every path template that matches are added to it."""
+    methods = {m.strip() for m in (exc.headers or {}).get("Allow", "").split(",") if m.strip()}
+    for template, operations in request.app.openapi()["paths"].items():
+        if re.fullmatch(re.sub(r"\{[^/]+\}", "[^/]+", template), request.url.path):
+            methods |= {method.upper() for method in operations}
+    return sorted(methods)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ShoalError)
     async def _shoal(request: Request, exc: ShoalError):
@@ -78,7 +90,10 @@ def install(app: FastAPI) -> None:
                                   "payload_too_large", path=request.url.path)
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, message, code, getattr(exc, "headers", None), request.url.path)
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request, exc))}
+        return error_response(exc.status_code, message, code, headers, request.url.path)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
