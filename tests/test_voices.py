@@ -671,3 +671,14 @@ def test_a_full_disk_during_an_update_changes_nothing(lib, root, enc, monkeypatc
         lib.update("v", title="New", cover=PNG)
     monkeypatch.undo()
     assert tree(root) == before and VoiceLibrary(root).get("v") == voice
+
+
+def test_codes_recomputed_on_a_full_disk_are_used_though_not_stored(root, enc, monkeypatch):
+    VoiceLibrary(root).add("v", wav(1.5), TEXT, enc)
+    expected = np.load(root / "voices/v/codes.npy")
+    (root / "voices/v/codes.npy").unlink()
+    before = tree(root)
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left")))
+    assert np.array_equal(VoiceLibrary(root).codes("v", enc)[0], expected)  # the voice still speaks
+    monkeypatch.undo()
+    assert tree(root) == before and enc.encode_count == 2  # nothing written, not even a temporary file

@@ -32,6 +32,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -52,6 +53,8 @@ from shoal.audio import DECODE_ERRORS, load_audio
 from shoal.errors import (BadRequest, Conflict, EngineFailure, InsufficientStorage, NotFound, PayloadTooLarge,
                           ShoalError, UnsupportedMediaType)
 from shoal.files import atomic_write, out_of_space
+
+log = logging.getLogger("shoal.voices")
 
 VOICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 ID_RULE = "voice ids are 1 to 64 characters from A-Z, a-z, 0-9, '_' and '-'"
@@ -818,7 +821,8 @@ class VoiceLibrary:
     def _recompute(self, folder: Path, voice: Voice, index: int, encoder: VoiceEncoder
                    ) -> tuple[np.ndarray, Voice]:
         """Encode clip `index` again and store its codes. The codes file is written before meta.json: a crash
-        between leaves a checksum mismatch, which only means one more recompute."""
+        between leaves a checksum mismatch, which only means one more recompute. A full disk keeps the codes
+        from being stored, not from being used: the voice still speaks, and recomputes until there is room."""
         sample_rate = encoder.sample_rate
         clip_file, clip = folder / numbered(CLIP, index), voice.clips[index]
         try:
@@ -826,19 +830,25 @@ class VoiceLibrary:
             audio = load_audio(clip_file, target_sr=sample_rate, max_seconds=None)
         except (ShoalError, *DECODE_ERRORS) as exc:
             raise ShoalError(f"saved voice {voice.id!r} is damaged ({exc}); upload it again") from exc
+        wav = None
         if clip_rate != sample_rate:
             wav, audio = pcm16_wav(audio, sample_rate)  # a codec at another rate: keep clip and codes in step
-            with atomic_write(clip_file) as f:
-                f.write(wav)
         codes = checked_codes(encoder.encode_audio(audio), len(audio))
         raw = npy_bytes(codes)
-        with atomic_write(folder / numbered(CODES, index)) as f:
-            f.write(raw)
         clips = list(voice.clips)
         clips[index] = replace(clip, sample_rate=sample_rate, duration=len(audio) / sample_rate,
                                codes_sha256=sha256(raw), codec_checksum=encoder.codec_checksum)
         voice = replace(voice, clips=tuple(clips))
-        self._write_meta(folder, voice)
+        try:
+            if wav is not None:
+                with atomic_write(clip_file) as f:
+                    f.write(wav)
+            with atomic_write(folder / numbered(CODES, index)) as f:
+                f.write(raw)
+            self._write_meta(folder, voice)
+        except InsufficientStorage as exc:  # the codes are good; only caching them failed
+            log.warning("saved voice %r: codes recomputed but not stored, the data dir %s is full (%s)",
+                        voice.id, self.root, exc)
         return codes, voice
 
     def _recall(self, voice_id: str, codes_sha: str | None) -> np.ndarray | None:
