@@ -64,10 +64,10 @@ class UnsupportedMediaType(BadRequest):
 
 
 class InsufficientStorage(ShoalError):
-    """The data dir ran out of space (or quota) while saving: nothing was half-written, nothing was saved."""
+    """The disk (or quota) ran out of space while saving: nothing was half-written, nothing was saved."""
 
     http_status = 507
-    exit_code = 6
+    exit_code = 7
     code = "insufficient_storage"
 
 
