@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from shoal.voices import numbered
 from support import pyav_decode, tree
 
 REPO = Path(__file__).resolve().parents[2]
@@ -105,11 +106,19 @@ def stray_files(server) -> list[str]:
             stray.append(str(folder))
             continue
         names = {q.name for q in folder.iterdir()}
-        originals = {n for n in names if n.startswith("original.")}
-        if names - originals != VOICE_FILES or len(originals) != 1:
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+        except (OSError, ValueError):
+            stray.append(f"{folder}: no readable meta.json")
+            continue
+        clips = len(meta["clips"]) if meta.get("version") == 2 else 1
+        expected = {numbered(name, i) for name in VOICE_FILES - {"meta.json"} for i in range(clips)} | {"meta.json"}
+        if meta.get("cover"):
+            expected.add(f"cover.{meta['cover']}")
+        originals = {n for n in names if re.fullmatch(r"original(-\d+)?\.[a-z0-9]+", n)}
+        if names - originals != expected or len(originals) != clips:
             stray.append(f"{folder}: {sorted(names)}")
             continue
-        meta = json.loads((folder / "meta.json").read_text())
         if meta.get("id") != folder.name:
             stray.append(f"{folder}: meta.json names {meta.get('id')!r}")
     return stray

@@ -436,7 +436,7 @@ class ShoalUI:
                 gr.update(choices=saved, value=selected if selected in saved else None))
 
     def play_voice(self, voice_id):
-        """(clip for the player, transcript) of a saved voice."""
+        """(clip for the player, transcript) of a saved voice: its first clip, for a voice of several."""
         if not voice_id:
             return None, ""
         try:
@@ -444,7 +444,8 @@ class ShoalUI:
             voice = service.voices.get(voice_id)
             # int16 as stored: Gradio leaves integer PCM alone (it peak-normalises floats).
             audio, rate = sf.read(service.voices.clip_path(voice_id), dtype="int16")
-            return (rate, audio), f"**Transcript:** {md_escape(voice.text)}"
+            clips = f" (clip 1 of {len(voice.clips)})" if len(voice.clips) > 1 else ""
+            return (rate, audio), f"**Transcript{clips}:** {md_escape(voice.clips[0].text)}"
         except Exception as exc:
             return None, problem(exc)
 
