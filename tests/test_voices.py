@@ -87,7 +87,7 @@ def test_add_get_list_rename_delete_round_trip(lib, root, enc):
     assert [v.id for v in lib.list()] == ["alice", "bob"]
 
     renamed = lib.rename("alice", "carol")
-    assert renamed == replace(voice, id="carol")
+    assert renamed == replace(voice, id="carol", details=Details(title="carol"))  # the default title follows
     assert lib.get("carol") == renamed
     assert json.loads((root / "voices" / "carol" / "meta.json").read_text())["id"] == "carol"
     with pytest.raises(NotFound):
@@ -353,6 +353,7 @@ def test_init_removes_staging_leftovers_and_ignores_broken_voice_folders(lib, ro
                        ("wrongtypes", json.dumps({**good, "clips": [{**good["clips"][0], "duration": "long"}]
                                                       }).encode()),
                            ("noclips", json.dumps({**good, "clips": []}).encode()),
+                           ("future", json.dumps({**good, "version": 3}).encode()),
                            ("v1wrongtypes", json.dumps({**V1_META, "id": "v1wrongtypes", "duration": "long"}
                                                        ).encode())]:
         folder = root / "voices" / name
@@ -485,7 +486,7 @@ def test_crash_between_rename_steps_trusts_the_folder_name(lib, root, enc):
     voice = lib.add("old", wav(1.5), TEXT, enc)
     os.rename(root / "voices/old", root / "voices/new")  # the folder moved, meta.json not yet rewritten
     reopened = VoiceLibrary(root)
-    assert reopened.list() == [replace(voice, id="new")]
+    assert reopened.list() == [replace(voice, id="new")]  # the title, written with meta.json, is still "old"
     assert json.loads((root / "voices/new/meta.json").read_text())["id"] == "new"  # fixed lazily
     reopened.codes("new", enc)[0]
     assert enc.encode_count == 1
@@ -593,6 +594,7 @@ def test_update_changes_details_and_cover_and_keeps_the_clips(lib, root, enc):
     assert lib.cover("v") == (WEBP, "image/webp")
     assert sorted(p.name for p in (root / "voices/v").glob("cover.*")) == ["cover.webp"]  # the jpeg is gone
     assert VoiceLibrary(root).get("v") == lib.get("v")
+    assert lib.rename("v", "w").details.title == "New" and lib.rename("w", "v").details.title == "New"
     with pytest.raises(BadRequest, match="visibility"):
         lib.update("v", visibility="everyone")
     with pytest.raises(NotFound):

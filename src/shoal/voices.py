@@ -227,6 +227,8 @@ def voice_from_meta(meta: object) -> Voice:
         values = typed_fields(meta, {"id": (str,), "created": (str,)}, "meta.json")
         return Voice(id=values["id"], clips=(clip_from_meta(meta),), created=values["created"],
                      updated=values["created"], details=Details(title=values["id"]))
+    if not isinstance(meta, dict) or meta.get("version") != META_VERSION:
+        raise ValueError(f"meta.json is not an object of version 1 or {META_VERSION}")
     values = typed_fields(meta, VOICE_TYPES, "meta.json")
     if not values["clips"] or values["cover"] not in (None, *COVER_TYPES):
         raise ValueError("meta.json lists no clips, or a cover of an unknown format")
@@ -516,7 +518,8 @@ class VoiceLibrary:
 
     def rename(self, old_id: str, new_id: str) -> Voice:
         """Move a voice to a new id (Conflict if taken). The folder rename is the commit; meta.json follows,
-        and if a crash comes between the two, reading trusts the folder name and fixes meta.json."""
+        and if a crash comes between the two, reading trusts the folder name and fixes meta.json. A title that
+        is the old id (the default) becomes the new id."""
         old_id, new_id = check_voice_id(old_id), check_voice_id(new_id)
         source, target = self._folder(old_id), self._folder(new_id)
         aside = None
@@ -533,7 +536,10 @@ class VoiceLibrary:
                     raise Conflict(f"voice {new_id!r} exists already") from exc
                 raise
             fsync_dir(self._voices)
-            voice = replace(voice, id=new_id)
+            details = voice.details
+            if details.title == old_id:
+                details = replace(details, title=new_id)
+            voice = replace(voice, id=new_id, details=details)
             try:
                 self._write_meta(target, voice)
             except ShoalError:

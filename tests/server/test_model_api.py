@@ -76,6 +76,7 @@ def test_create_read_change_and_delete_a_voice_of_two_clips(server):
         assert (changed["title"], changed["visibility"], changed["tags"]) == ("Renamed", "unlist", ["new"])
         assert changed["samples"] == voice["samples"] and changed["created_at"] == voice["created_at"]
         assert c.get(changed["cover_image"]).content == JPEG
+        assert c.patch(f"/model/{voice_id}", data={"tags": ""}).json()["tags"] == []  # one empty field clears
 
         assert c.delete(f"/model/{voice_id}").status_code == 200
         check_sdk_error(c.get(f"/model/{voice_id}"), 404, voice_id)
