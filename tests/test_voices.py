@@ -531,11 +531,12 @@ def test_a_voice_of_several_clips_keeps_each_clip_with_its_own_codes(lib, root, 
     voice = lib.save("duo", [(first, "One clip."), (second, " Two clips. ")], enc, details=details, cover=PNG)
     assert [c.text for c in voice.clips] == ["One clip.", "Two clips."] and enc.encode_count == 2
     assert voice.duration == pytest.approx(4.0, abs=1e-3) and voice.text == "One clip.\nTwo clips."
-    assert voice.details == details and voice.cover == "png" and voice.created == voice.updated
+    cover = f"cover-{hashlib.sha256(PNG).hexdigest()[:16]}.png"
+    assert voice.details == details and voice.cover == cover and voice.created == voice.updated
     folder = root / "voices" / "duo"
-    assert sorted(p.name for p in folder.iterdir()) == [
-        "clip-2.wav", "clip.wav", "codes-2.npy", "codes.npy", "cover.png", "meta.json", "original-2.wav",
-        "original.wav", "transcript-2.txt", "transcript.txt"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted([
+        "clip-2.wav", "clip.wav", "codes-2.npy", "codes.npy", cover, "meta.json", "original-2.wav",
+        "original.wav", "transcript-2.txt", "transcript.txt"])
     assert (folder / "transcript-2.txt").read_text() == "Two clips."
     assert lib.original("duo", 1) == (second, "duo-2.wav") and lib.clip_path("duo", 1) == folder / "clip-2.wav"
     assert lib.cover("duo") == (PNG, "image/png")
@@ -588,11 +589,12 @@ def test_update_changes_details_and_cover_and_keeps_the_clips(lib, root, enc):
     voice = lib.add("v", wav(1.5), TEXT, enc)
     assert voice.details == Details(title="v") and voice.cover is None
     changed = lib.update("v", title=" New ", tags=["a", "b", "a"], cover=JPEG)
-    assert changed.details == Details(title="New", tags=("a", "b")) and changed.cover == "jpeg"
+    assert changed.details == Details(title="New", tags=("a", "b")) and changed.cover.endswith(".jpeg")
     assert changed.clips == voice.clips and changed.created == voice.created and changed.updated >= voice.updated
     assert lib.update("v", description="d", cover=WEBP).details.description == "d"
     assert lib.cover("v") == (WEBP, "image/webp")
-    assert sorted(p.name for p in (root / "voices/v").glob("cover.*")) == ["cover.webp"]  # the jpeg is gone
+    assert [p.name for p in (root / "voices/v").glob("cover*")] == [lib.get("v").cover]  # the jpeg is gone
+    assert lib.get("v").cover.endswith(".webp")
     assert VoiceLibrary(root).get("v") == lib.get("v")
     assert lib.rename("v", "w").details.title == "New" and lib.rename("w", "v").details.title == "New"
     with pytest.raises(BadRequest, match="visibility"):
@@ -684,3 +686,22 @@ def test_codes_recomputed_on_a_full_disk_are_used_though_not_stored(root, enc, m
     assert np.array_equal(VoiceLibrary(root).codes("v", enc)[0], expected)  # the voice still speaks
     monkeypatch.undo()
     assert tree(root) == before and enc.encode_count == 2  # nothing written, not even a temporary file
+
+
+def test_a_full_disk_between_the_new_cover_and_meta_json_keeps_the_old_cover(lib, root, enc, monkeypatch):
+    voice = lib.save("v", [(wav(1.5), TEXT)], enc, cover=PNG)
+    before = tree(root)
+    real_fsync, calls = os.fsync, []
+
+    def fsync(fd):  # the new cover's file gets its blocks; meta.json's temporary file finds none
+        calls.append(fd)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(InsufficientStorage, match=f"the data dir {root} is out of space"):
+        lib.update("v", title="New", cover=JPEG)
+    monkeypatch.undo()
+    assert len(calls) == 2  # it failed at meta.json, after the cover was written
+    assert tree(root) == before and lib.get("v") == voice and lib.cover("v") == (PNG, "image/png")

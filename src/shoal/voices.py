@@ -11,7 +11,8 @@ Layout, one folder per voice. Clip 1's files keep the names a one-clip voice has
                      transcript.txt   clip 1's transcript, for people (meta.json holds the copy the code reads)
                      codes.npy        int64 [10, F] codec codes of clip.wav
                      original-2.<ext>, clip-2.wav, transcript-2.txt, codes-2.npy   clip 2, and so on
-                     cover.<png|jpeg|webp>   the cover image, if the voice has one
+                     cover-<hash>.<png|jpeg|webp>   the cover image, if the voice has one (named by its
+                                      content, so a new cover never overwrites the one meta.json names)
                      meta.json        the Voice record; a folder without a valid one is not a voice
     root/.staging/                    voices being built, replaced or deleted; dead processes' leftovers are
                                       removed when a library opens
@@ -21,7 +22,7 @@ fields at the top level and is still read, as a one-clip voice titled by its id.
 
 A voice folder is built whole in `.staging/` and renamed into place, and deletes rename it out before
 removing it, so a crash at any point leaves either no voice or a whole one. Changing a voice's details
-rewrites meta.json (and the cover) in place, each file atomically. Nothing here builds a path from an id before
+writes the new cover beside the old one, then rewrites meta.json atomically, then removes the old cover. Nothing here builds a path from an id before
 `check_voice_id` has accepted it. A write that finds the disk full is InsufficientStorage naming the data dir,
 and leaves nothing behind.
 """
@@ -82,6 +83,9 @@ CLIP, TRANSCRIPT, CODES, META = "clip.wav", "transcript.txt", "codes.npy", "meta
 ORIGINAL_STEM, COVER_STEM = "original", "cover"
 #: Cover image formats by their first bytes (WebP: "RIFF", 4 bytes of size, "WEBP"), and their media types.
 COVER_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+#: Hex digits of the cover's sha256 in its file name: enough that two covers of one voice never share a name.
+COVER_HASH_CHARS = 16
+COVER_NAME = re.compile(rf"{COVER_STEM}-[0-9a-f]{{{COVER_HASH_CHARS}}}\.({'|'.join(COVER_TYPES)})")
 
 
 def cover_format(data: bytes) -> str | None:
@@ -93,6 +97,11 @@ def cover_format(data: bytes) -> str | None:
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "webp"
     return None
+
+
+def cover_name(data: bytes, image_format: str) -> str:
+    """The file name of a cover image: `cover-<hash>.<format>`."""
+    return f"{COVER_STEM}-{sha256(data)[:COVER_HASH_CHARS]}.{image_format}"
 
 
 def numbered(name: str, index: int) -> str:
@@ -146,7 +155,7 @@ class Details:
 @dataclass(frozen=True)
 class Voice:
     """A saved voice as meta.json records it: its clips in prompt order, its details, times in ISO 8601 UTC,
-    and its cover image's format (None without one)."""
+    and its cover image's file name (None without one)."""
 
     id: str
     clips: tuple[Clip, ...]
@@ -230,8 +239,8 @@ def voice_from_meta(meta: object) -> Voice:
     if not isinstance(meta, dict) or meta.get("version") != META_VERSION:
         raise ValueError(f"meta.json is not an object of version 1 or {META_VERSION}")
     values = typed_fields(meta, VOICE_TYPES, "meta.json")
-    if not values["clips"] or values["cover"] not in (None, *COVER_TYPES):
-        raise ValueError("meta.json lists no clips, or a cover of an unknown format")
+    if not values["clips"] or not (values["cover"] is None or COVER_NAME.fullmatch(values["cover"])):
+        raise ValueError("meta.json lists no clips, or a cover file of another name")
     return Voice(id=values["id"], clips=tuple(clip_from_meta(c) for c in values["clips"]),
                  created=values["created"], updated=values["updated"],
                  details=details_from_meta(values["details"]), cover=values["cover"])
@@ -431,7 +440,7 @@ class VoiceLibrary:
             raise BadRequest(f"a voice holds at most {self.max_clips} clips; got {len(clips)}")
         checked = [(self._check_upload(audio), self._check_text(text)) for audio, text in clips]
         details = self.check_details(details or Details(title=voice_id))
-        cover_ext = self.check_cover(cover) if cover is not None else None
+        cover_file = cover_name(cover, self.check_cover(cover)) if cover is not None else None
         if not overwrite:
             with self._lock:
                 self._check_free(voice_id, target)  # fail before the expensive part; checked again at publish
@@ -443,9 +452,9 @@ class VoiceLibrary:
             files.update(clip_files)
             prepared.append((clip, codes))
         voice = Voice(id=voice_id, clips=tuple(clip for clip, _ in prepared), created=now, updated=now,
-                      details=details, cover=cover_ext)
-        if cover_ext is not None:
-            files[f"{COVER_STEM}.{cover_ext}"] = cover
+                      details=details, cover=cover_file)
+        if cover_file is not None:
+            files[cover_file] = cover
         files[META] = meta_bytes(voice)
         with self._space():
             staged = self._stage(files)
@@ -462,12 +471,13 @@ class VoiceLibrary:
     def update(self, voice_id: str, *, title: str | None = None, description: str | None = None,
                tags: Sequence[str] | None = None, visibility: str | None = None,
                cover: bytes | None = None) -> Voice:
-        """Change a voice's details and cover (None: unchanged); the clips stay as they are. The cover is
-        written first, then meta.json, each atomically: a crash between leaves the new cover with the old
-        details, never a damaged voice. InsufficientStorage when the data dir is full; nothing changes then."""
+        """Change a voice's details and cover (None: unchanged); the clips stay as they are. A new cover is
+        written beside the old one, then meta.json is rewritten atomically (the commit), then the old cover is
+        removed: a crash or a full disk (InsufficientStorage) at any point leaves the voice as it was or as
+        asked, never a mix."""
         voice_id = check_voice_id(voice_id)
         folder = self._folder(voice_id)
-        cover_ext = self.check_cover(cover) if cover is not None else None
+        cover_file = cover_name(cover, self.check_cover(cover)) if cover is not None else None
         with self._lock:
             voice = self._require(voice_id)
             old = voice.details
@@ -476,16 +486,21 @@ class VoiceLibrary:
                 description=old.description if description is None else description,
                 tags=old.tags if tags is None else tuple(tags),
                 visibility=old.visibility if visibility is None else visibility))
-            voice = replace(voice, details=details, updated=now_iso(), cover=cover_ext or voice.cover)
-            with self._space():
-                if cover_ext is not None:
-                    with atomic_write(folder / f"{COVER_STEM}.{cover_ext}") as f:
-                        f.write(cover)
-                self._write_meta(folder, voice)
-            for ext in COVER_TYPES:  # an earlier cover of another format
-                if ext != voice.cover:
-                    (folder / f"{COVER_STEM}.{ext}").unlink(missing_ok=True)
-        return voice
+            changed = replace(voice, details=details, updated=now_iso(), cover=cover_file or voice.cover)
+            try:
+                with self._space():
+                    if cover_file is not None and cover_file != voice.cover:
+                        with atomic_write(folder / cover_file) as f:
+                            f.write(cover)
+                    self._write_meta(folder, changed)
+            except BaseException:
+                if cover_file is not None and cover_file != voice.cover:
+                    (folder / cover_file).unlink(missing_ok=True)
+                raise
+            for entry in folder.glob(f"{COVER_STEM}-*"):  # the cover replaced, or one a crash left unnamed
+                if entry.name != changed.cover:
+                    entry.unlink(missing_ok=True)
+        return changed
 
     def get(self, voice_id: str) -> Voice:
         """The voice saved as `voice_id`, or NotFound."""
@@ -609,10 +624,10 @@ class VoiceLibrary:
             if voice.cover is None:
                 raise NotFound(f"voice {voice_id!r} has no cover image")
             try:
-                data = (self._folder(voice_id) / f"{COVER_STEM}.{voice.cover}").read_bytes()
+                data = (self._folder(voice_id) / voice.cover).read_bytes()
             except OSError as exc:
                 raise NotFound(f"the cover image of voice {voice_id!r} is missing") from exc
-        return data, COVER_TYPES[voice.cover]
+        return data, COVER_TYPES[voice.cover.rpartition(".")[2]]
 
     # -- validation --------------------------------------------------------------------------------------------
     def _check_upload(self, audio: bytes) -> bytes:

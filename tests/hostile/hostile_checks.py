@@ -114,7 +114,7 @@ def stray_files(server) -> list[str]:
         clips = len(meta["clips"]) if meta.get("version") == 2 else 1
         expected = {numbered(name, i) for name in VOICE_FILES - {"meta.json"} for i in range(clips)} | {"meta.json"}
         if meta.get("cover"):
-            expected.add(f"cover.{meta['cover']}")
+            expected.add(meta["cover"])
         originals = {n for n in names if re.fullmatch(r"original(-\d+)?\.[a-z0-9]+", n)}
         if names - originals != expected or len(originals) != clips:
             stray.append(f"{folder}: {sorted(names)}")

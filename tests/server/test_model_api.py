@@ -232,7 +232,7 @@ def test_a_full_data_dir_is_507_naming_it_and_keeps_the_voices_whole(small_data_
         staging = small_data_dir / ".staging"
         assert list(staging.iterdir()) == []
         assert sorted(p.name for p in (small_data_dir / "voices").iterdir()) == sorted(saved)
-        assert not list(small_data_dir.rglob("*.part")) and not list(small_data_dir.rglob("cover.*"))
+        assert not list(small_data_dir.rglob("*.part")) and not list(small_data_dir.rglob("cover*"))
     finally:
         srv.stop()
 
