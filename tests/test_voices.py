@@ -211,7 +211,9 @@ def test_hostile_ids_are_refused_and_touch_nothing(tmp_path, enc):
     calls = [
         lambda bad: lib.add(bad, wav(1.5), TEXT, enc),
         lambda bad: lib.add(bad, wav(1.5), TEXT, enc, overwrite=True),
-        lib.get, lib.delete, lib.clip_path, lib.original,
+        lib.get, lib.delete, lib.clip_path, lib.clip_bytes, lib.original, lib.cover,
+        lambda bad: lib.save(bad, [(wav(1.5), TEXT), (wav(1.5), TEXT)], enc),
+        lambda bad: lib.update(bad, title="x", cover=PNG),
         lambda bad: lib.codes(bad, enc)[0],
         lambda bad: lib.rename(bad, "fresh"),
         lambda bad: lib.rename("good", bad),
@@ -540,8 +542,10 @@ def test_a_voice_of_several_clips_keeps_each_clip_with_its_own_codes(lib, root, 
     assert (folder / "transcript-2.txt").read_text() == "Two clips."
     assert lib.original("duo", 1) == (second, "duo-2.wav") and lib.clip_path("duo", 1) == folder / "clip-2.wav"
     assert lib.cover("duo") == (PNG, "image/png")
-    with pytest.raises(NotFound, match="no clip 3"):
-        lib.clip_path("duo", 2)
+    assert lib.clip_bytes("duo", 1) == (folder / "clip-2.wav").read_bytes()
+    for call in (lib.clip_path, lib.clip_bytes, lib.original):
+        with pytest.raises(NotFound, match="no clip 3"):
+            call("duo", 2)
     expected = [FakeEncoder().encode_audio(load_audio(folder / name, 44100)) for name in ("clip.wav", "clip-2.wav")]
     for library in (lib, VoiceLibrary(root)):  # from memory, then from the two codes files
         codes = library.codes("duo", enc)

@@ -602,6 +602,17 @@ class VoiceLibrary:
             self._require_clip(self._require(voice_id), index)
             return self._folder(voice_id) / numbered(CLIP, index)
 
+    def clip_bytes(self, voice_id: str, index: int = 0) -> bytes:
+        """A stored clip's WAV bytes (see `clip_path`), read under the lock so a concurrent delete cannot
+        pull the file away mid-read."""
+        voice_id = check_voice_id(voice_id)
+        with self._lock:
+            self._require_clip(self._require(voice_id), index)
+            try:
+                return (self._folder(voice_id) / numbered(CLIP, index)).read_bytes()
+            except OSError as exc:
+                raise NotFound(f"clip {index + 1} of voice {voice_id!r} is missing") from exc
+
     def original(self, voice_id: str, index: int = 0) -> tuple[bytes, str]:
         """A clip's upload as sent (clip 1 unless `index` says), and a download name for it, `<id>.<ext>`
         (`<id>-n.<ext>` for clip n > 1)."""

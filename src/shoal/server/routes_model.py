@@ -63,11 +63,11 @@ async def list_models(response: Response, page_size: int = 10, page_number: int 
 @router.post("", summary="Save a voice from one or more clips and their transcripts (voices.create)")
 async def create_model(title: str = Form(...), voices: list[UploadFile] | None = File(None),
                        texts: list[str] = Form([]), description: str = Form(""), tags: list[str] = Form([]),
-                       visibility: str = Form(DEFAULT_VISIBILITY), type: str = Form("tts"),
+                       visibility: str = Form(DEFAULT_VISIBILITY), model_type: str = Form("tts", alias="type"),
                        train_mode: str = Form("fast"), enhance_audio_quality: bool = Form(True),
                        cover_image: UploadFile | None = File(None), service: Service = Depends(get_service)):
-    if type != "tts":
-        raise BadRequest(f"type must be 'tts': shoal makes text-to-speech voices, not {type!r} models")
+    if model_type != "tts":
+        raise BadRequest(f"type must be 'tts': shoal makes text-to-speech voices, not {model_type!r} models")
     if train_mode != "fast":
         raise BadRequest(f"train_mode must be 'fast' (a saved voice needs no training), not {train_mode!r}")
     if not voices:
@@ -116,5 +116,5 @@ async def get_cover(voice_id: str, service: Service = Depends(get_service)):
 @router.get("/{voice_id}/samples/{number}", summary="One of a voice's clips as stored (WAV)",
             response_class=Response)
 async def get_sample(voice_id: str, number: int, service: Service = Depends(get_service)):
-    path = await asyncio.to_thread(service.voices.clip_path, voice_id, number - 1)
-    return Response(await asyncio.to_thread(path.read_bytes), media_type="audio/wav")
+    return Response(await asyncio.to_thread(service.voices.clip_bytes, voice_id, number - 1),
+                    media_type="audio/wav")
