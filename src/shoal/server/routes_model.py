@@ -26,6 +26,8 @@ AUTHOR = {"_id": "shoal", "nickname": "shoal", "avatar": ""}
 #: List filters of the Fish Audio cloud that have no meaning here (no authors, no language detection); when
 #: sent, they are named in the X-Shoal-Ignored-Fields header. `self` needs no mention: every voice is yours.
 IGNORED_FILTERS = ("author_id", "language", "title_language")
+#: A sample's `duration` is given in seconds to the millisecond.
+DURATION_DIGITS = 3
 
 
 def voice_body(voice: Voice) -> dict:
@@ -38,7 +40,7 @@ def voice_body(voice: Voice) -> dict:
         "cover_image": f"{path}/cover" if voice.cover else "", "train_mode": "fast", "state": "trained",
         "tags": list(details.tags),
         "samples": [{"title": f"clip {n}", "text": clip.text, "task_id": f"{voice.id}-{n}",
-                     "audio": f"{path}/samples/{n}", "duration": round(clip.duration, 3)}
+                     "audio": f"{path}/samples/{n}", "duration": round(clip.duration, DURATION_DIGITS)}
                     for n, clip in enumerate(voice.clips, start=1)],
         "created_at": voice.created, "updated_at": voice.updated, "languages": [],
         "visibility": details.visibility, "lock_visibility": False, "like_count": 0, "mark_count": 0,
