@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from shoal.doctor import FAIL, OK, WARN, check_checkpoint, check_data_dir, check_port, format_table, Check
+from shoal.doctor import (FAIL, OK, WARN, Check, check_checkpoint, check_data_dir, check_port, collect_checks,
+                          format_table)
 from shoal.settings import Settings
 from shoal.testing import write_tiny_checkpoint
 
@@ -132,11 +133,22 @@ def test_a_busy_port_is_reported(tmp_path):
 
 
 def test_the_data_dir_check_creates_nothing(tmp_path):
-    check = check_data_dir(tmp_path / "a" / "b")
+    check = check_data_dir(tmp_path / "a" / "b", 0)
     assert check.status == OK and "not created yet" in check.detail
     assert list(tmp_path.iterdir()) == []
     (tmp_path / "file").write_text("x")
-    assert check_data_dir(tmp_path / "file" / "data").status == FAIL
+    assert check_data_dir(tmp_path / "file" / "data", 0).status == FAIL
+
+
+def test_a_data_dir_short_of_space_is_a_warning(tmp_path, monkeypatch):
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=100 * 2**20))
+    check = check_data_dir(tmp_path, 500)
+    assert check.status == WARN and "100 MiB free" in check.detail and "500 MiB" in check.detail
+    assert str(tmp_path) in check.detail and "SHOAL_DATA_DIR" in check.hint
+    assert check_data_dir(tmp_path, 50).status == OK
+    settings = Settings.load(cli={"data_dir": tmp_path, "min_free_disk_mb": 500}, env={}, dotenv=None)
+    assert [c.status for c in collect_checks(settings) if c.name == "data dir"] == [WARN]
 
 
 def test_the_table_shows_hints_only_for_problems():

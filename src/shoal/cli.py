@@ -4,7 +4,7 @@ Every error shoal raises on purpose becomes one line on stderr and the exit code
 shows the traceback as well. Exit codes: 0 success, 1 other failures (and `shoal doctor` finding one), 2 bad input,
 3 missing checkpoint or file, 4 busy, 5 engine failure, 6 a dependency cannot be imported (a broken or shadowed
 environment: numpy, torch, ... fail at import; the line names the module, where it came from and the fix),
-130 interrupted.
+7 no space left on the disk written to, 130 interrupted.
 
 `serve`, `say` and `bench` first check that no other environment's site-packages leaks in (shoal.envcheck) and
 warn in one line if one does; `doctor` reports that itself, and must run even when numpy cannot be imported.

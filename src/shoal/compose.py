@@ -28,7 +28,8 @@ WARM_UP_FRAMES = 2
 def build_voices(settings: Settings) -> VoiceLibrary:
     """The saved-voice library under the data dir, with the configured upload limits."""
     return VoiceLibrary(Path(settings.data_dir), max_upload_bytes=settings.max_upload_bytes,
-                        min_seconds=settings.min_voice_seconds, max_seconds=settings.max_voice_seconds)
+                        min_seconds=settings.min_voice_seconds, max_seconds=settings.max_voice_seconds,
+                        max_clips=settings.max_voice_clips, max_cover_bytes=settings.max_cover_bytes)
 
 
 def build_service(settings: Settings, engines_loader: EnginesLoader = load_engines, *,

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 from shoal.envcheck import _in_pythonpath, _inside, _is_base, own_site_dirs, scan_sys_path
+from shoal.files import low_space_warning
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 #: Libraries whose location and version matter: the ones a foreign environment most often shadows.
@@ -69,7 +70,7 @@ def collect_checks(settings, environ: Mapping[str, str] | None = None) -> list[C
         ("memory", lambda: [check_memory()]),
         ("checkpoint", lambda: check_checkpoint(settings)),
         ("piper voice", lambda: [check_piper()]),
-        ("data dir", lambda: [check_data_dir(Path(settings.data_dir))]),
+        ("data dir", lambda: [check_data_dir(Path(settings.data_dir), settings.min_free_disk_mb)]),
         ("port", lambda: [check_port(settings.host, settings.port)]),
         ("audio encoders", lambda: [check_encoders()]),
     ]
@@ -366,8 +367,9 @@ def check_piper() -> Check:
     return Check("piper voice", OK, f"{model.name} ({_size(model.stat().st_size)})")
 
 
-def check_data_dir(data_dir: Path) -> Check:
-    """Writable, or creatable: its nearest existing parent takes a temporary file (deleted at once)."""
+def check_data_dir(data_dir: Path, min_free_mb: float) -> Check:
+    """Writable, or creatable: its nearest existing parent takes a temporary file (deleted at once); a warning
+    when its file system has less than `min_free_mb` MiB free."""
     data_dir = data_dir.expanduser()
     anchor = data_dir
     while not anchor.exists() and anchor != anchor.parent:
@@ -381,6 +383,10 @@ def check_data_dir(data_dir: Path) -> Check:
     except OSError as exc:
         return Check("data dir", FAIL, f"{where} is not writable: {exc.strerror or exc}",
                      "fix its permissions or set --data-dir/SHOAL_DATA_DIR to a writable place")
+    warning = low_space_warning(data_dir, min_free_mb)
+    if warning is not None:
+        return Check("data dir", WARN, f"{where}, writable; {warning}",
+                     "free some space there, or set --data-dir/SHOAL_DATA_DIR to a larger disk")
     free = shutil.disk_usage(anchor).free
     return Check("data dir", OK, f"{where}, writable, {_gib(free)} free")
 

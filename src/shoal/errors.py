@@ -55,6 +55,22 @@ class PayloadTooLarge(BadRequest):
     code = "payload_too_large"
 
 
+class UnsupportedMediaType(BadRequest):
+    """A body or upload of a type the route does not read (a speech body that is not JSON, a cover image that
+    is no PNG, JPEG or WebP)."""
+
+    http_status = 415
+    code = "unsupported_media_type"
+
+
+class InsufficientStorage(ShoalError):
+    """The disk (or quota) ran out of space while saving: nothing was half-written, nothing was saved."""
+
+    http_status = 507
+    exit_code = 7
+    code = "insufficient_storage"
+
+
 class Unauthorized(ShoalError):
     """A missing or wrong API key."""
 

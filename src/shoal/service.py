@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import AsyncIterator, Callable, Sequence
 
 import numpy as np
@@ -21,9 +22,10 @@ import numpy as np
 from shoal.engines.base import Engine, EngineStats, Progress, Reference, Sink, Synthesis, SynthesisRequest
 from shoal.engines.registry import Engines
 from shoal.errors import BadRequest, Busy, EngineFailure, NotFound, ShoalError, Timeout, Unavailable
+from shoal.files import low_space_warning
 from shoal.params import CHUNK_LENGTH, MAX_NEW_TOKENS, REPETITION_PENALTY, SPEED, TEMPERATURE, TOP_P
 from shoal.settings import Settings
-from shoal.voices import Voice, VoiceLibrary
+from shoal.voices import Details, Voice, VoiceLibrary, new_voice_id
 
 log = logging.getLogger("shoal.service")
 
@@ -33,6 +35,12 @@ OPENAI_MODEL_ALIASES = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 BUSY_RETRY_AFTER_SECONDS = 1.0
 #: The voice name for "no cloning: the model's own voice".
 DEFAULT_VOICE = "default"
+#: How `find_voices` may order voices: sort_by -> (Voice attribute, newest first). shoal counts no uses, so
+#: the Fish API's popularity orders (task_count, its default, and score) list the newest voices first.
+VOICE_SORTS = {"created_at": ("created", True), "updated_at": ("updated", True), "task_count": ("created", True),
+               "score": ("created", True)}
+#: The longest page `find_voices` returns: a listing stays one quick response.
+MAX_PAGE_SIZE = 100
 
 
 @dataclass
@@ -299,6 +307,42 @@ class Service:
         encoder = self.engines.engines.get("fish")
         return self.voices.add(voice_id, audio, text, encoder, overwrite=overwrite)
 
+    def create_voice(self, clips: Sequence[tuple[bytes, str]], details: Details, cover: bytes | None = None
+                     ) -> Voice:
+        """Save a voice of one or more (audio, transcript) clips under a new id (32 hex digits, as Fish's)."""
+        encoder = self.engines.engines.get("fish")
+        return self.voices.save(new_voice_id(), clips, encoder, details=details, cover=cover)
+
+    def update_voice(self, voice_id: str, **changes) -> Voice:
+        """Change a voice's details or cover (see VoiceLibrary.update)."""
+        return self.voices.update(voice_id, **changes)
+
+    def find_voices(self, *, title: str | None = None, tags: Sequence[str] = (), sort_by: str = "created_at",
+                    page_size: int, page_number: int) -> tuple[int, list[Voice]]:
+        """(how many voices match, the page of them): titles containing `title` (any case), carrying every
+        one of `tags`, ordered by `sort_by` (VOICE_SORTS), pages numbered from 1."""
+        if sort_by not in VOICE_SORTS:
+            raise BadRequest(f"sort_by must be one of {', '.join(VOICE_SORTS)}, not {sort_by!r}")
+        if not 1 <= page_size <= MAX_PAGE_SIZE or page_number < 1:
+            raise BadRequest(f"page_size must be 1 to {MAX_PAGE_SIZE} and page_number 1 or more")
+        voices = self.voices.list()
+        if title:
+            voices = [v for v in voices if title.casefold() in v.details.title.casefold()]
+        if tags:
+            voices = [v for v in voices if set(tags) <= set(v.details.tags)]
+        field_name, newest_first = VOICE_SORTS[sort_by]
+        voices.sort(key=lambda v: (getattr(v, field_name), v.id), reverse=newest_first)
+        start = (page_number - 1) * page_size
+        return len(voices), voices[start:start + page_size]
+
+    def voice_cover(self, voice_id: str) -> tuple[bytes, str]:
+        return self.voices.cover(voice_id)
+
+    def disk_warnings(self) -> list[str]:
+        """What an operator should hear about the data dir's free space (see `min_free_disk_mb`)."""
+        warning = low_space_warning(Path(self.settings.data_dir), self.settings.min_free_disk_mb)
+        return [warning] if warning else []
+
     def delete_voice(self, voice_id: str) -> None:
         self.voices.delete(voice_id)
 
@@ -322,7 +366,8 @@ class Service:
             if not engine.supports_cloning:
                 raise BadRequest(f"model {model!r} cannot clone voices, so it cannot use saved voice {voice!r}; "
                                  "use the fish model with an S1 checkpoint")
-            references.append(Reference(None, saved.text, codes=self.voices.codes(voice, engine)))
+            codes = self.voices.codes(voice, engine)
+            references += [Reference(None, clip.text, codes=c) for clip, c in zip(saved.clips, codes)]
         for audio, text in params.references:
             references.append(Reference(audio, text, cache=params.use_memory_cache))
         if references and not engine.supports_cloning:

@@ -70,6 +70,11 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(20 * 2**20, ge=1024, description="bytes per voice clip")
     min_voice_seconds: float = Field(1.0, ge=0, description="shortest voice clip")
     max_voice_seconds: float = Field(60.0, gt=0, description="longest voice clip")
+    max_voice_clips: int = Field(8, ge=1, description="clips per saved voice (each one's codes go into every "
+                                 "prompt that uses the voice)")
+    max_cover_bytes: int = Field(2 * 2**20, ge=1024, description="bytes per voice cover image")
+    min_free_disk_mb: float = Field(500.0, ge=0, description="/v1/health and shoal doctor warn when the data "
+                                    "dir's file system has less free space than this, in MiB")
     reference_cache_size: int = Field(16, ge=0, description="encoded inline references kept in memory")
     rate_limit: float = Field(0.0, ge=0, description="API requests per minute per key (per client address "
                               "without an API key); 0 turns the limit off")

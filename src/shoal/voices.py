@@ -1,26 +1,39 @@
-"""The saved-voice library on disk: a reference clip and its transcript stored once under an id, with the
-clip's codec codes computed at upload and cached, so requests that name a voice never run the codec encoder.
+"""The saved-voice library on disk: one or more reference clips, each with its transcript, stored once under
+an id, with each clip's codec codes computed at upload and cached, so requests that name a voice never run the
+codec encoder. A voice also carries details for people and the Fish Audio model API (title, description, tags,
+visibility, a cover image); they never change what the voice sounds like.
 
-Layout, one folder per voice:
+Layout, one folder per voice. Clip 1's files keep the names a one-clip voice has always had; clip n > 1 adds
+`-n` to each stem (clip-2.wav, codes-2.npy, ...):
 
-    root/voices/<id>/original.<ext>   the upload as sent (ext from its content, never from a user's file name)
-                     clip.wav         the upload as mono PCM16 at the codec's rate: what gets encoded
-                     transcript.txt   the transcript, for people (meta.json holds the copy the code reads)
+    root/voices/<id>/original.<ext>   clip 1 as uploaded (ext from its content, never from a user's file name)
+                     clip.wav         clip 1 as mono PCM16 at the codec's rate: what gets encoded
+                     transcript.txt   clip 1's transcript, for people (meta.json holds the copy the code reads)
                      codes.npy        int64 [10, F] codec codes of clip.wav
+                     original-2.<ext>, clip-2.wav, transcript-2.txt, codes-2.npy   clip 2, and so on
+                     cover-<hash>.<png|jpeg|webp>   the cover image, if the voice has one (named by its
+                                      content, so a new cover never overwrites the one meta.json names)
                      meta.json        the Voice record; a folder without a valid one is not a voice
     root/.staging/                    voices being built, replaced or deleted; dead processes' leftovers are
                                       removed when a library opens
 
+meta.json version 2 lists the clips; version 1 (written before voices had several clips) holds one clip's
+fields at the top level and is still read, as a one-clip voice titled by its id.
+
 A voice folder is built whole in `.staging/` and renamed into place, and deletes rename it out before
-removing it, so a crash at any point leaves either no voice or a whole one. Nothing here builds a path from an
-id before `check_voice_id` has accepted it.
+removing it, so a crash at any point leaves either no voice or a whole one. Changing a voice's details
+writes the new cover beside the old one, then rewrites meta.json atomically, then removes the old cover. Nothing here builds a path from an id before
+`check_voice_id` has accepted it. A write that finds the disk full is InsufficientStorage naming the data dir,
+and leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -28,18 +41,21 @@ import shutil
 import threading
 import uuid
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Protocol
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 import psutil
 import soundfile as sf
 
 from shoal.audio import DECODE_ERRORS, load_audio
-from shoal.errors import BadRequest, Conflict, EngineFailure, NotFound, PayloadTooLarge, ShoalError
-from shoal.files import atomic_write
+from shoal.errors import (BadRequest, Conflict, EngineFailure, InsufficientStorage, NotFound, PayloadTooLarge,
+                          ShoalError, UnsupportedMediaType)
+from shoal.files import atomic_write, out_of_space
+
+log = logging.getLogger("shoal.voices")
 
 VOICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 ID_RULE = "voice ids are 1 to 64 characters from A-Z, a-z, 0-9, '_' and '-'"
@@ -51,10 +67,54 @@ DEFAULT_SAMPLE_RATE = 44100
 # A 60 s clip is about 150 spoken words; twice that leaves room for fast talkers and long words.
 MAX_TEXT_CHARS = 2000
 CODES_CACHE_SIZE = 64
-META_VERSION = 1
+META_VERSION = 2
+# Every clip's codes go into each prompt, so a voice's clips share the model's context with the text.
+MAX_CLIPS = 8
+MAX_COVER_BYTES = 2 * 2**20
+# Details are for people and listings: generous for any real title, small enough to keep meta.json small.
+MAX_TITLE_CHARS = 200
+MAX_DESCRIPTION_CHARS = 5000
+MAX_TAGS = 32
+MAX_TAG_CHARS = 64
+VISIBILITIES = ("public", "unlist", "private")
+DEFAULT_VISIBILITY = "private"
 
 CLIP, TRANSCRIPT, CODES, META = "clip.wav", "transcript.txt", "codes.npy", "meta.json"
-ORIGINAL_STEM = "original"
+ORIGINAL_STEM, COVER_STEM = "original", "cover"
+#: Cover image formats by their first bytes (WebP: "RIFF", 4 bytes of size, "WEBP"), and their media types.
+COVER_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+#: Hex digits of the cover's sha256 in its file name: enough that two covers of one voice never share a name.
+COVER_HASH_CHARS = 16
+COVER_NAME = re.compile(rf"{COVER_STEM}-[0-9a-f]{{{COVER_HASH_CHARS}}}\.({'|'.join(COVER_TYPES)})")
+
+
+def cover_format(data: bytes) -> str | None:
+    """"png", "jpeg" or "webp" by the image's magic bytes; None for anything else."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def cover_name(data: bytes, image_format: str) -> str:
+    """The file name of a cover image: `cover-<hash>.<format>`."""
+    return f"{COVER_STEM}-{sha256(data)[:COVER_HASH_CHARS]}.{image_format}"
+
+
+def numbered(name: str, index: int) -> str:
+    """The file `name` of clip `index` (0-based): clip 1 keeps the plain name, clip n > 1 is `<stem>-n.<ext>`."""
+    if index == 0:
+        return name
+    stem, dot, ext = name.partition(".")
+    return f"{stem}-{index + 1}{dot}{ext}"
+
+
+def new_voice_id() -> str:
+    """A fresh id for a voice made without one: 32 hex digits, as Fish Audio's model ids."""
+    return uuid.uuid4().hex
 
 
 class VoiceEncoder(Protocol):
@@ -67,12 +127,10 @@ class VoiceEncoder(Protocol):
 
 
 @dataclass(frozen=True)
-class Voice:
-    """A saved voice as meta.json records it. Sample rates in Hz, duration in seconds of the stored clip."""
+class Clip:
+    """One reference clip of a voice. Sample rates in Hz, duration in seconds of the stored clip."""
 
-    id: str
     text: str
-    created: str
     duration: float
     sample_rate: int
     original_sample_rate: int
@@ -83,16 +141,55 @@ class Voice:
     codes_sha256: str | None = None
     codec_checksum: str | None = None
 
+
+@dataclass(frozen=True)
+class Details:
+    """What a voice says about itself, for people and listings; none of it changes the voice's sound."""
+
+    title: str = ""
+    description: str = ""
+    tags: tuple[str, ...] = ()
+    visibility: str = DEFAULT_VISIBILITY
+
+
+@dataclass(frozen=True)
+class Voice:
+    """A saved voice as meta.json records it: its clips in prompt order, its details, times in ISO 8601 UTC,
+    and its cover image's file name (None without one)."""
+
+    id: str
+    clips: tuple[Clip, ...]
+    created: str
+    updated: str
+    details: Details = field(default_factory=Details)
+    cover: str | None = None
+
+    @property
+    def text(self) -> str:
+        """Every clip's transcript, one per line."""
+        return "\n".join(clip.text for clip in self.clips)
+
+    @property
+    def duration(self) -> float:
+        """Seconds of reference audio, all clips together."""
+        return sum(clip.duration for clip in self.clips)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 # meta.json is read back field by field against these, so a hand-edited or damaged file is refused whole.
-META_TYPES: dict[str, tuple[type, ...]] = {
-    "id": (str,), "text": (str,), "created": (str,), "duration": (int, float), "sample_rate": (int,),
-    "original_sample_rate": (int,), "original_channels": (int,), "original_format": (str,),
-    "audio_sha256": (str,), "text_sha256": (str,), "codes_sha256": (str, type(None)),
-    "codec_checksum": (str, type(None)),
+CLIP_TYPES: dict[str, tuple[type, ...]] = {
+    "text": (str,), "duration": (int, float), "sample_rate": (int,), "original_sample_rate": (int,),
+    "original_channels": (int,), "original_format": (str,), "audio_sha256": (str,), "text_sha256": (str,),
+    "codes_sha256": (str, type(None)), "codec_checksum": (str, type(None)),
+}
+VOICE_TYPES: dict[str, tuple[type, ...]] = {
+    "id": (str,), "clips": (list,), "created": (str,), "updated": (str,), "details": (dict,),
+    "cover": (str, type(None)),
+}
+DETAILS_TYPES: dict[str, tuple[type, ...]] = {
+    "title": (str,), "description": (str,), "tags": (list,), "visibility": (str,),
 }
 
 
@@ -104,19 +201,49 @@ def check_voice_id(voice_id: object) -> str:
     raise BadRequest(f"invalid voice id {shown}: {ID_RULE}")
 
 
-def voice_from_meta(meta: object) -> Voice:
-    """A Voice from parsed meta.json; ValueError when a field is missing or of the wrong type."""
-    if not isinstance(meta, dict):
-        raise ValueError("meta.json is not an object")
+def typed_fields(record: object, types: dict[str, tuple[type, ...]], what: str) -> dict:
+    """The fields of `record` named in `types`, each checked; ValueError naming the first that is off."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{what} is not an object")
     values = {}
-    for name, types in META_TYPES.items():
-        value = meta.get(name)
-        if name not in meta or isinstance(value, bool) or not isinstance(value, types):
-            raise ValueError(f"meta.json field {name!r} is missing or not {types}")
+    for name, allowed in types.items():
+        value = record.get(name)
+        if name not in record or isinstance(value, bool) or not isinstance(value, allowed):
+            raise ValueError(f"{what} field {name!r} is missing or not {allowed}")
         values[name] = value
-    if not values["text"].strip() or values["sample_rate"] <= 0:
-        raise ValueError("meta.json has an empty transcript or no sample rate")
-    return Voice(**values)
+    return values
+
+
+def clip_from_meta(record: object) -> Clip:
+    clip = Clip(**typed_fields(record, CLIP_TYPES, "clip"))
+    if not clip.text.strip() or clip.sample_rate <= 0:
+        raise ValueError("meta.json has a clip with an empty transcript or no sample rate")
+    return clip
+
+
+def details_from_meta(record: object) -> Details:
+    values = typed_fields(record, DETAILS_TYPES, "details")
+    tags = values["tags"]
+    if not all(isinstance(tag, str) for tag in tags) or values["visibility"] not in VISIBILITIES:
+        raise ValueError("meta.json has tags that are not strings or an unknown visibility")
+    return Details(**{**values, "tags": tuple(tags)})
+
+
+def voice_from_meta(meta: object) -> Voice:
+    """A Voice from parsed meta.json (version 2, or version 1's one clip); ValueError when a field is missing
+    or of the wrong type."""
+    if isinstance(meta, dict) and meta.get("version") == 1:
+        values = typed_fields(meta, {"id": (str,), "created": (str,)}, "meta.json")
+        return Voice(id=values["id"], clips=(clip_from_meta(meta),), created=values["created"],
+                     updated=values["created"], details=Details(title=values["id"]))
+    if not isinstance(meta, dict) or meta.get("version") != META_VERSION:
+        raise ValueError(f"meta.json is not an object of version 1 or {META_VERSION}")
+    values = typed_fields(meta, VOICE_TYPES, "meta.json")
+    if not values["clips"] or not (values["cover"] is None or COVER_NAME.fullmatch(values["cover"])):
+        raise ValueError("meta.json lists no clips, or a cover file of another name")
+    return Voice(id=values["id"], clips=tuple(clip_from_meta(c) for c in values["clips"]),
+                 created=values["created"], updated=values["updated"],
+                 details=details_from_meta(values["details"]), cover=values["cover"])
 
 
 def sha256(data: bytes) -> str:
@@ -187,11 +314,16 @@ def extension_for(format_name: str) -> str:
 
 # -- small file helpers ----------------------------------------------------------------------------------------
 def write_durably(path: Path, data: bytes) -> None:
-    """Create `path` with `data` and fsync it, so a renamed folder never holds files the disk has not seen."""
-    with open(path, "xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    """Create `path` with `data` and fsync it, so a renamed folder never holds files the disk has not seen.
+    Plain os.write calls, so a full disk surfaces here as the OSError it is."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:
@@ -225,6 +357,7 @@ def npy_bytes(codes: np.ndarray) -> bytes:
 
 
 def meta_bytes(voice: Voice) -> bytes:
+    """meta.json for `voice`: always the current version."""
     return json.dumps({"version": META_VERSION, **voice.to_dict()}, indent=2, ensure_ascii=False).encode()
 
 
@@ -263,7 +396,8 @@ class VoiceLibrary:
     point through whole-folder renames. Two processes may share a root, but only renames order them."""
 
     def __init__(self, root: Path, *, max_upload_bytes: int = 20 * 2**20, min_seconds: float = 1.0,
-                 max_seconds: float = 60.0, max_text_chars: int = MAX_TEXT_CHARS):
+                 max_seconds: float = 60.0, max_text_chars: int = MAX_TEXT_CHARS, max_clips: int = MAX_CLIPS,
+                 max_cover_bytes: int = MAX_COVER_BYTES):
         if not 0 <= min_seconds <= max_seconds:
             raise ValueError(f"need 0 <= min_seconds <= max_seconds, got {min_seconds} and {max_seconds}")
         self.root = Path(root)
@@ -271,6 +405,8 @@ class VoiceLibrary:
         self.min_seconds = min_seconds
         self.max_seconds = max_seconds
         self.max_text_chars = max_text_chars
+        self.max_clips = max_clips
+        self.max_cover_bytes = max_cover_bytes
         self._voices = self.root / "voices"
         self._staging = self.root / ".staging"
         self._voices.mkdir(parents=True, exist_ok=True)
@@ -279,7 +415,7 @@ class VoiceLibrary:
         self._lock = threading.Lock()
         self._owner = process_tag(os.getpid()) or f"{os.getpid()}-0"
         self._codes: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
-        #: Requests whose saved voice's codes were in memory (hits) or had to be read or recomputed (misses).
+        #: Requests whose saved voice's codes were all in memory (hits) or not (misses: read or recomputed).
         self.codes_hits = 0
         self.codes_misses = 0
         self._clear_staging()
@@ -287,25 +423,84 @@ class VoiceLibrary:
     # -- public API --------------------------------------------------------------------------------------------
     def add(self, voice_id: str, audio: bytes, text: str, encoder: VoiceEncoder | None = None, *,
             overwrite: bool = False) -> Voice:
-        """Save a voice: validate, convert, encode once (when an encoder is given), then publish the folder in
-        one rename. Raises BadRequest, PayloadTooLarge, or Conflict when the id is taken and not `overwrite`."""
+        """Save a one-clip voice titled by its id (see `save`)."""
+        return self.save(voice_id, [(audio, text)], encoder, overwrite=overwrite)
+
+    def save(self, voice_id: str, clips: Sequence[tuple[bytes, str]], encoder: VoiceEncoder | None = None, *,
+             details: Details | None = None, cover: bytes | None = None, overwrite: bool = False) -> Voice:
+        """Save a voice of one or more (audio, transcript) clips, in prompt order: validate, convert, encode
+        each clip once (when an encoder is given), then publish the folder in one rename. `details` default to
+        the id as title. Raises BadRequest, PayloadTooLarge, UnsupportedMediaType (cover), Conflict when the id
+        is taken and not `overwrite`, InsufficientStorage when the data dir is full."""
         voice_id = check_voice_id(voice_id)
         target = self._folder(voice_id)
-        data = self._check_upload(audio)
-        text = self._check_text(text)
+        if not clips:
+            raise BadRequest("a voice needs at least one clip")
+        if len(clips) > self.max_clips:
+            raise BadRequest(f"a voice holds at most {self.max_clips} clips; got {len(clips)}")
+        checked = [(self._check_upload(audio), self._check_text(text)) for audio, text in clips]
+        details = self.check_details(details or Details(title=voice_id))
+        cover_file = cover_name(cover, self.check_cover(cover)) if cover is not None else None
         if not overwrite:
             with self._lock:
                 self._check_free(voice_id, target)  # fail before the expensive part; checked again at publish
-        voice, files, codes = self._prepare(voice_id, data, text, encoder)
-        staged = self._stage(files)
+        now = now_iso()
+        files: dict[str, bytes] = {}
+        prepared = []
+        for index, (data, text) in enumerate(checked):
+            clip, clip_files, codes = self._prepare(index, data, text, encoder)
+            files.update(clip_files)
+            prepared.append((clip, codes))
+        voice = Voice(id=voice_id, clips=tuple(clip for clip, _ in prepared), created=now, updated=now,
+                      details=details, cover=cover_file)
+        if cover_file is not None:
+            files[cover_file] = cover
+        files[META] = meta_bytes(voice)
+        with self._space():
+            staged = self._stage(files)
         try:
             self._publish(staged, voice_id, target, overwrite)
         finally:
             shutil.rmtree(staged, ignore_errors=True)  # gone already unless publishing failed
-        if codes is not None:
-            with self._lock:
-                self._remember(voice_id, voice.codes_sha256, codes)
+        with self._lock:
+            for clip, codes in prepared:
+                if codes is not None:
+                    self._remember(voice_id, clip.codes_sha256, codes)
         return voice
+
+    def update(self, voice_id: str, *, title: str | None = None, description: str | None = None,
+               tags: Sequence[str] | None = None, visibility: str | None = None,
+               cover: bytes | None = None) -> Voice:
+        """Change a voice's details and cover (None: unchanged); the clips stay as they are. A new cover is
+        written beside the old one, then meta.json is rewritten atomically (the commit), then the old cover is
+        removed: a crash or a full disk (InsufficientStorage) at any point leaves the voice as it was or as
+        asked, never a mix."""
+        voice_id = check_voice_id(voice_id)
+        folder = self._folder(voice_id)
+        cover_file = cover_name(cover, self.check_cover(cover)) if cover is not None else None
+        with self._lock:
+            voice = self._require(voice_id)
+            old = voice.details
+            details = self.check_details(Details(
+                title=old.title if title is None else title,
+                description=old.description if description is None else description,
+                tags=old.tags if tags is None else tuple(tags),
+                visibility=old.visibility if visibility is None else visibility))
+            changed = replace(voice, details=details, updated=now_iso(), cover=cover_file or voice.cover)
+            try:
+                with self._space():
+                    if cover_file is not None and cover_file != voice.cover:
+                        with atomic_write(folder / cover_file) as f:
+                            f.write(cover)
+                    self._write_meta(folder, changed)
+            except BaseException:
+                if cover_file is not None and cover_file != voice.cover:
+                    (folder / cover_file).unlink(missing_ok=True)
+                raise
+            for entry in folder.glob(f"{COVER_STEM}-*"):  # the cover replaced, or one a crash left unnamed
+                if entry.name != changed.cover:
+                    entry.unlink(missing_ok=True)
+        return changed
 
     def get(self, voice_id: str) -> Voice:
         """The voice saved as `voice_id`, or NotFound."""
@@ -338,7 +533,8 @@ class VoiceLibrary:
 
     def rename(self, old_id: str, new_id: str) -> Voice:
         """Move a voice to a new id (Conflict if taken). The folder rename is the commit; meta.json follows,
-        and if a crash comes between the two, reading trusts the folder name and fixes meta.json."""
+        and if a crash comes between the two, reading trusts the folder name and fixes meta.json. A title that
+        is the old id (the default) becomes the new id."""
         old_id, new_id = check_voice_id(old_id), check_voice_id(new_id)
         source, target = self._folder(old_id), self._folder(new_id)
         aside = None
@@ -355,7 +551,10 @@ class VoiceLibrary:
                     raise Conflict(f"voice {new_id!r} exists already") from exc
                 raise
             fsync_dir(self._voices)
-            voice = replace(voice, id=new_id)
+            details = voice.details
+            if details.title == old_id:
+                details = replace(details, title=new_id)
+            voice = replace(voice, id=new_id, details=details)
             try:
                 self._write_meta(target, voice)
             except ShoalError:
@@ -365,49 +564,81 @@ class VoiceLibrary:
             shutil.rmtree(aside, ignore_errors=True)
         return voice
 
-    def codes(self, voice_id: str, encoder: VoiceEncoder) -> np.ndarray:
-        """The voice's codes, int64 [10, F], made with `encoder`'s codec: from memory, else codes.npy when it
-        checks out, else recomputed from clip.wav and stored again (missing, damaged, or another codec's)."""
+    def codes(self, voice_id: str, encoder: VoiceEncoder) -> list[np.ndarray]:
+        """Each clip's codes, int64 [10, F], in clip order, made with `encoder`'s codec: from memory, else the
+        clip's codes file when it checks out, else recomputed from its clip file and stored again (missing,
+        damaged, or another codec's)."""
         voice_id = check_voice_id(voice_id)
-        # One lock for the rare recompute too: it is a single encode, and it keeps a concurrent rename or
-        # delete from racing the rewrite of codes.npy and meta.json.
+        # One lock for the rare recompute too: it is a few encodes, and it keeps a concurrent rename or
+        # delete from racing the rewrite of the codes files and meta.json.
         with self._lock:
             voice = self._require(voice_id)
             folder = self._folder(voice_id)
-            usable = voice.codes_sha256 is not None and voice.codec_checksum == encoder.codec_checksum
-            codes = self._recall(voice_id, voice.codes_sha256) if usable else None
-            if codes is None:
+            result, missed = [], False
+            for index, clip in enumerate(voice.clips):
+                usable = clip.codes_sha256 is not None and clip.codec_checksum == encoder.codec_checksum
+                codes = self._recall(voice_id, clip.codes_sha256) if usable else None
+                missed = missed or codes is None
+                if codes is None and usable:
+                    codes = self._load_codes(folder, index, clip, encoder.sample_rate)
+                if codes is None:
+                    codes, voice = self._recompute(folder, voice, index, encoder)
+                    clip = voice.clips[index]
+                self._remember(voice_id, clip.codes_sha256, codes)
+                result.append(codes.copy())
+            if missed:
                 self.codes_misses += 1
             else:
                 self.codes_hits += 1
-            if codes is None and usable:
-                codes = self._load_codes(folder, voice, encoder.sample_rate)
-            if codes is None:
-                codes, voice = self._recompute(folder, voice, encoder)
-            self._remember(voice_id, voice.codes_sha256, codes)
-            return codes.copy()
+            return result
 
     def cache_counters(self) -> dict[str, int]:
         return {"voice_cache_hits": self.codes_hits, "voice_cache_misses": self.codes_misses}
 
-    def clip_path(self, voice_id: str) -> Path:
-        """The stored mono clip (PCM16 wav at the codec's rate), for playback."""
+    def clip_path(self, voice_id: str, index: int = 0) -> Path:
+        """A stored mono clip (PCM16 wav at the codec's rate), for playback; clip 1 unless `index` says."""
         voice_id = check_voice_id(voice_id)
         with self._lock:
-            self._require(voice_id)
-            return self._folder(voice_id) / CLIP
+            self._require_clip(self._require(voice_id), index)
+            return self._folder(voice_id) / numbered(CLIP, index)
 
-    def original(self, voice_id: str) -> tuple[bytes, str]:
-        """The upload's bytes as sent, and a download name for them, `<id>.<ext>`."""
+    def clip_bytes(self, voice_id: str, index: int = 0) -> bytes:
+        """A stored clip's WAV bytes (see `clip_path`), read under the lock so a concurrent delete cannot
+        pull the file away mid-read."""
+        voice_id = check_voice_id(voice_id)
+        with self._lock:
+            self._require_clip(self._require(voice_id), index)
+            try:
+                return (self._folder(voice_id) / numbered(CLIP, index)).read_bytes()
+            except OSError as exc:
+                raise NotFound(f"clip {index + 1} of voice {voice_id!r} is missing") from exc
+
+    def original(self, voice_id: str, index: int = 0) -> tuple[bytes, str]:
+        """A clip's upload as sent (clip 1 unless `index` says), and a download name for it, `<id>.<ext>`
+        (`<id>-n.<ext>` for clip n > 1)."""
+        voice_id = check_voice_id(voice_id)
+        with self._lock:
+            clip = self._require_clip(self._require(voice_id), index)
+            ext = extension_for(clip.original_format)
+            name = numbered(f"{ORIGINAL_STEM}.{ext}", index)
+            try:
+                data = (self._folder(voice_id) / name).read_bytes()
+            except OSError as exc:
+                raise NotFound(f"the original upload of voice {voice_id!r} is missing") from exc
+        return data, numbered(f"{voice_id}.{ext}", index)
+
+    def cover(self, voice_id: str) -> tuple[bytes, str]:
+        """The voice's cover image and its media type; NotFound when it has none."""
         voice_id = check_voice_id(voice_id)
         with self._lock:
             voice = self._require(voice_id)
-            ext = extension_for(voice.original_format)
+            if voice.cover is None:
+                raise NotFound(f"voice {voice_id!r} has no cover image")
             try:
-                data = (self._folder(voice_id) / f"{ORIGINAL_STEM}.{ext}").read_bytes()
+                data = (self._folder(voice_id) / voice.cover).read_bytes()
             except OSError as exc:
-                raise NotFound(f"the original upload of voice {voice_id!r} is missing") from exc
-        return data, f"{voice_id}.{ext}"
+                raise NotFound(f"the cover image of voice {voice_id!r} is missing") from exc
+        return data, COVER_TYPES[voice.cover.rpartition(".")[2]]
 
     # -- validation --------------------------------------------------------------------------------------------
     def _check_upload(self, audio: bytes) -> bytes:
@@ -426,32 +657,58 @@ class VoiceLibrary:
             raise BadRequest(f"transcript is {len(text)} characters; the limit is {self.max_text_chars}")
         return text
 
+    def check_details(self, details: Details) -> Details:
+        """`details` with title and tags stripped, or BadRequest saying which is off."""
+        title = details.title.strip()
+        if not title or len(title) > MAX_TITLE_CHARS:
+            raise BadRequest(f"a voice's title must be 1 to {MAX_TITLE_CHARS} characters")
+        if len(details.description) > MAX_DESCRIPTION_CHARS:
+            raise BadRequest(f"a voice's description is at most {MAX_DESCRIPTION_CHARS} characters")
+        tags = tuple(dict.fromkeys(tag.strip() for tag in details.tags if tag.strip()))
+        if len(tags) > MAX_TAGS or any(len(tag) > MAX_TAG_CHARS for tag in tags):
+            raise BadRequest(f"a voice has at most {MAX_TAGS} tags of at most {MAX_TAG_CHARS} characters each")
+        if details.visibility not in VISIBILITIES:
+            raise BadRequest(f"visibility must be one of {', '.join(VISIBILITIES)}, not {details.visibility!r}")
+        return replace(details, title=title, tags=tags)
+
+    def check_cover(self, data: bytes) -> str:
+        """The cover's format ("png", "jpeg", "webp"), or PayloadTooLarge / UnsupportedMediaType / BadRequest."""
+        if not data:
+            raise BadRequest("the cover image is empty")
+        if len(data) > self.max_cover_bytes:
+            raise PayloadTooLarge(f"the cover image is {len(data)} bytes; the limit is {self.max_cover_bytes} "
+                                  "bytes (max_cover_bytes)")
+        ext = cover_format(data)
+        if ext is None:
+            raise UnsupportedMediaType("the cover image must be a PNG, JPEG or WebP file")
+        return ext
+
     def _duration_error(self, seconds: float) -> BadRequest:
         return BadRequest(f"voice clips must be {self.min_seconds:g} to {self.max_seconds:g} seconds long; "
                           f"this one is {seconds:.2f} seconds")
 
-    def _prepare(self, voice_id: str, data: bytes, text: str, encoder: VoiceEncoder | None
-                 ) -> tuple[Voice, dict[str, bytes], np.ndarray | None]:
-        """Everything a new voice folder holds, by file name, computed in memory: the slow part of `add`, done
-        outside the lock."""
+    def _prepare(self, index: int, data: bytes, text: str, encoder: VoiceEncoder | None
+                 ) -> tuple[Clip, dict[str, bytes], np.ndarray | None]:
+        """Everything clip `index` adds to a new voice folder, by file name, computed in memory: the slow part
+        of `save`, done outside the lock."""
         sample_rate = encoder.sample_rate if encoder is not None else DEFAULT_SAMPLE_RATE
         probe = probe_audio(data)
         if probe.seconds is not None and probe.seconds > self.max_seconds:
             raise self._duration_error(probe.seconds)  # before decoding what could be an hour of audio
-        wav, clip = self._convert(data, sample_rate)
-        codes = checked_codes(encoder.encode_audio(clip), len(clip)) if encoder is not None else None
+        wav, samples = self._convert(data, sample_rate)
+        codes = checked_codes(encoder.encode_audio(samples), len(samples)) if encoder is not None else None
         codes_raw = npy_bytes(codes) if codes is not None else None
-        voice = Voice(
-            id=voice_id, text=text, created=now_iso(), duration=len(clip) / sample_rate, sample_rate=sample_rate,
+        clip = Clip(
+            text=text, duration=len(samples) / sample_rate, sample_rate=sample_rate,
             original_sample_rate=probe.sample_rate, original_channels=probe.channels,
             original_format=probe.format, audio_sha256=sha256(data), text_sha256=sha256(text.encode()),
             codes_sha256=sha256(codes_raw) if codes_raw is not None else None,
             codec_checksum=encoder.codec_checksum if encoder is not None else None)
-        files = {f"{ORIGINAL_STEM}.{extension_for(probe.format)}": data, CLIP: wav,
-                 TRANSCRIPT: text.encode(), META: meta_bytes(voice)}
+        files = {numbered(f"{ORIGINAL_STEM}.{extension_for(probe.format)}", index): data,
+                 numbered(CLIP, index): wav, numbered(TRANSCRIPT, index): text.encode()}
         if codes_raw is not None:
-            files[CODES] = codes_raw
-        return voice, files, codes
+            files[numbered(CODES, index)] = codes_raw
+        return clip, files, codes
 
     def _convert(self, data: bytes, sample_rate: int) -> tuple[bytes, np.ndarray]:
         """The upload decoded, checked for length, and stored-clip-ready: (wav bytes, the samples they hold)."""
@@ -463,6 +720,17 @@ class VoiceLibrary:
         return pcm16_wav(audio, sample_rate)
 
     # -- folders -----------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _space(self) -> Iterator[None]:
+        """Turn a full disk met inside the block into InsufficientStorage naming the data dir."""
+        try:
+            yield
+        except (OSError, InsufficientStorage) as exc:
+            if isinstance(exc, OSError) and not out_of_space(exc):
+                raise
+            raise InsufficientStorage(f"the data dir {self.root} is out of space: nothing was saved; free some "
+                                      "space there or move SHOAL_DATA_DIR") from exc
+
     def _folder(self, voice_id: str) -> Path:
         """voices/<id> for a checked id, refused if it resolves anywhere else (a symlink planted there)."""
         folder = self._voices / check_voice_id(voice_id)
@@ -539,7 +807,7 @@ class VoiceLibrary:
             voice = voice_from_meta(json.loads((folder / META).read_bytes()))
         except (OSError, ValueError):  # missing, unreadable, not JSON (JSONDecodeError), wrong fields
             return None
-        if not (folder / CLIP).is_file():
+        if not all((folder / numbered(CLIP, index)).is_file() for index in range(len(voice.clips))):
             return None
         if voice.id != folder.name:
             voice = replace(voice, id=folder.name)
@@ -555,19 +823,25 @@ class VoiceLibrary:
             raise NotFound(f"no saved voice {voice_id!r}")
         return voice
 
+    @staticmethod
+    def _require_clip(voice: Voice, index: int) -> Clip:
+        if not 0 <= index < len(voice.clips):
+            raise NotFound(f"voice {voice.id!r} has {len(voice.clips)} clips; there is no clip {index + 1}")
+        return voice.clips[index]
+
     def _write_meta(self, folder: Path, voice: Voice) -> None:
         with atomic_write(folder / META) as f:
             f.write(meta_bytes(voice))
 
     # -- codes -------------------------------------------------------------------------------------------------
-    def _load_codes(self, folder: Path, voice: Voice, sample_rate: int) -> np.ndarray | None:
-        """codes.npy if it is exactly what meta.json recorded and fits clip.wav, else None."""
+    def _load_codes(self, folder: Path, index: int, clip: Clip, sample_rate: int) -> np.ndarray | None:
+        """Clip `index`'s codes file if it is exactly what meta.json recorded and fits its clip, else None."""
         try:
-            raw = (folder / CODES).read_bytes()
-            if sha256(raw) != voice.codes_sha256:
+            raw = (folder / numbered(CODES, index)).read_bytes()
+            if sha256(raw) != clip.codes_sha256:
                 return None
             codes = np.load(io.BytesIO(raw), allow_pickle=False)
-            info = sf.info(str(folder / CLIP))
+            info = sf.info(str(folder / numbered(CLIP, index)))
         except Exception:  # whatever a damaged file makes numpy or libsndfile raise: recompute, never serve it
             return None
         if info.samplerate != sample_rate:
@@ -576,26 +850,37 @@ class VoiceLibrary:
             return None
         return codes
 
-    def _recompute(self, folder: Path, voice: Voice, encoder: VoiceEncoder) -> tuple[np.ndarray, Voice]:
-        """Encode clip.wav again and store the codes. codes.npy is written before meta.json: a crash between
-        leaves a checksum mismatch, which only means one more recompute."""
+    def _recompute(self, folder: Path, voice: Voice, index: int, encoder: VoiceEncoder
+                   ) -> tuple[np.ndarray, Voice]:
+        """Encode clip `index` again and store its codes. The codes file is written before meta.json: a crash
+        between leaves a checksum mismatch, which only means one more recompute. A full disk keeps the codes
+        from being stored, not from being used: the voice still speaks, and recomputes until there is room."""
         sample_rate = encoder.sample_rate
+        clip_file, clip = folder / numbered(CLIP, index), voice.clips[index]
         try:
-            clip_rate = sf.info(str(folder / CLIP)).samplerate
-            audio = load_audio(folder / CLIP, target_sr=sample_rate, max_seconds=None)
+            clip_rate = sf.info(str(clip_file)).samplerate
+            audio = load_audio(clip_file, target_sr=sample_rate, max_seconds=None)
         except (ShoalError, *DECODE_ERRORS) as exc:
             raise ShoalError(f"saved voice {voice.id!r} is damaged ({exc}); upload it again") from exc
+        wav = None
         if clip_rate != sample_rate:
             wav, audio = pcm16_wav(audio, sample_rate)  # a codec at another rate: keep clip and codes in step
-            with atomic_write(folder / CLIP) as f:
-                f.write(wav)
         codes = checked_codes(encoder.encode_audio(audio), len(audio))
         raw = npy_bytes(codes)
-        with atomic_write(folder / CODES) as f:
-            f.write(raw)
-        voice = replace(voice, sample_rate=sample_rate, duration=len(audio) / sample_rate,
-                        codes_sha256=sha256(raw), codec_checksum=encoder.codec_checksum)
-        self._write_meta(folder, voice)
+        clips = list(voice.clips)
+        clips[index] = replace(clip, sample_rate=sample_rate, duration=len(audio) / sample_rate,
+                               codes_sha256=sha256(raw), codec_checksum=encoder.codec_checksum)
+        voice = replace(voice, clips=tuple(clips))
+        try:
+            if wav is not None:
+                with atomic_write(clip_file) as f:
+                    f.write(wav)
+            with atomic_write(folder / numbered(CODES, index)) as f:
+                f.write(raw)
+            self._write_meta(folder, voice)
+        except InsufficientStorage as exc:  # the codes are good; only caching them failed
+            log.warning("saved voice %r: codes recomputed but not stored, the data dir %s is full (%s)",
+                        voice.id, self.root, exc)
         return codes, voice
 
     def _recall(self, voice_id: str, codes_sha: str | None) -> np.ndarray | None:

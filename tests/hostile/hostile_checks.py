@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from shoal.voices import numbered
 from support import pyav_decode, tree
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,16 +30,23 @@ def no_leaks(server, text: str) -> None:
         assert marker not in text, f"{marker!r} leaked into the response: {text[:500]}"
 
 
+def error_keys(path: str) -> set[str]:
+    """The top-level keys of an error body on `path`."""
+    return {"error", "detail"} if path == "/model" or path.startswith("/model/") else {"error"}
+
+
 def check_error(server, r: httpx.Response, statuses: set[int] | None = None) -> dict:
-    """A 4xx (one of `statuses` if given) whose body is exactly {"error": {"message", "type", "code"}}."""
+    """A 4xx (one of `statuses` if given) whose body is exactly {"error": {"message", "type", "code"}}, plus the
+    message again as `detail` on the Fish Audio model API's routes (/model), where the SDKs read it."""
     assert 400 <= r.status_code < 500, f"{r.status_code}: {r.text[:500]}"
     if statuses is not None:
         assert r.status_code in statuses, f"{r.status_code} not in {statuses}: {r.text[:500]}"
     assert r.headers.get("content-type", "").startswith("application/json"), r.headers.get("content-type")
     no_leaks(server, r.text)
     body = r.json()
-    assert isinstance(body, dict) and set(body) == {"error"}, body
+    assert isinstance(body, dict) and set(body) == error_keys(r.request.url.path), body
     err = body["error"]
+    assert body.get("detail", err["message"]) == err["message"], body
     assert isinstance(err, dict) and set(err) == {"message", "type", "code"}, err
     assert all(isinstance(err[k], str) and err[k] for k in err), err
     assert err["type"] in ERROR_TYPES, err
@@ -98,11 +106,19 @@ def stray_files(server) -> list[str]:
             stray.append(str(folder))
             continue
         names = {q.name for q in folder.iterdir()}
-        originals = {n for n in names if n.startswith("original.")}
-        if names - originals != VOICE_FILES or len(originals) != 1:
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+        except (OSError, ValueError):
+            stray.append(f"{folder}: no readable meta.json")
+            continue
+        clips = len(meta["clips"]) if meta.get("version") == 2 else 1
+        expected = {numbered(name, i) for name in VOICE_FILES - {"meta.json"} for i in range(clips)} | {"meta.json"}
+        if meta.get("cover"):
+            expected.add(meta["cover"])
+        originals = {n for n in names if re.fullmatch(r"original(-\d+)?\.[a-z0-9]+", n)}
+        if names - originals != expected or len(originals) != clips:
             stray.append(f"{folder}: {sorted(names)}")
             continue
-        meta = json.loads((folder / "meta.json").read_text())
         if meta.get("id") != folder.name:
             stray.append(f"{folder}: meta.json names {meta.get('id')!r}")
     return stray

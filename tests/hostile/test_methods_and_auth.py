@@ -20,7 +20,8 @@ ROUTES = {  # path -> methods it takes
     "/v1/tts": {"POST"}, "/v1/audio/speech": {"POST"}, "/v1/references/add": {"POST"},
     "/v1/references/delete": {"POST"}, "/v1/references/update": {"POST"}, "/v1/references/list": {"GET"},
     "/v1/models": {"GET"}, "/v1/audio/voices": {"GET"}, "/v1/health": {"GET", "POST"},
-    "/openapi.json": {"GET"}, "/docs": {"GET"}, "/redoc": {"GET"},
+    "/openapi.json": {"GET"}, "/docs": {"GET"}, "/redoc": {"GET"}, "/model": {"GET", "POST"},
+    "/model/x": {"GET", "PATCH", "DELETE"}, "/model/x/cover": {"GET"}, "/model/x/samples/1": {"GET"},
 }
 METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "FOO"]
 AUTH = {"authorization": f"Bearer {API_KEY}"}
@@ -198,7 +199,10 @@ PROTECTED = [("POST", "/v1/tts", {"json": {"text": "Hi.", "max_new_tokens": 4}})
              ("GET", "/v1/references/list", {}), ("GET", "/v1/models", {}), ("GET", "/v1/audio/voices", {}),
              ("GET", "/metrics", {}),
              ("POST", "/v1/references/delete", {"json": {"reference_id": "x"}}),
-             ("POST", "/v1/references/add", {"data": {"id": "x", "text": "t"}, "files": {"audio": ("a.wav", b"RIFF")}})]
+             ("POST", "/v1/references/add", {"data": {"id": "x", "text": "t"}, "files": {"audio": ("a.wav", b"RIFF")}}),
+             ("GET", "/model", {}), ("GET", "/model/x", {}), ("PATCH", "/model/x", {"data": {"title": "t"}}),
+             ("DELETE", "/model/x", {}), ("GET", "/model/x/cover", {}), ("GET", "/model/x/samples/1", {}),
+             ("POST", "/model", {"data": {"title": "t", "texts": ["t"]}, "files": {"voices": ("a.wav", b"RIFF")}})]
 
 
 @pytest.mark.parametrize("method, path, kwargs", PROTECTED, ids=[f"{m} {p}" for m, p, _ in PROTECTED])

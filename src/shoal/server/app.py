@@ -41,7 +41,7 @@ class BodyLimit:
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
-            return await self._refuse(send)
+            return await self._refuse(scope, send)
         seen = 0
 
         async def limited_receive():
@@ -56,11 +56,11 @@ class BodyLimit:
         try:
             await self.app(scope, limited_receive, send)
         except BodyTooLarge:
-            await self._refuse(send)
+            await self._refuse(scope, send)
 
-    async def _refuse(self, send):
+    async def _refuse(self, scope, send):
         response = errors.error_response(413, f"the request body is larger than the {self.limit} byte limit",
-                                         "payload_too_large")
+                                         "payload_too_large", path=scope.get("path", ""))
         await response({"type": "http"}, None, send)
 
 
@@ -88,11 +88,12 @@ def create_app(settings: Settings, engines_loader: Callable[[Settings], Engines]
     app.state.metrics = metrics = Metrics(lambda: app.state.service)
     errors.install(app)
 
-    from shoal.server import routes_fish, routes_openai
+    from shoal.server import routes_fish, routes_model, routes_openai
 
     protected = [Depends(require_api_key), Depends(rate_limit)]
     app.include_router(routes_fish.router, dependencies=protected)
     app.include_router(routes_openai.router, dependencies=protected)
+    app.include_router(routes_model.router, dependencies=protected)
 
     @app.api_route("/v1/health", methods=["GET", "POST"], summary="Liveness and readiness")
     async def health(request: Request):
@@ -104,7 +105,8 @@ def create_app(settings: Settings, engines_loader: Callable[[Settings], Engines]
         service: Service = state.service
         return {"status": "ok", "models": service.model_names, "default_model": service.engines.default,
                 "queue_depth": service.dispatcher.depth, "notice": service.engines.notice,
-                "counters": service.counters(), "threads": service.thread_layout()}
+                "counters": service.counters(), "threads": service.thread_layout(),
+                "warnings": service.disk_warnings()}
 
     @app.get("/metrics", summary="Prometheus metrics", dependencies=[Depends(require_api_key)],
              response_class=Response)

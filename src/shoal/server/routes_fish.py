@@ -9,10 +9,9 @@ import ormsgpack
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from pydantic import BaseModel, ValidationError
 
-from shoal.errors import BadRequest, PayloadTooLarge
+from shoal.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from shoal.server.audio_responses import audio_response
 from shoal.server.deps import get_service
-from shoal.server.errors import UnsupportedMediaType
 from shoal.server.schemas import (ReferenceIdBody, ReferenceRenameBody, validate_tts_request,
                                   validation_message)
 from shoal.service import Service
@@ -94,13 +93,13 @@ async def rename_reference(request: Request, service: Service = Depends(get_serv
             "old_reference_id": body.old_reference_id, "new_reference_id": voice.id}
 
 
-async def read_upload(upload: UploadFile, limit: int) -> bytes:
-    """Read an uploaded file, refusing (413) as soon as it passes `limit` bytes."""
+async def read_upload(upload: UploadFile, limit: int, what: str = "the upload") -> bytes:
+    """Read an uploaded file, refusing (413) as soon as it passes `limit` bytes; `what` names it in the error."""
     chunks, size = [], 0
     while chunk := await upload.read(1 << 20):
         size += len(chunk)
         if size > limit:
-            raise PayloadTooLarge(f"the upload is larger than the {limit} byte limit")
+            raise PayloadTooLarge(f"{what} is larger than the {limit} byte limit")
         chunks.append(chunk)
     return b"".join(chunks)
 

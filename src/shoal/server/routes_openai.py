@@ -8,9 +8,9 @@ import time
 from fastapi import APIRouter, Depends, Request
 
 from shoal.audio import OutputOptions
+from shoal.errors import UnsupportedMediaType
 from shoal.server.audio_responses import MODEL_HEADER, JobStreamingResponse, audio_response, sse_stream, started
 from shoal.server.deps import get_service
-from shoal.server.errors import UnsupportedMediaType
 from shoal.server.schemas import SpeechRequest
 from shoal.service import Service, SpeechParams
 

@@ -44,6 +44,7 @@ from shoal import __version__
 from shoal.audio import FORMATS, encode_audio
 from shoal.errors import BadRequest, ShoalError, Unavailable
 from shoal.params import CHUNK_LENGTH, MAX_NEW_TOKENS, REPETITION_PENALTY, SPEED, TEMPERATURE, TOP_P, Param
+from shoal.server.errors import MODEL_PREFIX
 from shoal.service import DEFAULT_VOICE, Service, SpeechParams
 from shoal.voices import ID_RULE
 
@@ -72,9 +73,9 @@ EXAMPLES = [
     "The quick brown fox jumps over the lazy dog. Then it takes a well-earned nap in the afternoon sun.",
     "Good morning. Your train to Edinburgh departs from platform four at nine fifteen.",
 ]
-#: Paths the API owns even where none of its routes match: a wrong method or an unknown /v1 path gets the API's
-#: JSON 405/404, not the UI's page.
-API_PATHS = ("/v1", "/docs", "/redoc", "/openapi.json", "/metrics")
+#: Paths the API owns even where none of its routes match: a wrong method or an unknown /v1 or /model path gets
+#: the API's JSON 405/404, not the UI's page.
+API_PATHS = ("/v1", MODEL_PREFIX, "/docs", "/redoc", "/openapi.json", "/metrics")
 PREVIEW_TEXT = "Hello! This is how I sound when shoal borrows my voice."
 
 CSS = """
@@ -435,7 +436,7 @@ class ShoalUI:
                 gr.update(choices=saved, value=selected if selected in saved else None))
 
     def play_voice(self, voice_id):
-        """(clip for the player, transcript) of a saved voice."""
+        """(clip for the player, transcript) of a saved voice: its first clip, for a voice of several."""
         if not voice_id:
             return None, ""
         try:
@@ -443,7 +444,8 @@ class ShoalUI:
             voice = service.voices.get(voice_id)
             # int16 as stored: Gradio leaves integer PCM alone (it peak-normalises floats).
             audio, rate = sf.read(service.voices.clip_path(voice_id), dtype="int16")
-            return (rate, audio), f"**Transcript:** {md_escape(voice.text)}"
+            clips = f" (clip 1 of {len(voice.clips)})" if len(voice.clips) > 1 else ""
+            return (rate, audio), f"**Transcript{clips}:** {md_escape(voice.clips[0].text)}"
         except Exception as exc:
             return None, problem(exc)
 
