@@ -6,12 +6,11 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import fishaudio
 import pytest
+from fishaudio.exceptions import APIError, NotFoundError
 
 from support import noise_clip
-
-fishaudio = pytest.importorskip("fishaudio", reason="the fish-audio-sdk package (the test extra) is not installed")
-from fishaudio.exceptions import APIError, NotFoundError  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(64)
 #: shoal's server in these tests has no API key, but the SDK insists on sending one.
