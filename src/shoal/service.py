@@ -19,7 +19,7 @@ from typing import AsyncIterator, Callable, Sequence
 
 import numpy as np
 
-from shoal.engines.base import Engine, EngineStats, Progress, Reference, Sink, Synthesis, SynthesisRequest
+from shoal.engines.base import Engine, EngineStats, Progress, Reference, Segment, Sink, Synthesis, SynthesisRequest
 from shoal.engines.registry import Engines
 from shoal.errors import BadRequest, Busy, EngineFailure, NotFound, ShoalError, Timeout, Unavailable
 from shoal.files import low_space_warning
@@ -62,6 +62,7 @@ class SpeechParams:
     latency: str = "balanced"
     condition_on_previous: bool = True
     min_chunk_length: int = 0
+    previous: tuple[str, np.ndarray] | None = None  # what was spoken just before (SynthesisRequest.previous)
 
 
 @dataclass
@@ -78,6 +79,7 @@ class Job:
     seconds: float | None = None  # seconds from `started` to the end, however it ended
     samples: int = 0
     outcome: str = "pending"  # ok | error | cancelled | timeout | busy
+    segments: list[Segment] = field(default_factory=list)  # each text segment's codes, once its audio is out
 
     @property
     def audio_seconds(self) -> float:
@@ -150,6 +152,8 @@ class Dispatcher:
                         job.first_audio = time.perf_counter() - job.started
                     job.samples += len(value)
                     yield value
+                elif kind == "segment":
+                    job.segments.append(value)
                 elif value is None:
                     outcome = "ok"
                     return
@@ -187,6 +191,9 @@ class LoopSink(Sink):
 
     def audio(self, chunk: np.ndarray) -> None:
         self._post(("audio", chunk))
+
+    def segment(self, segment: Segment) -> None:
+        self._post(("segment", segment))
 
     def end(self, error: BaseException | None = None) -> None:
         with self._lock:
@@ -354,6 +361,18 @@ class Service:
         """Validate and resolve a request into a Job. Raises BadRequest/NotFound with a clear message."""
         if len(params.text) > self.settings.max_text_length:
             raise BadRequest(f"text is {len(params.text)} characters; the limit is {self.settings.max_text_length}")
+        model, engine, references, voice = self.resolve_voice(params)
+        request = SynthesisRequest(
+            text=params.text, references=references, seed=params.seed, temperature=params.temperature,
+            top_p=params.top_p, repetition_penalty=params.repetition_penalty,
+            max_new_tokens=params.max_new_tokens, chunk_length=params.chunk_length, speed=params.speed,
+            latency=params.latency, condition_on_previous=params.condition_on_previous,
+            min_chunk_length=params.min_chunk_length, previous=params.previous)
+        return Job(model, engine, request, voice=voice)
+
+    def resolve_voice(self, params: SpeechParams) -> tuple[str, Engine, tuple[Reference, ...], str | None]:
+        """(model, engine, references, voice name) of a request: BadRequest for an unknown model or voice, or
+        references the model cannot use. The live WebSocket checks its `start` with it before any text."""
         model, engine = self.resolve_model(params.model)
         references: list[Reference] = []
         voice = params.voice or self.settings.default_voice
@@ -373,13 +392,7 @@ class Service:
         if references and not engine.supports_cloning:
             raise BadRequest(f"model {model!r} cannot clone voices: references need the fish model with an "
                              "S1 checkpoint")
-        request = SynthesisRequest(
-            text=params.text, references=tuple(references), seed=params.seed, temperature=params.temperature,
-            top_p=params.top_p, repetition_penalty=params.repetition_penalty,
-            max_new_tokens=params.max_new_tokens, chunk_length=params.chunk_length, speed=params.speed,
-            latency=params.latency, condition_on_previous=params.condition_on_previous,
-            min_chunk_length=params.min_chunk_length)
-        return Job(model, engine, request, voice=voice)
+        return model, engine, tuple(references), voice
 
     def stream(self, job: Job) -> AsyncIterator[np.ndarray]:
         """The job's audio chunks as they come. The generator itself, not a wrapper: closing it (aclose) runs

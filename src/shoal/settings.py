@@ -82,6 +82,18 @@ class Settings(BaseSettings):
                                   "limit applies")
     shutdown_grace: float = Field(30.0, ge=0, description="seconds in-flight requests may take to finish on "
                                   "SIGTERM before the server exits anyway")
+    # The live WebSocket (/v1/tts/live)
+    live_idle_timeout: float = Field(330.0, gt=0, description="seconds a live WebSocket may stay silent while "
+                                     "nothing is being generated before it is closed (above LiveKit's 300 s "
+                                     "socket reuse, so a pooled socket is retired by the client first)")
+    live_max_buffered_chars: int = Field(2000, ge=1, description="characters of live text waiting for a "
+                                         "sentence end (not yet segmented)")
+    live_max_text_chars: int = Field(100_000, ge=1, description="characters of text per live WebSocket, over "
+                                     "all its utterances")
+    live_max_message_bytes: int = Field(16 * 2**20, ge=1024, description="bytes per live WebSocket message "
+                                        "(a start event carries its reference clips)")
+    live_audio_queue: int = Field(32, ge=2, description="encoded audio messages a live WebSocket holds for a "
+                                  "slow reader before its next segment waits")
     # Batching and streaming
     max_batch_size: int = Field(4, ge=1, le=64, description="requests decoded together in one step")
     max_batch_tokens: int | None = Field(None, ge=1, description="prompt + budget positions in flight "

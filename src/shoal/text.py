@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import re
 
-# Where a break is best placed, best first: after a sentence end (and any closing quotes or brackets), after
-# clause punctuation, at a space. Group 1 is the separator, which is dropped when a segment ends there.
+# A sentence end: its punctuation and any closing quotes or brackets. CJK full stops end a sentence without a
+# space after them; the others need one, or the end of the text.
+_SENTENCE_END = r"[.!?。！？…][\"'”’)\]]*"
+_CJK_STOP = r"(?<=[。！？])"
+# Where a break is best placed, best first: after a sentence end, after clause punctuation, at a space. Group 1
+# is the separator, which is dropped when a segment ends there.
 _BREAKS = (
-    re.compile(r"[.!?。！？…][\"'”’)\]]*(\s+|(?<=[。！？])|$)"),
+    re.compile(_SENTENCE_END + r"(\s+|" + _CJK_STOP + r"|$)"),
     re.compile(r"[,;:，；：、](\s*)"),
     re.compile(r"(\s+)"),
 )
@@ -33,6 +37,44 @@ def split_text(text: str, chunk_length: int, min_length: int = 0) -> list[str]:
     if min_length > 0:
         spans = _join_short(spans, min_length)
     return [text[a:b] for a, b in spans]
+
+
+#: A sentence end in text that is still arriving: the end of what has arrived so far is none (the next piece may
+#: turn "3." into "3.14"), a space after the punctuation or a CJK full stop is.
+_ARRIVED_SENTENCE_END = re.compile(_SENTENCE_END + r"(\s+|" + _CJK_STOP + r")")
+
+
+class SentenceSegmenter:
+    """Cuts text that arrives piece by piece into segments: at the first sentence end once a segment would be
+    at least `min_length` characters long (0: at every sentence end), or whatever is buffered when the caller
+    flushes. Segments are stripped of surrounding whitespace; blank ones are never returned."""
+
+    def __init__(self, min_length: int):
+        self.min_length = min_length
+        self.buffer = ""
+
+    def push(self, text: str) -> list[str]:
+        """Add `text`; the segments it completes, in order."""
+        self.buffer += text
+        segments = []
+        while (cut := self._cut()) is not None:
+            segment, self.buffer = self.buffer[:cut].strip(), self.buffer[cut:]
+            if segment:
+                segments.append(segment)
+        return segments
+
+    def flush(self) -> str | None:
+        """Everything buffered, however short, as one segment (None when only whitespace is buffered)."""
+        segment, self.buffer = self.buffer.strip(), ""
+        return segment or None
+
+    def _cut(self) -> int | None:
+        """Where the next segment ends in the buffer (after its sentence end's punctuation), if it is complete."""
+        for match in _ARRIVED_SENTENCE_END.finditer(self.buffer):
+            end = match.start(1)
+            if len(self.buffer[:end].strip()) >= self.min_length:
+                return end
+        return None
 
 
 def _join_short(spans: list[tuple[int, int]], min_length: int) -> list[tuple[int, int]]:

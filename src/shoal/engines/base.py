@@ -74,6 +74,11 @@ class SynthesisRequest:
     condition_on_previous: bool = True
     #: Segments shorter than this many characters are joined to a neighbour (0: segments as split).
     min_chunk_length: int = 0
+    #: What was spoken just before this request, as (text, codes) of its last `Segment`: the first segment's
+    #: prompt carries it as a long text's later segments carry their previous one (with condition_on_previous),
+    #: so a text that arrives piece by piece (the live WebSocket) continues in one voice. Engines without codes
+    #: ignore it.
+    previous: tuple[str, np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "references", tuple(self.references))
@@ -95,6 +100,11 @@ class SynthesisRequest:
             raise BadRequest(f"latency must be one of {', '.join(LATENCY_FIRST_CHUNK)}, got {self.latency!r}")
         if not _is_int(self.min_chunk_length) or self.min_chunk_length < 0:
             raise BadRequest("min_chunk_length must be a non-negative integer")
+        if self.previous is not None:
+            text, codes = self.previous
+            if not isinstance(text, str) or not text.strip() or not isinstance(codes, np.ndarray) or codes.ndim != 2:
+                raise BadRequest("previous must be a (text, codes) pair: a segment's text and its [codebooks, "
+                                 "frames] codes")
         for ref in self.references:
             if not isinstance(ref, Reference):
                 raise BadRequest("references must be Reference(audio, text) items")
@@ -164,9 +174,10 @@ class Sink:
 
 @dataclass
 class Segment:
-    """What one text segment generated: `codes` int64 `[num_codebooks, T]` (what the codec decoded), the frames
-    generated (one more than decoded) and whether `<|im_end|>` ended it."""
+    """What one text segment generated: its `text`, `codes` int64 `[num_codebooks, T]` (what the codec decoded),
+    the frames generated (one more than decoded) and whether `<|im_end|>` ended it."""
 
+    text: str
     codes: np.ndarray
     frames: int
     stopped_by_im_end: bool

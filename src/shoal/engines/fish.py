@@ -230,14 +230,14 @@ class FishEngine:
         self.encode_count += 1
         return codes.cpu().numpy().astype(np.int64)
 
-    def _check_codes(self, codes) -> torch.Tensor:
+    def _check_codes(self, codes, what: str = "reference codes") -> torch.Tensor:
         codes = np.asarray(codes)
         c = self.codec.config
         if codes.ndim != 2 or codes.shape[0] != c.num_codebooks or codes.shape[1] == 0:
-            raise BadRequest(f"reference codes must be [{c.num_codebooks}, frames], got {tuple(codes.shape)}")
+            raise BadRequest(f"{what} must be [{c.num_codebooks}, frames], got {tuple(codes.shape)}")
         limits = np.array([c.semantic_codebook_size] + [c.codebook_size] * (c.num_codebooks - 1))
         if not np.issubdtype(codes.dtype, np.integer) or (codes < 0).any() or (codes >= limits[:, None]).any():
-            raise BadRequest("reference codes are out of the codebooks' range")
+            raise BadRequest(f"{what} are out of the codebooks' range")
         return torch.from_numpy(codes.astype(np.int64))
 
     @property
@@ -262,10 +262,15 @@ class FishEngine:
         float rounding of the one-shot decode. Without it, each segment is decoded once, exactly as the reference
         decodes. Segments are generated one after another: from the second on, the previous segment's text and
         codes follow the references in the prompt, as the reference's iterative prompt did, so the voice
-        carries over."""
+        carries over; `request.previous` (what an earlier request spoke) is carried into the first segment's
+        prompt the same way."""
         references = [(ref.text.strip(), self._lookup_reference(ref)) for ref in request.references]
+        previous = []
+        if request.previous is not None and request.condition_on_previous:
+            text, codes = request.previous
+            previous = [(text, self._check_codes(codes, "previous codes"))]
         utterance = _Utterance(request, sink, cancel, stream, progress, references,
-                               seed=request.effective_seed())
+                               seed=request.effective_seed(), previous=previous)
         with self._requests_lock:
             self._requests += 1
         try:
@@ -341,7 +346,7 @@ class FishEngine:
             return self._finish(u)
         frames, index = u.frames, u.index
         last = index == len(u.segments) - 1
-        segment = Segment(codes=torch.stack(frames, dim=1)[1:, :-1].numpy().astype(np.int64), frames=len(frames),
+        segment = Segment(text=u.segments[index], codes=torch.stack(frames, dim=1)[1:, :-1].numpy().astype(np.int64), frames=len(frames),
                           stopped_by_im_end=bool(frames and int(frames[-1][0]) == self.tokenizer.im_end_id))
         fade_in = index > 0 and (u.stream_state is None or u.stream_state.emitted == 0)
         self.codec_stage.segment_ended(
