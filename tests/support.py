@@ -182,3 +182,53 @@ def server_factory(root: Path, checkpoint: Path | None) -> Iterator[Callable[...
     finally:
         for srv in started:
             srv.stop()
+
+
+# -- the live WebSocket (/v1/tts/live) ------------------------------------------------------------------------------
+
+#: Seconds a test waits for the server's next live message before it fails (a hang, never a speed check).
+LIVE_RECEIVE_TIMEOUT = 120.0
+
+
+@contextlib.contextmanager
+def live_socket(url: str, headers: dict | None = None):
+    """A client WebSocket on the server's `/v1/tts/live` (httpx-ws, what the fishaudio SDK uses)."""
+    import httpx
+    from httpx_ws import connect_ws
+
+    with httpx.Client(base_url=url, timeout=LIVE_RECEIVE_TIMEOUT) as client:
+        with connect_ws("/v1/tts/live", client=client, headers=headers or {}) as ws:
+            yield ws
+
+
+def live_send(ws, event: str, **fields) -> None:
+    import ormsgpack
+
+    ws.send_bytes(ormsgpack.packb({"event": event, **fields}))
+
+
+def live_receive(ws) -> dict:
+    """The next server event (msgpack map)."""
+    import ormsgpack
+
+    return ormsgpack.unpackb(ws.receive_bytes(timeout=LIVE_RECEIVE_TIMEOUT))
+
+
+def live_until_finish(ws) -> tuple[bytes, dict]:
+    """(the audio bytes of every `audio` event, the `finish` event that ended them)."""
+    audio = []
+    while (event := live_receive(ws))["event"] != "finish":
+        assert event["event"] == "audio" and isinstance(event["audio"], bytes), event
+        audio.append(event["audio"])
+    return b"".join(audio), event
+
+
+def live_close_code(ws) -> int:
+    """Read until the server closes the socket; its close code."""
+    from httpx_ws import WebSocketDisconnect
+
+    try:
+        while True:
+            ws.receive(timeout=LIVE_RECEIVE_TIMEOUT)
+    except WebSocketDisconnect as exc:
+        return exc.code

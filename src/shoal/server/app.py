@@ -27,6 +27,10 @@ from shoal.settings import Settings
 
 log = logging.getLogger("shoal.server")
 
+#: uvicorn reads live WebSocket messages up to this many times `live_max_message_bytes`: one over the limit is
+#: still read, and refused with a finish event and close 1009; a larger one uvicorn cuts off itself (1009 only).
+WS_READ_LIMIT_FACTOR = 2
+
 
 class BodyLimit:
     """ASGI middleware: refuse bodies over `limit` bytes with 413, by Content-Length or while streaming in."""
@@ -88,12 +92,13 @@ def create_app(settings: Settings, engines_loader: Callable[[Settings], Engines]
     app.state.metrics = metrics = Metrics(lambda: app.state.service)
     errors.install(app)
 
-    from shoal.server import routes_fish, routes_model, routes_openai
+    from shoal.server import routes_fish, routes_live, routes_model, routes_openai
 
     protected = [Depends(require_api_key), Depends(rate_limit)]
     app.include_router(routes_fish.router, dependencies=protected)
     app.include_router(routes_openai.router, dependencies=protected)
     app.include_router(routes_model.router, dependencies=protected)
+    app.include_router(routes_live.router)  # checks the key and the rate on its handshake
 
     @app.api_route("/v1/health", methods=["GET", "POST"], summary="Liveness and readiness")
     async def health(request: Request):
@@ -148,7 +153,8 @@ def serve(settings: Settings) -> int:
     print(f"shoal {__version__} listening on http://{settings.host}:{settings.port} (API docs at /docs)",
           flush=True)
     server = GracefulServer(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                                           access_log=False, timeout_graceful_shutdown=settings.shutdown_grace))
+                                           access_log=False, timeout_graceful_shutdown=settings.shutdown_grace,
+                                           ws_max_size=settings.live_max_message_bytes * WS_READ_LIMIT_FACTOR))
     server.run()
     return 0 if server.started else 1
 

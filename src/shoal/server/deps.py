@@ -1,17 +1,18 @@
-"""Request dependencies: the service (503 while the engines load) and the API key check."""
+"""Request dependencies: the service (503 while the engines load) and the API key check. They take any
+connection, so the live WebSocket's handshake runs the same checks."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 
-from fastapi import Request
+from starlette.requests import HTTPConnection
 
 from shoal.errors import Unauthorized, Unavailable
 from shoal.service import Service
 
 
-def get_service(request: Request) -> Service:
+def get_service(request: HTTPConnection) -> Service:
     state = request.app.state
     if state.load_error is not None:
         raise Unavailable(f"the engines failed to load: {state.load_error}")
@@ -20,7 +21,7 @@ def get_service(request: Request) -> Service:
     return state.service
 
 
-def require_api_key(request: Request) -> None:
+def require_api_key(request: HTTPConnection) -> None:
     """With an API key configured, every API route needs `Authorization: Bearer <key>` (constant-time check)."""
     expected = request.app.state.api_key
     if expected is None:
@@ -31,7 +32,7 @@ def require_api_key(request: Request) -> None:
         raise Unauthorized("a valid API key is required: send `Authorization: Bearer <key>`")
 
 
-def rate_limit(request: Request) -> None:
+def rate_limit(request: HTTPConnection) -> None:
     """With a rate limit configured, each API key (each client address without a key) gets a token bucket;
     past it, 429 with Retry-After. Runs after the key check, so wrong keys never reach a bucket."""
     limiter = request.app.state.rate_limiter

@@ -13,7 +13,7 @@ import uuid
 from typing import Callable
 
 import psutil
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 
@@ -26,6 +26,10 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 #: Methods the request counter names; any other token (HTTP allows them all) counts as "other", so made-up
 #: methods cannot add label sets without bound.
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"})
+#: Seconds a live WebSocket stays open: one short utterance to a long conversation.
+SESSION_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+#: The live WebSocket's route, as the access log names it.
+LIVE_ROUTE = "/v1/tts/live"
 #: Wall time over audio time: below 1 is faster than real time.
 RTF_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0, 10.0)
 
@@ -47,6 +51,15 @@ class Metrics:
         self.rtf = Histogram("shoal_real_time_factor", "Wall time over audio time of completed speech requests",
                              ["model"], buckets=RTF_BUCKETS, registry=r)
         self.audio_seconds = Counter("shoal_audio_seconds", "Seconds of audio generated", ["model"], registry=r)
+        self.live_sessions = Counter("shoal_live_sessions", "Live WebSocket sessions by how they ended: closed, "
+                                     "disconnected, idle, bad_input, limit, busy, server_error, or refused at the "
+                                     "handshake (unauthorized, rate_limited, unavailable)", ["reason"], registry=r)
+        self.live_active = Gauge("shoal_live_sessions_active", "Live WebSocket sessions open now", registry=r)
+        self.live_duration = Histogram("shoal_live_session_duration_seconds", "How long accepted live WebSocket "
+                                       "sessions stayed open", buckets=SESSION_BUCKETS, registry=r)
+        self.live_segments = Counter("shoal_live_segments", "Text segments spoken on live WebSockets", registry=r)
+        self.live_audio_seconds = Counter("shoal_live_audio_seconds", "Seconds of audio spoken on live WebSockets",
+                                          registry=r)
         ProcessCollector(registry=r)  # process_* (CPU, open files, RSS) where /proc exists
         r.register(_ServiceCollector(service))
 
@@ -61,6 +74,19 @@ class Metrics:
             self.latency.labels(job.model).observe(job.seconds)
             if job.samples:
                 self.rtf.labels(job.model).observe(job.seconds / job.audio_seconds)
+
+    def observe_live(self, request_id: str, reason: str, seconds: float | None = None, segments: int = 0,
+                     audio_seconds: float = 0.0, close_code: int | None = None) -> None:
+        """A live WebSocket session has ended (`seconds` None: refused at the handshake): its metrics and its
+        access-log line, which never has the text or the audio."""
+        self.live_sessions.labels(reason).inc()
+        if seconds is not None:
+            self.live_duration.observe(seconds)
+        self.live_segments.inc(segments)
+        self.live_audio_seconds.inc(audio_seconds)
+        access_log.info("request_id=%s method=WEBSOCKET route=%s close_code=%s reason=%s segments=%d audio_s=%.2f "
+                        "duration_ms=%.1f", request_id, LIVE_ROUTE, close_code if close_code is not None else "-",
+                        reason, segments, audio_seconds, (seconds or 0.0) * 1000)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
@@ -154,8 +180,7 @@ class RequestLog:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start = time.perf_counter()
-        headers = dict(scope.get("headers") or [])
-        request_id = _request_id(headers.get(b"x-request-id"))
+        request_id = _request_id(dict(scope.get("headers") or []).get(b"x-request-id"))
         status = 500
         logged = False
 
@@ -186,6 +211,12 @@ class RequestLog:
             await self.app(scope, receive, logged_send)
         finally:
             log_once()  # the client went away mid-stream, or nothing was sent
+
+
+def request_id_of(headers) -> str:
+    """A connection's request id (see _request_id) from its Starlette headers."""
+    given = headers.get("x-request-id")
+    return _request_id(given.encode("latin-1") if given is not None else None)
 
 
 def _request_id(given: bytes | None) -> str:

@@ -1,0 +1,321 @@
+"""Live sessions: Fish Audio's WebSocket protocol (`/v1/tts/live`), text in over time, audio out as it is made.
+
+A client sends msgpack events: `start` (a TTS request, as `/v1/tts` takes it), `text` pieces, `flush` and `stop`.
+The session cuts the text into segments at sentence ends (`SentenceSegmenter`), on `flush` and on `stop`, and
+speaks them one after another through the service, each a request of its own that batches with everyone
+else's rows; from the second on, each carries the previous segment's text and codes
+(`SynthesisRequest.previous`), so the voice continues as in a long text. Audio streams out of each segment as it
+is decoded, encoded as the `start` asked, in `audio` events; after `stop`, `finish` `stop`, and the socket may
+`start` again (LiveKit reuses it). Anything wrong ends the session with `finish` `error` (its `message` says
+why) and a close code.
+
+The session knows nothing of the web framework: it talks to a `Transport` (the router's WebSocket).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import aclosing
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+import ormsgpack
+
+from shoal.audio import OutputEncoder, OutputOptions
+from shoal.engines.base import check_speakable
+from shoal.errors import BadRequest, Busy, ShoalError, Unavailable
+from shoal.server.schemas import validate_tts_request
+from shoal.service import Service, SpeechParams
+from shoal.settings import Settings
+from shoal.text import SentenceSegmenter
+
+log = logging.getLogger("shoal.live")
+
+#: Fish Audio's default `min_chunk_length` on the live WebSocket: a segment ends at the first sentence end once
+#: it has this many characters (a start request's own `min_chunk_length` overrides it).
+LIVE_MIN_CHUNK_LENGTH = 50
+
+# Close codes (RFC 6455)
+CLOSE_NORMAL = 1000
+CLOSE_UNSUPPORTED_DATA = 1003  # a text frame: events are binary msgpack
+CLOSE_INVALID_PAYLOAD = 1007  # not msgpack, not an event, an invalid request or text
+CLOSE_POLICY = 1008  # events out of order, a limit passed, an unknown model, idle too long
+CLOSE_TOO_BIG = 1009  # a message over live_max_message_bytes
+CLOSE_INTERNAL = 1011  # generation failed
+CLOSE_TRY_AGAIN = 1013  # the server is busy or not ready
+
+#: Why a session ended, as metrics and the access log name it (a bounded set): the client closed it between
+#: utterances, left mid-utterance, stayed silent too long, sent something invalid, passed a limit, the server
+#: was busy, or generation failed.
+CLOSE_REASONS = ("closed", "disconnected", "idle", "bad_input", "limit", "busy", "server_error")
+
+
+class Transport(Protocol):
+    """The socket a session talks over."""
+
+    async def receive(self) -> bytes | str | None:
+        """The next message (binary or text), or None once the client has gone."""
+        ...
+
+    async def send(self, data: bytes) -> None:
+        """Send a binary message; raises ConnectionError if the client has gone."""
+        ...
+
+    async def close(self, code: int, reason: str) -> None:
+        ...
+
+
+@dataclass(frozen=True)
+class LiveLimits:
+    idle_timeout: float
+    max_buffered_chars: int
+    max_text_chars: int
+    max_message_bytes: int
+    audio_queue: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "LiveLimits":
+        return cls(idle_timeout=settings.live_idle_timeout, max_buffered_chars=settings.live_max_buffered_chars,
+                   max_text_chars=settings.live_max_text_chars, max_message_bytes=settings.live_max_message_bytes,
+                   audio_queue=settings.live_audio_queue)
+
+
+class LiveError(Exception):
+    """Ends the session: `finish` `error` with this message, then a close with `code`."""
+
+    def __init__(self, message: str, code: int, reason: str):
+        super().__init__(message)
+        self.code, self.reason = code, reason
+
+
+def error_close(exc: ShoalError) -> LiveError:
+    """A service error as the session ends on it."""
+    if isinstance(exc, (Busy, Unavailable)):
+        return LiveError(str(exc), CLOSE_TRY_AGAIN, "busy")
+    if isinstance(exc, BadRequest):
+        return LiveError(str(exc), CLOSE_INVALID_PAYLOAD, "bad_input")
+    return LiveError(str(exc), CLOSE_INTERNAL, "server_error")
+
+
+def event(name: str, **fields) -> bytes:
+    return ormsgpack.packb({"event": name, **fields})
+
+
+FINISH_STOP = event("finish", reason="stop")
+_CLOSE = object()  # the outbox's last item: close the socket
+
+
+@dataclass(eq=False)
+class _Utterance:
+    """One start ... stop on a session: its request, its text not yet segmented, its segments to speak (None
+    after the last one: stop), and the task that speaks them."""
+
+    params: SpeechParams
+    encoder: OutputEncoder
+    segmenter: SentenceSegmenter
+    pending: asyncio.Queue
+    task: asyncio.Task | None = None
+    stopping: bool = False  # stop received: no more text
+    speaking: bool = False  # a segment is being generated
+
+
+class LiveSession:
+    """One WebSocket connection, from accept to close. `run` drives it; the figures (`segments`,
+    `audio_seconds`, `close_reason`, `close_code`) are what metrics and the access log report."""
+
+    def __init__(self, service: Service, model_header: str | None, limits: LiveLimits):
+        self.service = service
+        self.model_header = model_header
+        self.limits = limits
+        #: Encoded events on their way to the socket: bounded, so a reader that does not keep up pauses the
+        #: segment being spoken at its next chunk, and with it every later segment (none is submitted meanwhile).
+        self.outbox: asyncio.Queue = asyncio.Queue(limits.audio_queue)
+        self.model: str | None = None
+        self.utterance: _Utterance | None = None
+        self.started = time.perf_counter()
+        self.submitted = 0  # segments handed to the service
+        self.segments = 0  # segments spoken to the end
+        self.audio_seconds = 0.0
+        self.text_chars = 0
+        self.close_code: int | None = None  # the server's, when it closed the socket
+        self.close_reason: str | None = None  # one of CLOSE_REASONS once it has ended
+        self.close_message = ""
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+    async def run(self, transport: Transport) -> None:
+        """Serve the connection until it closes, however it ends; its generation is cancelled then."""
+        sender = asyncio.create_task(self._send_all(transport))
+        receiver = asyncio.create_task(self._receive_all(transport))
+        try:
+            await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
+            if receiver.done() and self.close_code is not None:
+                await asyncio.wait({sender})  # the session failed: the sender delivers finish and closes
+        finally:
+            tasks = [receiver, sender] + ([self.utterance.task] if self.utterance and self.utterance.task else [])
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self.close_reason is None:  # the client went away
+                self.close_reason = "disconnected" if self.utterance is not None else "closed"
+
+    # -- the two directions ----------------------------------------------------------------------------------
+    async def _send_all(self, transport: Transport) -> None:
+        while True:
+            item = await self.outbox.get()
+            if item is _CLOSE:
+                return await transport.close(self.close_code, self.close_message)
+            await transport.send(item)
+
+    async def _receive_all(self, transport: Transport) -> None:
+        try:
+            self.model = self.service.resolve_fish_model(self.model_header)
+        except BadRequest as exc:
+            return self._fail(LiveError(str(exc), CLOSE_POLICY, "bad_input"))
+        try:
+            while True:
+                try:
+                    message = await asyncio.wait_for(transport.receive(), self.limits.idle_timeout)
+                except asyncio.TimeoutError:
+                    if self._generating:
+                        continue
+                    raise LiveError(f"no message for {self.limits.idle_timeout:g} s", CLOSE_POLICY, "idle") from None
+                if message is None:
+                    return
+                await self._handle(self._decode(message))
+        except LiveError as exc:
+            self._fail(exc)
+        except ShoalError as exc:
+            self._fail(error_close(exc))
+        except Exception:
+            log.exception("live session failed")
+            self._fail(LiveError("internal server error", CLOSE_INTERNAL, "server_error"))
+
+    @property
+    def _generating(self) -> bool:
+        u = self.utterance
+        return u is not None and (u.speaking or not u.pending.empty())
+
+    def _decode(self, message: bytes | str) -> dict:
+        if len(message) > self.limits.max_message_bytes:
+            raise LiveError(f"the message is larger than the {self.limits.max_message_bytes} byte limit",
+                            CLOSE_TOO_BIG, "limit")
+        if isinstance(message, str):
+            raise LiveError("send events as binary msgpack messages, not text", CLOSE_UNSUPPORTED_DATA, "bad_input")
+        try:
+            data = ormsgpack.unpackb(message)
+        except (ormsgpack.MsgpackDecodeError, ValueError, TypeError, RecursionError) as exc:
+            raise LiveError(f"the message is not valid msgpack: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
+                            CLOSE_INVALID_PAYLOAD, "bad_input") from None
+        if not isinstance(data, dict) or not isinstance(data.get("event"), str):
+            raise LiveError("an event must be a msgpack map with an `event` name", CLOSE_INVALID_PAYLOAD,
+                            "bad_input")
+        return data
+
+    # -- events ----------------------------------------------------------------------------------------------
+    async def _handle(self, data: dict) -> None:
+        name = data["event"]
+        if name == "start":
+            return await self._start(data.get("request"))
+        if name not in ("text", "flush", "stop"):
+            raise LiveError(f"unknown event {name[:50]!r}; events are start, text, flush and stop",
+                            CLOSE_INVALID_PAYLOAD, "bad_input")
+        u = self.utterance
+        if u is None:
+            raise LiveError(f"{name} before start: send a start event first", CLOSE_POLICY, "bad_input")
+        if u.stopping:
+            raise LiveError(f"{name} after stop: wait for finish, then start again", CLOSE_POLICY, "bad_input")
+        if name == "text":
+            self._text(u, data.get("text"))
+        elif name == "flush":
+            self._flush(u)
+        else:
+            self._flush(u)
+            u.stopping = True
+            u.pending.put_nowait(None)
+
+    async def _start(self, request: object) -> None:
+        if self.utterance is not None:
+            raise LiveError("start while an utterance is active: send stop and wait for finish first", CLOSE_POLICY,
+                            "bad_input")
+        try:
+            body, _ = validate_tts_request(request)
+            output = body.output()
+        except BadRequest as exc:
+            raise LiveError(f"invalid start request: {exc}", CLOSE_INVALID_PAYLOAD, "bad_input") from None
+        params = body.speech_params(self.model, min_chunk_length=LIVE_MIN_CHUNK_LENGTH)
+        _, engine, _, _ = await asyncio.to_thread(self.service.resolve_voice, params)  # a bad voice fails now
+        u = _Utterance(params, OutputEncoder(output, engine.sample_rate), SentenceSegmenter(params.min_chunk_length),
+                       asyncio.Queue())
+        self.utterance = u
+        u.task = asyncio.create_task(self._speak(u))
+        if body.text:  # the SDK sends an empty one; any text here comes first
+            self._text(u, body.text)
+
+    def _text(self, u: _Utterance, text: object) -> None:
+        if not isinstance(text, str):
+            raise LiveError("text must be a string", CLOSE_INVALID_PAYLOAD, "bad_input")
+        check_speakable("text", text)
+        self.text_chars += len(text)
+        if self.text_chars > self.limits.max_text_chars:
+            raise LiveError(f"more than {self.limits.max_text_chars} characters of text on this connection",
+                            CLOSE_POLICY, "limit")
+        for segment in u.segmenter.push(text):
+            u.pending.put_nowait(segment)
+        if len(u.segmenter.buffer) > self.limits.max_buffered_chars:
+            raise LiveError(f"more than {self.limits.max_buffered_chars} characters buffered without a sentence "
+                            "end; send flush", CLOSE_POLICY, "limit")
+
+    def _flush(self, u: _Utterance) -> None:
+        segment = u.segmenter.flush()
+        if segment is not None:
+            u.pending.put_nowait(segment)
+
+    # -- speaking --------------------------------------------------------------------------------------------
+    async def _speak(self, u: _Utterance) -> None:
+        """Speak the utterance's segments in order, then finish it."""
+        previous = None
+        try:
+            while (text := await u.pending.get()) is not None:
+                u.speaking = True
+                job = await asyncio.to_thread(self.service.prepare, replace(u.params, text=text, previous=previous))
+                self.submitted += 1
+                async with aclosing(self.service.stream(job)) as chunks:
+                    async for chunk in chunks:
+                        await self._audio(await asyncio.to_thread(u.encoder.push, chunk))
+                self.segments += 1
+                self.audio_seconds += job.audio_seconds
+                u.speaking = False
+                if job.segments and job.segments[-1].codes.shape[1]:
+                    previous = (job.segments[-1].text, job.segments[-1].codes)
+            await self._audio(u.encoder.finish())
+            self.utterance = None  # before finish is queued: the client may start again once it reads it
+            await self.outbox.put(FINISH_STOP)
+        except ShoalError as exc:
+            self._fail(error_close(exc))
+        except Exception:
+            log.exception("live generation failed")
+            self._fail(LiveError("internal server error", CLOSE_INTERNAL, "server_error"))
+        finally:
+            u.encoder.close()
+
+    async def _audio(self, data: bytes) -> None:
+        if data:
+            await self.outbox.put(event("audio", audio=data))
+
+    def _fail(self, exc: LiveError) -> None:
+        """End the session: drop the audio not yet sent, then `finish` `error` and the close."""
+        if self.close_code is not None:
+            return
+        self.close_code, self.close_reason, self.close_message = exc.code, exc.reason, str(exc)
+        u = self.utterance
+        if u is not None and u.task is not None and u.task is not asyncio.current_task():
+            u.task.cancel()
+        while not self.outbox.empty():
+            self.outbox.get_nowait()
+        self.outbox.put_nowait(event("finish", reason="error", message=str(exc)))
+        self.outbox.put_nowait(_CLOSE)
