@@ -197,7 +197,7 @@ def live_socket(url: str, headers: dict | None = None):
     from httpx_ws import connect_ws
 
     with httpx.Client(base_url=url, timeout=LIVE_RECEIVE_TIMEOUT) as client:
-        with connect_ws("/v1/tts/live", client=client, headers=headers or {}) as ws:
+        with connect_ws("/v1/tts/live", client=client, headers=dict(headers or {})) as ws:  # it adds to them
             yield ws
 
 

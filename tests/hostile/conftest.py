@@ -14,7 +14,9 @@ from hostile_media import good_wav
 # The tiny checkpoint's codec encodes at most ~12 s at once; voice clips and inline references stay below.
 OPEN_ENV = {"SHOAL_MAX_VOICE_SECONDS": "10"}
 SMALL_ENV = {"SHOAL_MAX_BODY_BYTES": str(256 * 1024), "SHOAL_MAX_UPLOAD_BYTES": str(64 * 1024),
-             "SHOAL_MAX_TEXT_LENGTH": "300", "SHOAL_MAX_VOICE_SECONDS": "5", "SHOAL_REQUEST_TIMEOUT": "60"}
+             "SHOAL_MAX_TEXT_LENGTH": "300", "SHOAL_MAX_VOICE_SECONDS": "5", "SHOAL_REQUEST_TIMEOUT": "60",
+             "SHOAL_LIVE_MAX_MESSAGE_BYTES": "4096", "SHOAL_LIVE_MAX_BUFFERED_CHARS": "100",
+             "SHOAL_LIVE_MAX_TEXT_CHARS": "200"}
 
 STARTED: list[Server] = []
 
