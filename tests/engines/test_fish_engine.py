@@ -182,6 +182,43 @@ def test_long_text_is_generated_in_segments(engine):
     assert len(whole.stopped_by_im_end) == 1
 
 
+def test_previous_puts_a_segment_in_the_prompt_exactly_as_a_long_text_does(engine, monkeypatch):
+    """What a live session sends as its second segment is prompted as the long text's second segment is."""
+    prompts = []
+    submit = engine.scheduler.submit
+
+    def spy(prompt, *args, **kwargs):
+        prompts.append(prompt)
+        return submit(prompt, *args, **kwargs)
+
+    monkeypatch.setattr(engine.scheduler, "submit", spy)
+    first, second = "First sentence is here.", "Second one follows it."
+    whole = engine.run(SynthesisRequest(text=f"{first} {second}", seed=3, max_new_tokens=6, chunk_length=30))
+    alone = engine.run(SynthesisRequest(text=first, seed=3, max_new_tokens=6))
+    assert np.array_equal(whole.codes[:, :alone.codes.shape[1]], alone.codes)  # segment 1 is the same either way
+    carried = engine.run(SynthesisRequest(text=second, seed=5, max_new_tokens=6, previous=(first, alone.codes)))
+    engine.run(SynthesisRequest(text=second, seed=5, max_new_tokens=6, previous=(first, alone.codes),
+                                condition_on_previous=False))
+    plain = engine.run(SynthesisRequest(text=second, seed=5, max_new_tokens=6))
+    long_second, _, with_previous, unconditioned, without = prompts[1], prompts[2], prompts[3], prompts[4], prompts[5]
+    assert torch.equal(with_previous, long_second)
+    assert torch.equal(unconditioned, without) and with_previous.shape[1] > without.shape[1]
+    assert not np.array_equal(carried.codes, plain.codes)  # the context changes what is generated
+
+
+def test_segments_report_their_text_and_bad_previous_codes_are_named(engine):
+    from shoal.engines.base import BlockingSink
+
+    sink = BlockingSink()
+    engine.submit(SynthesisRequest(text="One. Two is here.", seed=1, max_new_tokens=4, chunk_length=12), sink)
+    list(sink)
+    assert [s.text for s in sink.segments] == ["One.", "Two is here."]
+    with pytest.raises(BadRequest, match="previous codes must be"):
+        engine.submit(SynthesisRequest(text="x", previous=("y", np.zeros((2, 3), np.int64))), BlockingSink())
+    with pytest.raises(BadRequest, match="previous must be"):
+        SynthesisRequest(text="x", previous=("y", [1, 2]))
+
+
 def test_progress_is_reported_per_frame(engine):
     seen = []
     engine.run(SynthesisRequest(text="Progress.", seed=1, max_new_tokens=8), progress=lambda d, t: seen.append((d, t)))
