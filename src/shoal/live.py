@@ -37,19 +37,16 @@ log = logging.getLogger("shoal.live")
 #: it has this many characters (a start request's own `min_chunk_length` overrides it).
 LIVE_MIN_CHUNK_LENGTH = 50
 
+#: How much of a decoder's or a client's words an error message quotes.
+MAX_DETAIL_CHARS = 200
+
 # Close codes (RFC 6455)
-CLOSE_NORMAL = 1000
 CLOSE_UNSUPPORTED_DATA = 1003  # a text frame: events are binary msgpack
 CLOSE_INVALID_PAYLOAD = 1007  # not msgpack, not an event, an invalid request or text
 CLOSE_POLICY = 1008  # events out of order, a limit passed, an unknown model, idle too long
 CLOSE_TOO_BIG = 1009  # a message over live_max_message_bytes
 CLOSE_INTERNAL = 1011  # generation failed
 CLOSE_TRY_AGAIN = 1013  # the server is busy or not ready
-
-#: Why a session ended, as metrics and the access log name it (a bounded set): the client closed it between
-#: utterances, left mid-utterance, stayed silent too long, sent something invalid, passed a limit, the server
-#: was busy, or generation failed.
-CLOSE_REASONS = ("closed", "disconnected", "idle", "bad_input", "limit", "busy", "server_error")
 
 
 class Transport(Protocol):
@@ -123,7 +120,10 @@ class _Utterance:
 
 class LiveSession:
     """One WebSocket connection, from accept to close. `run` drives it; the figures (`segments`,
-    `audio_seconds`, `close_reason`, `close_code`) are what metrics and the access log report."""
+    `audio_seconds`, `close_reason`, `close_code`) are what metrics and the access log report.
+
+    `close_reason` is one of a bounded set: `closed` (the client closed between utterances), `disconnected` (it
+    left mid-utterance), `idle`, `bad_input`, `limit`, `busy` or `server_error`."""
 
     def __init__(self, service: Service, model_header: str | None, limits: LiveLimits):
         self.service = service
@@ -140,7 +140,7 @@ class LiveSession:
         self.audio_seconds = 0.0
         self.text_chars = 0
         self.close_code: int | None = None  # the server's, when it closed the socket
-        self.close_reason: str | None = None  # one of CLOSE_REASONS once it has ended
+        self.close_reason: str | None = None  # once it has ended (see above)
         self.close_message = ""
 
     @property
@@ -176,14 +176,17 @@ class LiveSession:
             self.model = self.service.resolve_fish_model(self.model_header)
         except BadRequest as exc:
             return self._fail(LiveError(str(exc), CLOSE_POLICY, "bad_input"))
+        receiving = None  # one receive at a time, never cancelled while the session lives
         try:
             while True:
-                try:
-                    message = await asyncio.wait_for(transport.receive(), self.limits.idle_timeout)
-                except asyncio.TimeoutError:
+                if receiving is None:
+                    receiving = asyncio.ensure_future(transport.receive())
+                done, _ = await asyncio.wait({receiving}, timeout=self.limits.idle_timeout)
+                if not done:
                     if self._generating:
                         continue
-                    raise LiveError(f"no message for {self.limits.idle_timeout:g} s", CLOSE_POLICY, "idle") from None
+                    raise LiveError(f"no message for {self.limits.idle_timeout:g} s", CLOSE_POLICY, "idle")
+                message, receiving = receiving.result(), None
                 if message is None:
                     return
                 await self._handle(self._decode(message))
@@ -194,6 +197,9 @@ class LiveSession:
         except Exception:
             log.exception("live session failed")
             self._fail(LiveError("internal server error", CLOSE_INTERNAL, "server_error"))
+        finally:
+            if receiving is not None:
+                receiving.cancel()
 
     @property
     def _generating(self) -> bool:
@@ -208,9 +214,9 @@ class LiveSession:
             raise LiveError("send events as binary msgpack messages, not text", CLOSE_UNSUPPORTED_DATA, "bad_input")
         try:
             data = ormsgpack.unpackb(message)
-        except (ormsgpack.MsgpackDecodeError, ValueError, TypeError, RecursionError) as exc:
-            raise LiveError(f"the message is not valid msgpack: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
-                            CLOSE_INVALID_PAYLOAD, "bad_input") from None
+        except (ValueError, TypeError, RecursionError) as exc:  # ormsgpack's MsgpackDecodeError is a ValueError
+            detail = str(exc).splitlines()[0][:MAX_DETAIL_CHARS] if str(exc) else type(exc).__name__
+            raise LiveError(f"the message is not valid msgpack: {detail}", CLOSE_INVALID_PAYLOAD, "bad_input") from None
         if not isinstance(data, dict) or not isinstance(data.get("event"), str):
             raise LiveError("an event must be a msgpack map with an `event` name", CLOSE_INVALID_PAYLOAD,
                             "bad_input")
@@ -222,7 +228,7 @@ class LiveSession:
         if name == "start":
             return await self._start(data.get("request"))
         if name not in ("text", "flush", "stop"):
-            raise LiveError(f"unknown event {name[:50]!r}; events are start, text, flush and stop",
+            raise LiveError(f"unknown event {name[:MAX_DETAIL_CHARS]!r}; events are start, text, flush and stop",
                             CLOSE_INVALID_PAYLOAD, "bad_input")
         u = self.utterance
         if u is None:

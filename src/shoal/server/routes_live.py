@@ -56,7 +56,7 @@ async def live(websocket: WebSocket):
     except ShoalError as exc:
         metrics.observe_live(request_id, exc.code)
         return await websocket.send_denial_response(shoal_error_response(exc))
-    await websocket.accept()
+    await websocket.accept(headers=[(b"x-request-id", request_id.encode())])
     session = LiveSession(service, websocket.headers.get("model"), LiveLimits.from_settings(service.settings))
     metrics.live_active.inc()
     try:
