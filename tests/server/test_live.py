@@ -177,16 +177,21 @@ def test_an_unknown_model_header_is_a_finish_error_and_a_close(server):
 
 
 def test_a_client_that_leaves_mid_stream_frees_its_rows(server):
-    segments, budget = 5, 200
+    first, budget = "Sentence number zero, long enough to run.", 1000
+    # What the first segment generates when nobody leaves: the same request over HTTP (same prompt, same seed)
+    pcm = httpx.post(server.url + "/v1/tts", json={"text": first, "seed": 1, "max_new_tokens": budget,
+                                                    "format": "pcm"}, timeout=120).content
+    whole = len(pcm) // 2 // SAMPLES_PER_FRAME + 1  # frames generated (the last one is never decoded)
+    assert whole > 4 * FRAMES  # long enough that leaving after its first chunk cuts it short
     before = httpx.get(server.url + "/v1/health").json()["counters"]["generated_tokens"]
     with live_socket(server.url, headers={"X-Request-Id": "live-leaves"}) as ws:
         live_send(ws, "start", request=start_request(max_new_tokens=budget, min_chunk_length=0))
-        live_send(ws, "text", text=" ".join(f"Sentence {n} of the text." for n in range(segments)) + " ")
+        live_send(ws, "text", text=f"{first} A second sentence waits. So does a third. ")
         assert live_receive(ws)["event"] == "audio"
     idle = server.wait_idle(timeout=60)
     assert idle["idle"], idle
-    generated = idle["last"]["counters"]["generated_tokens"] - before
-    assert generated < segments * budget  # the queued segments never ran
+    # Fewer frames than the first segment alone: it was cut short and the others never ran
+    assert idle["last"]["counters"]["generated_tokens"] - before < whole
     assert "reason=disconnected" in access_line(server, "live-leaves")
 
 
