@@ -136,17 +136,26 @@ def test_text_is_cut_at_sentence_ends_by_min_chunk_length(server):
     assert counts[None] == 2
 
 
+def livekit_request() -> dict:
+    """The start request LiveKit's Fish Audio plugin sends with its defaults (its `_build_tts_request`)."""
+    return {"text": "", "chunk_length": 100, "format": "wav", "sample_rate": 24000, "mp3_bitrate": 64,
+            "opus_bitrate": 64000, "references": [], "reference_id": None, "normalize": True, "latency": "balanced",
+            "prosody": None, "top_p": 0.7, "temperature": 0.7, "features": ["quality-guard"],
+            "max_new_tokens": FRAMES}
+
+
 def test_the_socket_is_reused_after_finish_as_livekit_does(server):
-    with live_socket(server.url) as ws:
-        for n in range(3):
-            live_send(ws, "start", request=start_request(format="wav"))
-            live_send(ws, "text", text=f"Utterance number {n}. ")
-            live_send(ws, "flush")
+    with live_socket(server.url, headers={"model": "s2.1-pro"}) as ws:
+        for n in range(3):  # LiveKit's pool hands the socket to the next utterance once `finish` came
+            live_send(ws, "start", request=livekit_request())
+            for sentence in (f"Utterance number {n}.", "It has two sentences."):
+                live_send(ws, "text", text=sentence + " ")  # a sentence at a time, each flushed
+                live_send(ws, "flush")
             live_send(ws, "stop")
             data, finish = live_until_finish(ws)
-            assert finish["reason"] == "stop"
-            audio, rate = sf.read(io.BytesIO(data))  # each utterance is a whole wav stream of its own
-            assert len(audio) > 0 and data.count(b"RIFF") == 1
+            assert finish == {"event": "finish", "reason": "stop"}
+            audio, rate = sf.read(io.BytesIO(data))  # each utterance is one whole wav stream of its own
+            assert rate == 24000 and len(audio) > 0 and data.count(b"RIFF") == 1
 
 
 def test_the_fishaudio_sdk_streams_over_the_websocket(server):
