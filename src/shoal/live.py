@@ -19,7 +19,7 @@ import logging
 import time
 from contextlib import aclosing
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Callable, Protocol
 
 import ormsgpack
 
@@ -27,7 +27,7 @@ from shoal.audio import OutputEncoder, OutputOptions
 from shoal.engines.base import check_speakable
 from shoal.errors import BadRequest, Busy, ShoalError, Unavailable
 from shoal.server.schemas import validate_tts_request
-from shoal.service import Service, SpeechParams
+from shoal.service import Job, Service, SpeechParams
 from shoal.settings import Settings
 from shoal.text import SentenceSegmenter
 
@@ -125,10 +125,13 @@ class LiveSession:
     `close_reason` is one of a bounded set: `closed` (the client closed between utterances), `disconnected` (it
     left mid-utterance), `idle`, `bad_input`, `limit`, `busy` or `server_error`."""
 
-    def __init__(self, service: Service, model_header: str | None, limits: LiveLimits):
+    def __init__(self, service: Service, model_header: str | None, limits: LiveLimits,
+                 on_segment: Callable[[Job], None] | None = None):
+        """`on_segment` is called with each segment's job once it has been spoken to the end (metrics)."""
         self.service = service
         self.model_header = model_header
         self.limits = limits
+        self.on_segment = on_segment
         #: Encoded events on their way to the socket: bounded, so a reader that does not keep up pauses the
         #: segment being spoken at its next chunk, and with it every later segment (none is submitted meanwhile).
         self.outbox: asyncio.Queue = asyncio.Queue(limits.audio_queue)
@@ -295,6 +298,8 @@ class LiveSession:
                         await self._audio(await asyncio.to_thread(u.encoder.push, chunk))
                 self.segments += 1
                 self.audio_seconds += job.audio_seconds
+                if self.on_segment is not None:
+                    self.on_segment(job)
                 u.speaking = False
                 if job.segments and job.segments[-1].codes.shape[1]:
                     previous = (job.segments[-1].text, job.segments[-1].codes)

@@ -158,6 +158,39 @@ def test_the_socket_is_reused_after_finish_as_livekit_does(server):
             assert rate == 24000 and len(audio) > 0 and data.count(b"RIFF") == 1
 
 
+def test_livekit_streams_two_utterances_over_one_pooled_socket(server):
+    import aiohttp
+    from livekit.plugins import fishaudio
+
+    def websocket_lines() -> list[str]:
+        return [line for line in server.log.read_text().splitlines() if "method=WEBSOCKET" in line]
+
+    before = len(websocket_lines())
+
+    async def main():
+        async with aiohttp.ClientSession() as session:
+            # voice_id: the plugin's default is a voice on Fish's cloud, which a self-hosted server does not have
+            tts = fishaudio.TTS(base_url=server.url, api_key="unused", http_session=session, voice_id="default",
+                                max_new_tokens=FRAMES, output_format="pcm")
+            utterances = []
+            for n in range(2):
+                stream = tts.stream()
+                stream.push_text(f"Utterance number {n}. It has two sentences. ")
+                stream.end_input()
+                utterances.append([event.frame async for event in stream])
+                await stream.aclose()
+            await tts.aclose()
+            return utterances
+
+    for frames in asyncio.run(main()):
+        assert frames and all(f.sample_rate == 24000 and f.num_channels == 1 for f in frames)
+    end = time.monotonic() + 30  # the session's line is written once the pool has closed the socket
+    while len(websocket_lines()) == before and time.monotonic() < end:
+        time.sleep(0.05)
+    lines = websocket_lines()[before:]
+    assert len(lines) == 1 and "segments=4" in lines[0], lines  # one socket, two sentences each
+
+
 def test_the_fishaudio_sdk_streams_over_the_websocket(server):
     from fishaudio import FishAudio
     from fishaudio.types import TTSConfig

@@ -75,6 +75,12 @@ class Metrics:
             if job.samples:
                 self.rtf.labels(job.model).observe(job.seconds / job.audio_seconds)
 
+    def observe_live_segment(self, job: Job) -> None:
+        """A LiveSession listener: one live segment has been spoken (counted as it happens, not when its
+        session ends: a pooled socket may stay open for minutes)."""
+        self.live_segments.inc()
+        self.live_audio_seconds.inc(job.audio_seconds)
+
     def observe_live(self, request_id: str, reason: str, seconds: float | None = None, segments: int = 0,
                      audio_seconds: float = 0.0, close_code: int | None = None) -> None:
         """A live WebSocket session has ended (`seconds` None: refused at the handshake): its metrics and its
@@ -82,8 +88,6 @@ class Metrics:
         self.live_sessions.labels(reason).inc()
         if seconds is not None:
             self.live_duration.observe(seconds)
-        self.live_segments.inc(segments)
-        self.live_audio_seconds.inc(audio_seconds)
         access_log.info("request_id=%s method=WEBSOCKET route=%s close_code=%s reason=%s segments=%d audio_s=%.2f "
                         "duration_ms=%.1f", request_id, LIVE_ROUTE, close_code if close_code is not None else "-",
                         reason, segments, audio_seconds, (seconds or 0.0) * 1000)

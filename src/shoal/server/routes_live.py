@@ -57,7 +57,8 @@ async def live(websocket: WebSocket):
         metrics.observe_live(request_id, exc.code)
         return await websocket.send_denial_response(shoal_error_response(exc))
     await websocket.accept(headers=[(b"x-request-id", request_id.encode())])
-    session = LiveSession(service, websocket.headers.get("model"), LiveLimits.from_settings(service.settings))
+    session = LiveSession(service, websocket.headers.get("model"), LiveLimits.from_settings(service.settings),
+                          on_segment=metrics.observe_live_segment)
     metrics.live_active.inc()
     try:
         await session.run(WebSocketTransport(websocket))
