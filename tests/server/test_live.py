@@ -246,6 +246,8 @@ def test_metrics_and_the_access_log_count_sessions(server):
     line = access_line(server, "live-metrics")
     assert "method=WEBSOCKET route=/v1/tts/live" in line and "reason=closed" in line and "segments=1" in line
     assert float(re.search(r"audio_s=([\d.]+)", line).group(1)) > 0
+    log = server.log.read_text()  # and only that line: none of uvicorn's own per-WebSocket lines
+    assert '"WebSocket /v1/tts/live"' not in log and "connection open" not in log
     body = httpx.get(server.url + "/metrics").text
     assert re.search(r'^shoal_live_sessions_total\{reason="closed"\} [1-9]', body, re.M)
     assert re.search(r"^shoal_live_segments_total [1-9]", body, re.M)

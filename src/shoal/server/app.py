@@ -155,8 +155,16 @@ def serve(settings: Settings) -> int:
     server = GracefulServer(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                                            access_log=False, timeout_graceful_shutdown=settings.shutdown_grace,
                                            ws_max_size=settings.live_max_message_bytes * WS_READ_LIMIT_FACTOR))
+    logging.getLogger("uvicorn.error").addFilter(no_websocket_access_lines)  # after uvicorn's logging setup
     server.run()
     return 0 if server.started else 1
+
+
+def no_websocket_access_lines(record: logging.LogRecord) -> bool:
+    """uvicorn logs three lines per WebSocket of its own (`"WebSocket /path" [accepted]`, `connection open`,
+    `connection closed`), even with its access log off; shoal's access log has one line per session."""
+    message = record.getMessage()
+    return '"WebSocket ' not in message and message not in ("connection open", "connection closed")
 
 
 class GracefulServer(uvicorn.Server):
