@@ -23,7 +23,7 @@ from typing import Callable, Protocol
 
 import ormsgpack
 
-from shoal.audio import OutputEncoder, OutputOptions
+from shoal.audio import OutputEncoder
 from shoal.engines.base import check_speakable
 from shoal.errors import BadRequest, Busy, ShoalError, Unavailable
 from shoal.server.schemas import validate_tts_request
@@ -106,14 +106,13 @@ _CLOSE = object()  # the outbox's last item: close the socket
 
 @dataclass(eq=False)
 class _Utterance:
-    """One start ... stop on a session: its request, its text not yet segmented, its segments to speak (None
-    after the last one: stop), and the task that speaks them."""
+    """One start ... stop on a session: its request, its encoder, its text not yet segmented, and its segments
+    to speak (None after the last one: stop)."""
 
     params: SpeechParams
     encoder: OutputEncoder
     segmenter: SentenceSegmenter
     pending: asyncio.Queue
-    task: asyncio.Task | None = None
     stopping: bool = False  # stop received: no more text
     speaking: bool = False  # a segment is being generated
 
@@ -137,6 +136,7 @@ class LiveSession:
         self.outbox: asyncio.Queue = asyncio.Queue(limits.audio_queue)
         self.model: str | None = None
         self.utterance: _Utterance | None = None
+        self._speaker: asyncio.Task | None = None  # speaks the latest utterance (`_speak`)
         self.started = time.perf_counter()
         self.submitted = 0  # segments handed to the service
         self.segments = 0  # segments spoken to the end
@@ -159,7 +159,7 @@ class LiveSession:
             if receiver.done() and self.close_code is not None:
                 await asyncio.wait({sender})  # the session failed: the sender delivers finish and closes
         finally:
-            tasks = [receiver, sender] + ([self.utterance.task] if self.utterance and self.utterance.task else [])
+            tasks = [receiver, sender] + ([self._speaker] if self._speaker is not None else [])
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -261,7 +261,7 @@ class LiveSession:
         u = _Utterance(params, OutputEncoder(output, engine.sample_rate), SentenceSegmenter(params.min_chunk_length),
                        asyncio.Queue())
         self.utterance = u
-        u.task = asyncio.create_task(self._speak(u))
+        self._speaker = asyncio.create_task(self._speak(u))
         if body.text:  # the SDK sends an empty one; any text here comes first
             self._text(u, body.text)
 
@@ -323,9 +323,8 @@ class LiveSession:
         if self.close_code is not None:
             return
         self.close_code, self.close_reason, self.close_message = exc.code, exc.reason, str(exc)
-        u = self.utterance
-        if u is not None and u.task is not None and u.task is not asyncio.current_task():
-            u.task.cancel()
+        if self._speaker is not None and self._speaker is not asyncio.current_task():
+            self._speaker.cancel()
         while not self.outbox.empty():
             self.outbox.get_nowait()
         self.outbox.put_nowait(event("finish", reason="error", message=str(exc)))
