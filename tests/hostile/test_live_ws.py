@@ -9,6 +9,7 @@ import base64
 import http.client
 import math
 import random
+import re
 
 import httpx
 import msgpack
@@ -215,3 +216,5 @@ def test_a_handshake_without_the_key_is_refused_with_401(key_server, headers):
     connection.close()
     check_error(key_server, refusal, {401})
     speaks(key_server, headers=KEY)
+    metrics = key_server.http.get("/metrics", headers=KEY).text
+    assert re.search(r'^shoal_live_sessions_total\{reason="unauthorized"\} [1-9]', metrics, re.M)

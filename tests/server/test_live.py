@@ -15,8 +15,8 @@ import pytest
 import soundfile as sf
 
 from shoal.compose import build_service
-from shoal.live import (CLOSE_INVALID_PAYLOAD, CLOSE_POLICY, CLOSE_TOO_BIG, LIVE_MIN_CHUNK_LENGTH, LiveLimits,
-                        LiveSession)
+from shoal.live import (CLOSE_INVALID_PAYLOAD, CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_TRY_AGAIN, LIVE_MIN_CHUNK_LENGTH,
+                        LiveLimits, LiveSession)
 from shoal.settings import Settings
 from shoal.text import SentenceSegmenter
 
@@ -339,6 +339,17 @@ def test_limits_end_the_session_with_finish_error(service, changes, events, code
     assert t.sent[-1]["event"] == "finish" and t.sent[-1]["reason"] == "error", t.sent
     assert needle in t.sent[-1]["message"] and t.closed[0] == code
     assert session.close_reason in ("limit", "bad_input")
+
+
+def test_a_full_queue_ends_the_session_with_try_again_later(service, monkeypatch):
+    monkeypatch.setattr(service.dispatcher, "queue_size", 0)  # every request is refused as Busy
+    t = Transport()
+    t.put("start", request=start_request())
+    t.put("text", text="Nobody will speak this.")
+    t.put("flush")
+    session = run_session(service, t)
+    assert t.sent[-1]["reason"] == "error" and "already queued" in t.sent[-1]["message"]
+    assert t.closed[0] == CLOSE_TRY_AGAIN and session.close_reason == "busy"
 
 
 def test_a_reader_that_does_not_read_pauses_generation(service):
