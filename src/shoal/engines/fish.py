@@ -346,7 +346,8 @@ class FishEngine:
             return self._finish(u)
         frames, index = u.frames, u.index
         last = index == len(u.segments) - 1
-        segment = Segment(text=u.segments[index], codes=torch.stack(frames, dim=1)[1:, :-1].numpy().astype(np.int64), frames=len(frames),
+        segment = Segment(text=u.segments[index], codes=torch.stack(frames, dim=1)[1:, :-1].numpy().astype(np.int64),
+                          frames=len(frames),
                           stopped_by_im_end=bool(frames and int(frames[-1][0]) == self.tokenizer.im_end_id))
         fade_in = index > 0 and (u.stream_state is None or u.stream_state.emitted == 0)
         self.codec_stage.segment_ended(
