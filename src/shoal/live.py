@@ -258,6 +258,7 @@ class LiveSession:
             raise LiveError(f"invalid start request: {exc}", CLOSE_INVALID_PAYLOAD, "bad_input") from None
         params = body.speech_params(self.model, min_chunk_length=LIVE_MIN_CHUNK_LENGTH)
         _, engine, _, _ = await asyncio.to_thread(self.service.resolve_voice, params)  # a bad voice fails now
+        params = await asyncio.to_thread(self.service.encode_references, params)  # once, not per segment
         u = _Utterance(params, OutputEncoder(output, engine.sample_rate), SentenceSegmenter(params.min_chunk_length),
                        asyncio.Queue())
         self.utterance = u

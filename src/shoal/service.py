@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import AsyncIterator, Callable, Sequence
 
@@ -50,7 +50,8 @@ class SpeechParams:
     text: str
     model: str | None = None
     voice: str | None = None  # a saved voice id, or "default"
-    references: Sequence[tuple[bytes | str | os.PathLike, str]] = ()  # inline clips (bytes or paths), transcripts
+    # inline clips (bytes or paths) with their transcripts, or References already encoded (`encode_references`)
+    references: Sequence[tuple[bytes | str | os.PathLike, str] | Reference] = ()
     use_memory_cache: bool = True
     seed: int | None = None
     temperature: float = TEMPERATURE.default
@@ -387,12 +388,28 @@ class Service:
                                  "use the fish model with an S1 checkpoint")
             codes = self.voices.codes(voice, engine)
             references += [Reference(None, clip.text, codes=c) for clip, c in zip(saved.clips, codes)]
-        for audio, text in params.references:
-            references.append(Reference(audio, text, cache=params.use_memory_cache))
+        for ref in params.references:
+            references.append(ref if isinstance(ref, Reference) else Reference(*ref, cache=params.use_memory_cache))
         if references and not engine.supports_cloning:
             raise BadRequest(f"model {model!r} cannot clone voices: references need the fish model with an "
                              "S1 checkpoint")
         return model, engine, tuple(references), voice
+
+    def encode_references(self, params: SpeechParams) -> SpeechParams:
+        """`params` with its inline clips replaced by their codes, encoded now, once: for a live session, whose
+        segments are each a request with the same references. The cache setting applies to this one encode.
+        A model that cannot clone keeps them as they are (and refuses them in `prepare`)."""
+        _, engine = self.resolve_model(params.model)
+        if not params.references or not engine.supports_cloning:
+            return params
+        encoded = []
+        for ref in params.references:
+            if not isinstance(ref, Reference):
+                ref = Reference(*ref, cache=params.use_memory_cache)
+            if ref.codes is None:
+                ref = Reference(None, ref.text, codes=engine.encode_reference(ref).numpy())
+            encoded.append(ref)
+        return replace(params, references=tuple(encoded))
 
     def stream(self, job: Job) -> AsyncIterator[np.ndarray]:
         """The job's audio chunks as they come. The generator itself, not a wrapper: closing it (aclose) runs

@@ -20,7 +20,8 @@ from shoal.live import (CLOSE_INVALID_PAYLOAD, CLOSE_POLICY, CLOSE_TOO_BIG, CLOS
 from shoal.settings import Settings
 from shoal.text import SentenceSegmenter
 
-from support import live_close_code, live_receive, live_send, live_socket, live_until_finish, pyav_decode
+from support import (live_close_code, live_receive, live_send, live_socket, live_until_finish, pyav_decode,
+                     tone_clip)
 
 #: Frames per segment in these tests: a few chunks of audio, quickly.
 FRAMES = 10
@@ -339,6 +340,26 @@ def test_limits_end_the_session_with_finish_error(service, changes, events, code
     assert t.sent[-1]["event"] == "finish" and t.sent[-1]["reason"] == "error", t.sent
     assert needle in t.sent[-1]["message"] and t.closed[0] == code
     assert session.close_reason in ("limit", "bad_input")
+
+
+def test_inline_references_are_encoded_once_per_utterance_not_per_segment(service):
+    encodes = service.stats().codec_encodes
+
+    async def main():
+        t = Transport()
+        run = asyncio.create_task(LiveSession(service, None, limits()).run(t))
+        t.put("start", request=start_request(min_chunk_length=0,
+                                             references=[{"audio": tone_clip(1.5), "text": "A tone."}]))
+        t.put("text", text="First one. Second one. Third one. ")
+        t.put("stop")
+        await until(lambda: t.sent and t.sent[-1]["event"] == "finish")
+        t.leave()
+        await run
+        return t
+
+    t = asyncio.run(asyncio.wait_for(main(), 120))
+    assert t.sent[-1] == {"event": "finish", "reason": "stop"}
+    assert service.stats().codec_encodes - encodes == 1  # "off" caching, yet one encode for three segments
 
 
 def test_a_full_queue_ends_the_session_with_try_again_later(service, monkeypatch):
