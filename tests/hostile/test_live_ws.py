@@ -119,10 +119,9 @@ for name, fields in {
     "normalize-list": {"normalize": []},
 }.items():
     CASES[f"start-{name}"] = ([start(**fields)], INVALID)
-# Accepted at start, refused when its first segment is prepared or its clip decoded
+CASES["start-reference-not-audio"] = ([start(references=[{"audio": b"not audio at all", "text": "x"}])], INVALID)
+# Accepted at start, refused when its first segment is prepared
 CASES["start-max-new-tokens-one"] = ([start(max_new_tokens=1), TEXT, FLUSH], INVALID)
-CASES["start-reference-not-audio"] = ([start(references=[{"audio": b"not audio at all", "text": "x"}]), TEXT,
-                                       FLUSH], INVALID)
 
 # Invalid text events
 for name, fields in {"missing": {}, "nil": {"text": None}, "int": {"text": 5}, "bytes": {"text": b"hi"},
