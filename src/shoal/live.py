@@ -66,6 +66,8 @@ class Transport(Protocol):
 
 @dataclass(frozen=True)
 class LiveLimits:
+    """A session's limits: the `live_*` settings."""
+
     idle_timeout: float
     max_buffered_chars: int
     max_text_chars: int

@@ -8,7 +8,7 @@ from shoal.errors import ShoalError
 from shoal.live import LiveLimits, LiveSession
 from shoal.server.deps import get_service, rate_limit, require_api_key
 from shoal.server.errors import shoal_error_response
-from shoal.server.metrics import Metrics, request_id_of
+from shoal.server.metrics import LIVE_ROUTE, Metrics, request_id_of
 
 router = APIRouter(tags=["fish"])
 
@@ -43,7 +43,7 @@ class WebSocketTransport:
             pass
 
 
-@router.websocket("/v1/tts/live")
+@router.websocket(LIVE_ROUTE)
 async def live(websocket: WebSocket):
     """Fish Audio's live TTS protocol (see README, "The live WebSocket"). The API key, the rate limit and
     readiness are checked on the handshake: a refusal is an HTTP answer with the API's JSON error body."""
