@@ -291,14 +291,15 @@ class LiveSession:
     async def _speak(self, u: _Utterance) -> None:
         """Speak the utterance's segments in order, then finish it."""
         previous = None
+        index = -1  # the segment being spoken, from 0 in each utterance
         try:
             while (text := await u.pending.get()) is not None:
-                u.speaking = True
+                u.speaking, index = True, index + 1
                 job = await asyncio.to_thread(self.service.prepare, replace(u.params, text=text, previous=previous))
                 self.submitted += 1
                 async with aclosing(self.service.stream(job)) as chunks:
                     async for chunk in chunks:
-                        await self._audio(await asyncio.to_thread(u.encoder.push, chunk))
+                        await self._audio(await asyncio.to_thread(u.encoder.push, chunk), index)
                 self.segments += 1
                 self.audio_seconds += job.audio_seconds
                 if self.on_segment is not None:
@@ -306,7 +307,7 @@ class LiveSession:
                 u.speaking = False
                 if job.segments and job.segments[-1].codes.shape[1]:
                     previous = (job.segments[-1].text, job.segments[-1].codes)
-            await self._audio(u.encoder.finish())
+            await self._audio(u.encoder.finish(), max(index, 0))
             self.utterance = None  # before finish is queued: the client may start again once it reads it
             await self.outbox.put(FINISH_STOP)
         except ShoalError as exc:
@@ -317,9 +318,11 @@ class LiveSession:
         finally:
             u.encoder.close()
 
-    async def _audio(self, data: bytes) -> None:
+    async def _audio(self, data: bytes, segment: int) -> None:
+        """An `audio` event; `segment` (an extension, which Fish's clients ignore) is the index of the segment
+        whose chunk gave these bytes, so a client can time each sentence (`shoal bench --live`)."""
         if data:
-            await self.outbox.put(event("audio", audio=data))
+            await self.outbox.put(event("audio", audio=data, segment=segment))
 
     def _fail(self, exc: LiveError) -> None:
         """End the session: drop the audio not yet sent, then `finish` `error` and the close."""

@@ -137,6 +137,19 @@ def test_text_is_cut_at_sentence_ends_by_min_chunk_length(server):
     assert counts[None] == 2
 
 
+def test_audio_events_name_their_segment_from_0_in_each_utterance(server):
+    with live_socket(server.url) as ws:
+        for _ in range(2):
+            live_send(ws, "start", request=start_request(min_chunk_length=0))
+            live_send(ws, "text", text="One. Two. Three. ")
+            live_send(ws, "stop")
+            marks = []
+            while (event := live_receive(ws))["event"] == "audio":
+                marks.append(event["segment"])
+            assert event == {"event": "finish", "reason": "stop"}
+            assert marks == sorted(marks) and set(marks) == {0, 1, 2}
+
+
 def livekit_request() -> dict:
     """The start request LiveKit's Fish Audio plugin sends with its defaults (its `_build_tts_request`)."""
     return {"text": "", "chunk_length": 100, "format": "wav", "sample_rate": 24000, "mp3_bitrate": 64,
