@@ -126,10 +126,11 @@ def http_first_audio(url: str, body: dict) -> float:
                       headers={"content-type": "application/msgpack", "model": MODEL_HEADER},
                       timeout=SESSION_TIMEOUT_SECONDS) as r:
         r.raise_for_status()
-        for chunk in r.iter_bytes():
+        chunks = r.iter_bytes()  # one iterator: httpx streams a response's body once
+        for chunk in chunks:
             if chunk:
                 first = time.perf_counter() - t0
-                for _ in r.iter_bytes():
+                for _ in chunks:
                     pass
                 return first
     raise RuntimeError("a streamed /v1/tts request returned no audio")
