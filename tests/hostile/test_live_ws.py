@@ -212,7 +212,8 @@ def test_a_handshake_without_the_key_is_refused_with_401(key_server, headers):
         "Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
         "Sec-WebSocket-Key": base64.b64encode(bytes(16)).decode(), **headers})
     answer = connection.getresponse()
-    refusal = httpx.Response(answer.status, headers=answer.getheaders(), content=answer.read())
+    refusal = httpx.Response(answer.status, headers=answer.getheaders(), content=answer.read(),
+                             request=httpx.Request("GET", key_server.url + "/v1/tts/live"))
     connection.close()
     check_error(key_server, refusal, {401})
     speaks(key_server, headers=KEY)
