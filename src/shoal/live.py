@@ -9,7 +9,8 @@ is decoded, encoded as the `start` asked, in `audio` events; after `stop`, `fini
 `start` again (LiveKit reuses it). Anything wrong ends the session with `finish` `error` (its `message` says
 why) and a close code.
 
-The session knows nothing of the web framework: it talks to a `Transport` (the router's WebSocket).
+The session knows nothing of the web framework: it talks to a `Transport` (the router's WebSocket), and the
+router hands it the reader of `start` requests (`ReadRequest`: the API's `/v1/tts` schema).
 """
 
 from __future__ import annotations
@@ -23,10 +24,9 @@ from typing import Callable, Protocol
 
 import ormsgpack
 
-from shoal.audio import OutputEncoder
+from shoal.audio import OutputEncoder, OutputOptions
 from shoal.engines.base import check_speakable
 from shoal.errors import BadRequest, Busy, ShoalError, Unavailable
-from shoal.server.schemas import validate_tts_request
 from shoal.service import Job, Service, SpeechParams
 from shoal.settings import Settings
 from shoal.text import SentenceSegmenter
@@ -61,6 +61,13 @@ class Transport(Protocol):
         ...
 
     async def close(self, code: int, reason: str) -> None:
+        ...
+
+
+class ReadRequest(Protocol):
+    def __call__(self, data: object, model: str | None, min_chunk_length: int) -> tuple[SpeechParams, OutputOptions]:
+        """A `start` event's `request`, validated: what to speak and how to encode it; BadRequest if invalid.
+        `min_chunk_length` is the default for a request that sets none."""
         ...
 
 
@@ -126,10 +133,11 @@ class LiveSession:
     `close_reason` is one of a bounded set: `closed` (the client closed between utterances), `disconnected` (it
     left mid-utterance), `idle`, `bad_input`, `limit`, `busy` or `server_error`."""
 
-    def __init__(self, service: Service, model_header: str | None, limits: LiveLimits,
+    def __init__(self, service: Service, read_request: ReadRequest, model_header: str | None, limits: LiveLimits,
                  on_segment: Callable[[Job], None] | None = None):
         """`on_segment` is called with each segment's job once it has been spoken to the end (metrics)."""
         self.service = service
+        self.read_request = read_request
         self.model_header = model_header
         self.limits = limits
         self.on_segment = on_segment
@@ -254,19 +262,17 @@ class LiveSession:
             raise LiveError("start while an utterance is active: send stop and wait for finish first", CLOSE_POLICY,
                             "bad_input")
         try:
-            body, _ = validate_tts_request(request)
-            output = body.output()
+            params, output = self.read_request(request, self.model, LIVE_MIN_CHUNK_LENGTH)
         except BadRequest as exc:
             raise LiveError(f"invalid start request: {exc}", CLOSE_INVALID_PAYLOAD, "bad_input") from None
-        params = body.speech_params(self.model, min_chunk_length=LIVE_MIN_CHUNK_LENGTH)
         _, engine, _, _ = await asyncio.to_thread(self.service.resolve_voice, params)  # a bad voice fails now
         params = await asyncio.to_thread(self.service.encode_references, params)  # once, not per segment
         u = _Utterance(params, OutputEncoder(output, engine.sample_rate), SentenceSegmenter(params.min_chunk_length),
                        asyncio.Queue())
         self.utterance = u
         self._speaker = asyncio.create_task(self._speak(u))
-        if body.text:  # the SDK sends an empty one; any text here comes first
-            self._text(u, body.text)
+        if params.text:  # the SDK sends an empty one; any text here comes first
+            self._text(u, params.text)
 
     def _text(self, u: _Utterance, text: object) -> None:
         if not isinstance(text, str):

@@ -17,6 +17,7 @@ import soundfile as sf
 from shoal.compose import build_service
 from shoal.live import (CLOSE_INVALID_PAYLOAD, CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_TRY_AGAIN, LIVE_MIN_CHUNK_LENGTH,
                         LiveLimits, LiveSession)
+from shoal.server.schemas import read_tts_request
 from shoal.settings import Settings
 from shoal.text import SentenceSegmenter
 
@@ -324,7 +325,7 @@ async def until(condition, seconds: float = 60.0) -> None:
 
 
 def run_session(service, transport: Transport, **limit_changes) -> LiveSession:
-    session = LiveSession(service, None, limits(**limit_changes))
+    session = LiveSession(service, read_tts_request, None, limits(**limit_changes))
     asyncio.run(asyncio.wait_for(session.run(transport), 120))
     return session
 
@@ -360,7 +361,7 @@ def test_inline_references_are_encoded_once_per_utterance_not_per_segment(servic
 
     async def main():
         t = Transport()
-        run = asyncio.create_task(LiveSession(service, None, limits()).run(t))
+        run = asyncio.create_task(LiveSession(service, read_tts_request, None, limits()).run(t))
         t.put("start", request=start_request(min_chunk_length=0,
                                              references=[{"audio": tone_clip(1.5), "text": "A tone."}]))
         t.put("text", text="First one. Second one. Third one. ")
@@ -392,7 +393,7 @@ def test_a_reader_that_does_not_read_pauses_generation(service):
     t.reading.clear()
 
     async def main():
-        session = LiveSession(service, None, limits(audio_queue=2))
+        session = LiveSession(service, read_tts_request, None, limits(audio_queue=2))
         run = asyncio.create_task(session.run(t))
         t.put("start", request=start_request(max_new_tokens=40, latency="low", min_chunk_length=0))
         for n in range(segments):
@@ -425,7 +426,7 @@ def test_each_segment_after_the_first_carries_the_previous_segments_codes(servic
 
     async def main():
         t = Transport()
-        run = asyncio.create_task(LiveSession(service, None, limits()).run(t))
+        run = asyncio.create_task(LiveSession(service, read_tts_request, None, limits()).run(t))
         t.put("start", request=start_request(min_chunk_length=0))
         t.put("text", text="First one. Second one. Third one. ")
         t.put("stop")

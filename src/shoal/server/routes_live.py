@@ -9,6 +9,7 @@ from shoal.live import LiveLimits, LiveSession
 from shoal.server.deps import get_service, rate_limit, require_api_key
 from shoal.server.errors import shoal_error_response
 from shoal.server.metrics import LIVE_ROUTE, Metrics, request_id_of
+from shoal.server.schemas import read_tts_request
 
 router = APIRouter(tags=["fish"])
 
@@ -57,7 +58,7 @@ async def live(websocket: WebSocket):
         metrics.observe_live(request_id, exc.code)
         return await websocket.send_denial_response(shoal_error_response(exc))
     await websocket.accept(headers=[(b"x-request-id", request_id.encode())])
-    session = LiveSession(service, websocket.headers.get("model"), LiveLimits.from_settings(service.settings),
+    session = LiveSession(service, read_tts_request, websocket.headers.get("model"), LiveLimits.from_settings(service.settings),
                           on_segment=metrics.observe_live_segment)
     metrics.live_active.inc()
     try:

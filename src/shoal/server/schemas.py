@@ -171,6 +171,12 @@ def validate_tts_request(data: object) -> tuple[ServeTTSRequest, list[str]]:
     return body, body.ignored_fields()
 
 
+def read_tts_request(data: object, model: str | None, min_chunk_length: int = 0) -> tuple[SpeechParams, OutputOptions]:
+    """A live `start` event's request (`shoal.live.ReadRequest`): what to speak and how to encode it."""
+    body, _ = validate_tts_request(data)
+    return body.speech_params(model, min_chunk_length), body.output()
+
+
 def validation_message(exc: ValidationError) -> str:
     """pydantic's first error as one line: `field.path: what is wrong`."""
     first = exc.errors()[0]
