@@ -190,8 +190,10 @@ def test_repeat_sends_one_request_to_a_default_and_a_one_thread_server(fixture_d
     (["--repeat", "1"], "--repeat"),
     (["--repeat", "--concurrency", "1,4"], "--concurrency"),
     (["--repeat", "3", "--one-process"], "--one-process"),
+    (["--live", "--concurrency", "1,4"], "--concurrency"),
+    (["--live", "--repeat", "3"], "--repeat"),
 ])
-def test_bad_repeat_options_are_one_line(flags, says, tmp_path):
+def test_bad_repeat_and_live_options_are_one_line(flags, says, tmp_path):
     proc = shoal("bench", "--out", str(tmp_path), *flags, timeout=60)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -237,14 +239,3 @@ def test_live_bench_writes_its_table_and_json(fixture_dir, tmp_path):
     for run in report["runs"]:
         assert run["live"]["audio_s"] > 0 and len(run["live"]["flush_to_first_audio_s"]) == 3
     assert "flush → first audio" in md.read_text()
-
-
-@pytest.mark.parametrize("flags, says", [
-    (["--live", "--concurrency", "1,4"], "--concurrency"),
-    (["--live", "--repeat", "3"], "--repeat"),
-])
-def test_bad_live_options_are_one_line(flags, says, tmp_path):
-    proc = shoal("bench", "--out", str(tmp_path), *flags, timeout=60)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and says in lines[0] and lines[0].startswith("shoal: error:")

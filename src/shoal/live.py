@@ -96,13 +96,19 @@ class LiveError(Exception):
         self.code, self.reason = code, reason
 
 
-def error_close(exc: ShoalError) -> LiveError:
-    """A service error as the session ends on it."""
+def error_close(exc: Exception, where: str) -> LiveError:
+    """How the session ends on `exc`: a LiveError as it is, a service error by its kind, anything else as an
+    internal error (logged with its traceback, never shown to the client)."""
+    if isinstance(exc, LiveError):
+        return exc
     if isinstance(exc, (Busy, Unavailable)):
         return LiveError(str(exc), CLOSE_TRY_AGAIN, "busy")
     if isinstance(exc, BadRequest):
         return LiveError(str(exc), CLOSE_INVALID_PAYLOAD, "bad_input")
-    return LiveError(str(exc), CLOSE_INTERNAL, "server_error")
+    if isinstance(exc, ShoalError):
+        return LiveError(str(exc), CLOSE_INTERNAL, "server_error")
+    log.error("%s", where, exc_info=exc)
+    return LiveError("internal server error", CLOSE_INTERNAL, "server_error")
 
 
 def event(name: str, **fields) -> bytes:
@@ -203,13 +209,8 @@ class LiveSession:
                 if message is None:
                     return
                 await self._handle(self._decode(message))
-        except LiveError as exc:
-            self._fail(exc)
-        except ShoalError as exc:
-            self._fail(error_close(exc))
-        except Exception:
-            log.exception("live session failed")
-            self._fail(LiveError("internal server error", CLOSE_INTERNAL, "server_error"))
+        except Exception as exc:
+            self._fail(error_close(exc, "live session failed"))
         finally:
             if receiving is not None:
                 receiving.cancel()
@@ -316,11 +317,8 @@ class LiveSession:
             await self._audio(u.encoder.finish(), max(index, 0))
             self.utterance = None  # before finish is queued: the client may start again once it reads it
             await self.outbox.put(FINISH_STOP)
-        except ShoalError as exc:
-            self._fail(error_close(exc))
-        except Exception:
-            log.exception("live generation failed")
-            self._fail(LiveError("internal server error", CLOSE_INTERNAL, "server_error"))
+        except Exception as exc:
+            self._fail(error_close(exc, "live generation failed"))
         finally:
             u.encoder.close()
 
