@@ -25,6 +25,10 @@ CONFIG = TTSConfig(max_new_tokens=12, temperature=0.7, top_p=0.7)
 FORMATS = ["mp3", "wav", "pcm", "opus"]
 LIVE_WAIT_SECONDS = 120.0  # how long the text iterator waits for audio before it gives up (and the test fails)
 SDK_DEFAULT_RATE = 44100  # what shoal's engine makes; the SDK sends no sample_rate unless asked
+# The SDK and LiveKit send no seed, and the tiny checkpoint's random weights pick its end token at random steps, so
+# an answer may be a single frame long: the tests bound the length by max_new_tokens (12 frames of 2048 samples,
+# plus the compressed formats' padding) and ask only for some audio below it.
+MAX_SECONDS = CONFIG.max_new_tokens * 2048 / SDK_DEFAULT_RATE + 0.1
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +51,7 @@ def decoded_seconds(data: bytes, fmt: str, rate: int = SDK_DEFAULT_RATE) -> floa
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_convert_in_every_format(client, fmt):
     data = client.tts.convert(text="Hello from the SDK.", format=fmt, config=CONFIG)
-    assert 0.1 < decoded_seconds(data, fmt) < 2.0
+    assert 0 < decoded_seconds(data, fmt) < MAX_SECONDS
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -56,7 +60,7 @@ def test_async_convert_in_every_format(server, fmt):
         async with AsyncFishAudio(api_key=KEY, base_url=server.url) as c:
             return await c.tts.convert(text="Hello, asynchronously.", format=fmt, config=CONFIG)
 
-    assert 0.1 < decoded_seconds(asyncio.run(main()), fmt) < 2.0
+    assert 0 < decoded_seconds(asyncio.run(main()), fmt) < MAX_SECONDS
 
 
 def test_stream_yields_chunks_that_make_one_file(client):
@@ -73,7 +77,7 @@ def test_async_stream(server):
             stream = await c.tts.stream(text="Streamed, asynchronously.", format="mp3", config=CONFIG)
             return [chunk async for chunk in stream]
 
-    assert decoded_seconds(b"".join(asyncio.run(main())), "mp3") > 0.1
+    assert 0 < decoded_seconds(b"".join(asyncio.run(main())), "mp3") < MAX_SECONDS
 
 
 def test_sdk_options_reach_the_audio(client):
@@ -112,7 +116,7 @@ def livekit_tts(server, session, **options):
 
     # voice_id: the plugin's default is a voice on Fish's cloud, which a self-hosted server does not have.
     return fishaudio.TTS(base_url=server.url, api_key=KEY, http_session=session, voice_id="default",
-                         max_new_tokens=12, **options)
+                         max_new_tokens=CONFIG.max_new_tokens, **options)
 
 
 @pytest.mark.parametrize("fmt, rate", [("wav", 24000), ("mp3", 32000), ("pcm", 24000)])
@@ -126,7 +130,7 @@ def test_livekit_synthesize(server, fmt, rate):
 
     frames = asyncio.run(main())
     assert frames and all(f.sample_rate == rate and f.num_channels == 1 for f in frames)
-    assert 0.1 < sum(f.samples_per_channel for f in frames) / rate < 2.0
+    assert 0 < sum(f.samples_per_channel for f in frames) / rate < MAX_SECONDS
 
 
 # -- the README's snippet -----------------------------------------------------------------------------------------
@@ -139,7 +143,7 @@ def readme_sdk_snippet() -> str:
 
 def test_the_readme_sdk_snippet_runs_as_written(server, tmp_path):
     """The README's fishaudio snippet, run against the live server: only the URL, the key and a cap on tokens
-    (the tiny checkpoint's random weights never stop on their own) are changed."""
+    (the tiny checkpoint's random weights may not stop on their own) are changed."""
     code = readme_sdk_snippet()
     for old, new in (('"http://127.0.0.1:8080"', repr(server.url)), ('"my-key"', repr(KEY)),
                      ("reference_id=voice.id)", "reference_id=voice.id, config=CONFIG)")):
@@ -153,7 +157,7 @@ def test_the_readme_sdk_snippet_runs_as_written(server, tmp_path):
     finally:
         os.chdir(cwd)
     for name in ("hello.mp3", "live.mp3"):
-        assert decoded_seconds((tmp_path / name).read_bytes(), "mp3") > 0.1, name
+        assert decoded_seconds((tmp_path / name).read_bytes(), "mp3") > 0, name
 
 
 # -- the live WebSocket through the SDK, and Pipecat's wire sequence -----------------------------------------------
