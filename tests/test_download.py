@@ -25,8 +25,14 @@ from shoal.layout import CHECKPOINT_FILES
 from support import shoal
 
 REPO = "fishaudio/openaudio-s1-mini"
+S2_REPO = "fishaudio/s2-pro"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 FILES = {name: f"contents of {name}\n".encode() * 50 for name in (*CHECKPOINT_FILES, "codec_config.yaml")}
+S2_SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+S2_FILES = {**{name: f"contents of {name}\n".encode() * 50
+               for name in ("tokenizer.json", "tokenizer_config.json", "codec.pth", "README.md", *S2_SHARDS)},
+            "config.json": json.dumps({"model_type": "fish_qwen3_omni"}).encode(),
+            "model.safetensors.index.json": json.dumps({"weight_map": {"a": S2_SHARDS[0], "b": S2_SHARDS[1]}}).encode()}
 
 
 def shoal_download(*args: str, cwd: Path, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess,
@@ -116,9 +122,17 @@ def test_verification_names_missing_empty_and_short_files(tmp_path):
     assert "model.pth has" in message and "config.json" not in message
 
 
-def test_defaults_and_next_step():
+def test_defaults_and_next_step(tmp_path, monkeypatch):
+    """Plain `shoal serve` only when it would find the target: the first default place that exists."""
+    monkeypatch.chdir(tmp_path)
     assert default_directory(REPO) == Path("checkpoints/openaudio-s1-mini")
-    assert next_step(Path("checkpoints/openaudio-s1-mini")).startswith("next: shoal serve ")
+    assert default_directory(S2_REPO) == Path("checkpoints/s2-pro")
+    s1, s2 = Path("checkpoints/openaudio-s1-mini"), Path("checkpoints/s2-pro")
+    s2.mkdir(parents=True)
+    assert next_step(s2).startswith("next: shoal serve ")
+    s1.mkdir()
+    assert next_step(s1).startswith("next: shoal serve ")
+    assert next_step(s2) == f"next: shoal serve --checkpoint {s2}"
     assert next_step(Path("/somewhere/else")) == "next: shoal serve --checkpoint /somewhere/else"
 
 
@@ -135,6 +149,7 @@ class FakeHub(BaseHTTPRequestHandler):
     """model info, HEAD and GET of files, and the hub's error headers for gated and unknown repositories."""
 
     files: dict[str, bytes] = FILES
+    repo = REPO
     gated = False
 
     def log_message(self, *args) -> None:  # keep pytest output clean
@@ -149,12 +164,12 @@ class FakeHub(BaseHTTPRequestHandler):
     def _answer(self, body: bool) -> None:
         path = self.path.split("?")[0]
         if path.startswith("/api/models/"):
-            if not path.startswith(f"/api/models/{REPO}"):
+            if not path.startswith(f"/api/models/{self.repo}"):
                 return self._error(404, "RepoNotFound")
             siblings = [{"rfilename": n, "size": len(d)} for n, d in self.files.items()]
-            return self._send(200, json.dumps({"id": REPO, "sha": COMMIT, "siblings": siblings}).encode(),
+            return self._send(200, json.dumps({"id": self.repo, "sha": COMMIT, "siblings": siblings}).encode(),
                               {"Content-Type": "application/json"}, body)
-        prefix = f"/{REPO}/resolve/{COMMIT}/"
+        prefix = f"/{self.repo}/resolve/{COMMIT}/"
         if not path.startswith(prefix) or path[len(prefix):] not in self.files:
             return self._error(404, "EntryNotFound")
         if self.gated:
@@ -233,5 +248,26 @@ def test_a_repo_without_the_checkpoint_files_is_refused(tmp_path, fake_hub):
     hub, env = fake_hub
     hub.files = {"config.json": b"{}", "README.md": b"hi"}
     proc, _ = shoal_download(cwd=tmp_path, env=env)
-    assert_one_line_failure(proc, "not an S1 checkpoint", "model.pth")
+    assert_one_line_failure(proc, "neither an S1 checkpoint", "model.pth", "nor an S2-Pro one",
+                            "model.safetensors.index.json")
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_an_s2_pro_repository_lands_with_every_shard_its_index_names(tmp_path, fake_hub):
+    hub, env = fake_hub
+    hub.files, hub.repo = S2_FILES, S2_REPO
+    proc, _ = shoal_download(S2_REPO, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    target = tmp_path / "checkpoints" / "s2-pro"
+    for name, data in S2_FILES.items():
+        if name != "README.md":  # not a checkpoint file: left on the hub
+            assert (target / name).read_bytes() == data
+    assert not (target / "README.md").exists()
+    assert "an s2-pro checkpoint" in proc.stdout and "next: shoal serve" in proc.stdout
+
+
+def test_an_s2_pro_download_missing_a_shard_is_not_complete(tmp_path):
+    """The index names the shards: one that did not arrive fails verification, whatever the hub listed."""
+    write_files(tmp_path, {k: v for k, v in S2_FILES.items() if k != S2_SHARDS[1]})
+    with pytest.raises(CheckpointError, match=f"{S2_SHARDS[1]} is missing"):
+        verify_checkpoint_files(tmp_path, kind="s2")

@@ -140,7 +140,7 @@ def test_saved_voice_gives_the_same_audio_as_its_clip_without_encoding(tts, fixt
     (lambda t: t("Hi.", speaker_wav="missing.wav", prompt_text="x"), NotFound, "does not exist"),
     (lambda t: t("Hi.", speaker_wav=b"RIFF"), BadRequest, "go together"),
     (lambda t: t("Hi.", voice="nobody"), BadRequest, "unknown voice 'nobody'"),
-    (lambda t: t("Hi.", model="s9"), BadRequest, "valid models: fish, piper"),
+    (lambda t: t("Hi.", model="s9"), BadRequest, "valid models: s1, piper, fish"),
     (lambda t: t("Hi.", speaker_wav=b"not audio at all", prompt_text="x"), BadRequest, ""),
 ])
 def test_bad_input_raises_the_documented_errors(tts, call, error, words):
@@ -190,7 +190,7 @@ def test_without_the_lite_voice_only_fish_loads_and_no_checkpoint_is_an_error(fi
     from shoal.errors import CheckpointError
 
     with shoal.load(fixture_dir, device="cpu", data_dir=tmp_path, warm_up=False, lite_voice=False) as tts:
-        assert tts.models == ["fish"]
+        assert tts.models == ["s1"]
     monkeypatch.chdir(tmp_path)  # no ./checkpoints here, and none in the data dir
     with pytest.raises(CheckpointError, match="lite_voice"):
         shoal.load(data_dir=tmp_path / "empty", warm_up=False, lite_voice=False)

@@ -34,7 +34,8 @@ def find_checkpoint(settings) -> Path:
     found, searched = search(settings.checkpoint, settings.data_dir)
     if found is None:
         raise CheckpointError(f"no Fish Speech checkpoint found at {', '.join(str(p) for p in searched)}; pass "
-                              "--checkpoint DIR or run `shoal download` to fetch openaudio-s1-mini")
+                              "--checkpoint DIR or run `shoal download` to fetch openaudio-s1-mini "
+                              "(`shoal download fishaudio/s2-pro` for S2-Pro)")
     return found
 
 
@@ -72,9 +73,9 @@ def cmd_say(args: argparse.Namespace) -> int:
     from shoal.service import SpeechParams
 
     output_format(args.output)  # fail before loading anything
-    if (args.reference_audio is None) != (args.reference_text is None):
-        raise BadRequest("--reference-audio and --reference-text go together: a clip and what is said in it")
-    references = [(args.reference_audio, args.reference_text)] if args.reference_audio else []
+    if len(args.reference_audio or []) != len(args.reference_text or []):
+        raise BadRequest("give one --reference-text per --reference-audio, in the same order")
+    references = list(zip(args.reference_audio or [], args.reference_text or []))
     params = SpeechParams(text=args.text, model="fish", references=references, seed=args.seed,
                           **{name: getattr(args, name) for name in PARAMS})
     settings = settings_from(args)
@@ -153,8 +154,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", help="S1 checkpoint directory (default: checkpoints/openaudio-s1-mini, then "
-                   "the data dir's checkpoints/openaudio-s1-mini)")
+    p.add_argument("--checkpoint", help="checkpoint directory, S1 or S2-Pro: its files say which (default: "
+                   "checkpoints/openaudio-s1-mini, then checkpoints/s2-pro, then the same under the data dir)")
     p.add_argument("--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--precision", help="auto (bf16 on cuda, else float32), float32, bfloat16")
 
@@ -169,7 +170,7 @@ def build_parser(lenient: bool = False) -> argparse.ArgumentParser:
             raise
         PARAMS = {}
     parser = argparse.ArgumentParser(prog="shoal", description="A self-hosted voice server for Fish Speech / "
-                                     "OpenAudio S1 checkpoints.")
+                                     "OpenAudio S1 and Fish Audio S2-Pro checkpoints.")
     parser.add_argument("--version", action="version", version=f"shoal {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -182,6 +183,9 @@ def build_parser(lenient: bool = False) -> argparse.ArgumentParser:
 
     serve = command("serve", "run the HTTP server (Fish and OpenAI APIs, web UI)", cmd_serve)
     add_model_flags(serve)
+    serve.add_argument("--extra-checkpoint", dest="extra_checkpoints", action="append", metavar="DIR",
+                       help="another checkpoint to serve side by side under its model name (e.g. S2-Pro beside "
+                       "S1); repeatable")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
     serve.add_argument("--api-key", help="require `Authorization: Bearer KEY` on the API")
@@ -194,8 +198,10 @@ def build_parser(lenient: bool = False) -> argparse.ArgumentParser:
     say.add_argument("-o", "--output", required=True,
                      help="output file: .wav, .flac, .ogg, .mp3, .opus, .aac or .pcm")
     add_model_flags(say)
-    say.add_argument("--reference-audio", help="a clip of the voice to clone")
-    say.add_argument("--reference-text", help="the transcript of --reference-audio")
+    say.add_argument("--reference-audio", action="append", help="a clip of the voice to clone; repeat it for "
+                     "S2-Pro's speakers (the n-th clip is <|speaker:n-1|>)")
+    say.add_argument("--reference-text", action="append", help="the transcript of the --reference-audio in the "
+                     "same place")
     say.add_argument("--seed", type=int, help="same seed, same audio (default: random)")
     for param in PARAMS.values():
         say.add_argument(f"--{param.name.replace('_', '-')}", type=int if param.integer else float,
@@ -209,9 +215,10 @@ def build_parser(lenient: bool = False) -> argparse.ArgumentParser:
     doctor.add_argument("--port", type=int, help="port to check (default: the configured one)")
     doctor.add_argument("--json", action="store_true", help="print the checks as JSON")
 
-    download = command("download", "download an S1 checkpoint from the Hugging Face hub", cmd_download)
+    download = command("download", "download an S1 or S2-Pro checkpoint from the Hugging Face hub", cmd_download)
     download.add_argument("repo", nargs="?", default="fishaudio/openaudio-s1-mini",
-                          help="hub repository (default fishaudio/openaudio-s1-mini; gated: set HF_TOKEN)")
+                          help="hub repository: fishaudio/openaudio-s1-mini (default) or fishaudio/s2-pro (both "
+                          "gated: accept the licence, set HF_TOKEN)")
     download.add_argument("--dir", help="where to put it (default checkpoints/<repo name>)")
     bench = command("bench", "benchmark shoal (and the reference engine side by side)", cmd_bench)
     from shoal.bench import add_bench_arguments

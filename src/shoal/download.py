@@ -1,4 +1,7 @@
-"""`shoal download`: fetch an S1 checkpoint from the Hugging Face hub into the directory shoal looks in.
+"""`shoal download`: fetch an S1 or S2-Pro checkpoint from the Hugging Face hub into the directory shoal looks in.
+
+Which of the two a repository holds is read off its file list: S1's five files (openaudio-s1-mini), or S2-Pro's
+config, weight index, weight shards, tokenizer and codec (fishaudio/s2-pro).
 
 The files land in a hidden `.<name>.partial` directory beside the target and move into place only once all of
 them are there with the sizes the hub announced, so an interrupted download never leaves a checkpoint that looks
@@ -19,11 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shoal.errors import BadRequest, CheckpointError, NotFound, ShoalError, Unauthorized, Unavailable
-from shoal.layout import CHECKPOINT_FILES, CODEC_CONFIG_FILE, checkpoint_search_paths
+from shoal.layout import (CHECKPOINT_FILES, CODEC_CONFIG_FILE, MODEL_NAMES, S2_CHECKPOINT_FILES, checkpoint_files,
+                          checkpoint_search_paths)
 
 DEFAULT_REPO = "fishaudio/openaudio-s1-mini"
-#: Files fetched when the repository has them; only CHECKPOINT_FILES are required.
-OPTIONAL_FILES = (CODEC_CONFIG_FILE,)
+S2_REPO = "fishaudio/s2-pro"
+#: Files fetched when the repository has them; only a kind's checkpoint files (and S2's shards) are required.
+OPTIONAL_FILES = (CODEC_CONFIG_FILE, "tokenizer_config.json", "special_tokens_map.json")
+WEIGHT_SHARD_SUFFIX = ".safetensors"
 #: Seconds to wait for the hub's answer to a metadata request; there are no retries on them, so an unreachable
 #: hub fails in about this long at worst (a dead DNS fails at once).
 METADATA_TIMEOUT = 10.0
@@ -38,6 +44,7 @@ class RemoteCheckpoint:
     repo: str
     commit: str
     sizes: dict[str, int | None]
+    kind: str = "s1"
 
     @property
     def total_bytes(self) -> int:
@@ -57,9 +64,9 @@ def run_download(repo: str | None, directory: str | os.PathLike | None) -> int:
     print(f"downloading {len(remote.sizes)} files ({_gb(remote.total_bytes)}) from {repo} into {target}")
     partial = partial_directory(target)
     download_files(remote, partial, target)
-    verify_checkpoint_files(partial, remote.sizes)
+    verify_checkpoint_files(partial, remote.sizes, remote.kind)
     move_into_place(partial, target)
-    print(f"downloaded {repo} ({_gb(remote.total_bytes)}) to {target}")
+    print(f"downloaded {repo}, an {MODEL_NAMES[remote.kind]} checkpoint ({_gb(remote.total_bytes)}), to {target}")
     print(next_step(target))
     return 0
 
@@ -76,9 +83,10 @@ def partial_directory(target: Path) -> Path:
 
 
 def next_step(target: Path) -> str:
-    """The command to run next: plain `shoal serve` when the target is where shoal looks by default."""
-    defaults = {p.resolve() for p in checkpoint_search_paths(None)}
-    if target.resolve() in defaults:
+    """The command to run next: plain `shoal serve` when the target is what shoal finds by default (the first of
+    its default places that exists)."""
+    found = next((p for p in checkpoint_search_paths(None) if p.is_dir()), None)
+    if found is not None and target.resolve() == found.resolve():
         return "next: shoal serve   (or: shoal say \"Hello!\" -o hello.wav)"
     return f"next: shoal serve --checkpoint {target}"
 
@@ -92,17 +100,29 @@ def fetch_remote_checkpoint(repo: str, target: Path) -> RemoteCheckpoint:
     try:
         info = HfApi().model_info(repo, files_metadata=True, timeout=METADATA_TIMEOUT)
         present = {s.rfilename: s.size for s in info.siblings or ()}
-        missing = [name for name in CHECKPOINT_FILES if name not in present]
-        if missing:
-            raise CheckpointError(f"{repo} is not an S1 checkpoint: it has no {', '.join(missing)}; "
-                                  f"use {DEFAULT_REPO} or a repository with the same files")
-        wanted = [*CHECKPOINT_FILES, *(name for name in OPTIONAL_FILES if name in present)]
-        get_hf_file_metadata(hf_hub_url(repo, CHECKPOINT_FILES[0], revision=info.sha), timeout=METADATA_TIMEOUT)
+        kind, required = remote_kind(repo, present)
+        wanted = [*required, *(name for name in OPTIONAL_FILES if name in present)]
+        get_hf_file_metadata(hf_hub_url(repo, required[0], revision=info.sha), timeout=METADATA_TIMEOUT)
     except ShoalError:
         raise
     except Exception as exc:
         raise explain_hub_error(exc, repo, target) from exc
-    return RemoteCheckpoint(repo, info.sha, {name: present[name] for name in wanted})
+    return RemoteCheckpoint(repo, info.sha, {name: present[name] for name in wanted}, kind)
+
+
+def remote_kind(repo: str, present: dict[str, int | None]) -> tuple[str, list[str]]:
+    """(kind, the files to fetch) of a repository from its file list: S1's files, else S2-Pro's plus every
+    top-level weight shard; CheckpointError naming what is missing when it is neither."""
+    if all(name in present for name in CHECKPOINT_FILES):
+        return "s1", list(CHECKPOINT_FILES)
+    shards = sorted(n for n in present if n.endswith(WEIGHT_SHARD_SUFFIX) and "/" not in n)
+    if all(name in present for name in S2_CHECKPOINT_FILES) and shards:
+        return "s2", [*S2_CHECKPOINT_FILES, *shards]
+    s1_missing = [name for name in CHECKPOINT_FILES if name not in present]
+    s2_missing = [name for name in S2_CHECKPOINT_FILES if name not in present] + \
+        ([] if shards else [f"*{WEIGHT_SHARD_SUFFIX} shards"])
+    raise CheckpointError(f"{repo} is neither an S1 checkpoint (it has no {', '.join(s1_missing)}) nor an S2-Pro "
+                          f"one (no {', '.join(s2_missing)}); use {DEFAULT_REPO} or {S2_REPO}")
 
 
 def download_files(remote: RemoteCheckpoint, partial: Path, target: Path) -> None:
@@ -139,7 +159,7 @@ def explain_hub_error(exc: BaseException, repo: str, target: Path, partial: Path
                             f"(https://huggingface.co/settings/tokens)")
     if isinstance(exc, (RepositoryNotFoundError, RevisionNotFoundError)) or status == 404:
         return NotFound(f"no repository {repo} on the Hugging Face hub (if it is private, set HF_TOKEN); "
-                        f"the S1 checkpoint is {DEFAULT_REPO}")
+                        f"the official checkpoints are {DEFAULT_REPO} (S1) and {S2_REPO} (S2-Pro)")
     if isinstance(exc, HfHubHTTPError):
         return Unavailable(f"the Hugging Face hub answered HTTP {status or '?'} for {repo}: try again later, "
                            f"{by_hand}{resume}")
@@ -205,11 +225,13 @@ def _first_line(exc: BaseException) -> str:
 
 
 # -- the disk --------------------------------------------------------------------------------------------------
-def verify_checkpoint_files(directory: str | os.PathLike, sizes: dict[str, int | None] | None = None) -> Path:
-    """Check that every required checkpoint file is in `directory` and non-empty, and that each file in `sizes`
-    has that many bytes. Raises CheckpointError naming every file at fault."""
+def verify_checkpoint_files(directory: str | os.PathLike, sizes: dict[str, int | None] | None = None,
+                            kind: str = "s1") -> Path:
+    """Check that every file a `kind` checkpoint needs is in `directory` and non-empty (S2: the shards its index
+    names too), and that each file in `sizes` has that many bytes. Raises CheckpointError naming every file at
+    fault."""
     directory = Path(directory)
-    expected = dict.fromkeys(CHECKPOINT_FILES) | dict(sizes or {})
+    expected = dict.fromkeys(checkpoint_files(directory, kind)) | dict(sizes or {})
     problems = []
     for name, size in expected.items():
         path = directory / name
@@ -226,7 +248,7 @@ def verify_checkpoint_files(directory: str | os.PathLike, sizes: dict[str, int |
 
 def _already_there(target: Path, remote: RemoteCheckpoint) -> bool:
     try:
-        verify_checkpoint_files(target, remote.sizes)
+        verify_checkpoint_files(target, remote.sizes, remote.kind)
     except CheckpointError:
         return False
     return True

@@ -246,30 +246,28 @@ class Service:
         """A model name as clients send it -> (our model name, engine). Unknown names list the valid ones."""
         if name is None or name == "" or name in OPENAI_MODEL_ALIASES:
             name = self.engines.default
-        if name not in self.engines.engines:
-            valid = ", ".join(self.model_names + list(OPENAI_MODEL_ALIASES))
+        served = self.engines.names()
+        if name not in served:
+            valid = ", ".join([*served, *OPENAI_MODEL_ALIASES])
             raise BadRequest(f"unknown model {name!r}; valid models: {valid}")
-        return name, self.engines.get(name)
+        return served[name], self.engines.get(name)
 
     def resolve_fish_model(self, name: str | None) -> str:
-        """The served model a Fish Audio `model` header means: a served name (or one of its Fish names, such as
-        `s1` for an S1 checkpoint) as it is; a Fish Audio cloud name (`s2-pro`, `speech-1.6`, ...) through the
-        `model_map` setting, to the model it names if that is served, else to the server's default (the
-        closest there is); no header, the default. Anything else is a BadRequest listing the valid names."""
+        """The served model a Fish Audio `model` header means: a served name (`s1`, `s2-pro`, or an alias such as
+        `fish`) as it is; a Fish Audio cloud name (`s2.1-pro`, `speech-1.6`, ...) through the `model_map`
+        setting, followed from name to name until one is served, else the server's default (the closest there
+        is); no header, the default. Anything else is a BadRequest listing the valid names."""
         if not name:
             return self.engines.default
         served = self.engines.names()
-        if name in served:
-            return served[name]
-        mapped = self.settings.model_map.get(name)
-        if mapped is not None:
-            return served.get(mapped, self.engines.default)
-        valid = ", ".join(sorted({*served, *self.settings.model_map}))
-        raise BadRequest(f"unknown model {name!r}; valid models: {valid}")
-
-    def public_name(self, model: str) -> str:
-        """The name a response reports for a served model: its Fish name where it has one (`s1`)."""
-        return self.engines.fish_names.get(model, model)
+        if name not in served and name not in self.settings.model_map:
+            valid = ", ".join(sorted({*served, *self.settings.model_map}))
+            raise BadRequest(f"unknown model {name!r}; valid models: {valid}")
+        seen = set()
+        while name not in served and name in self.settings.model_map and name not in seen:
+            seen.add(name)
+            name = self.settings.model_map[name]
+        return served.get(name, self.engines.default)
 
     def stats(self) -> EngineStats:
         """Every engine's `stats()`, summed: what /metrics and /v1/health report."""
@@ -295,7 +293,8 @@ class Service:
         for name, engine in self.engines.engines.items():
             out.append({"id": name, "default": name == self.engines.default, "sample_rate": engine.sample_rate,
                         "supports_cloning": engine.supports_cloning,
-                        "checkpoint": str(self.engines.checkpoint) if name == "fish" else None})
+                        "checkpoint": str(self.engines.checkpoints[name]) if name in self.engines.checkpoints
+                        else None})
         return out
 
     # -- voices ------------------------------------------------------------------------------------------------
@@ -312,13 +311,13 @@ class Service:
 
     def add_voice(self, voice_id: str, audio: bytes, text: str, overwrite: bool = False) -> Voice:
         """Save a voice; its codes are computed now (once) when a fish engine is loaded."""
-        encoder = self.engines.engines.get("fish")
+        encoder = self.engines.encoder()
         return self.voices.add(voice_id, audio, text, encoder, overwrite=overwrite)
 
     def create_voice(self, clips: Sequence[tuple[bytes, str]], details: Details, cover: bytes | None = None
                      ) -> Voice:
         """Save a voice of one or more (audio, transcript) clips under a new id (32 hex digits, as Fish's)."""
-        encoder = self.engines.engines.get("fish")
+        encoder = self.engines.encoder()
         return self.voices.save(new_voice_id(), clips, encoder, details=details, cover=cover)
 
     def update_voice(self, voice_id: str, **changes) -> Voice:

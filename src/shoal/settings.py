@@ -24,8 +24,10 @@ from shoal.layout import GENERATION_HEADROOM
 
 ENV_PREFIX = "SHOAL_"
 #: The Fish Audio cloud's model names that clients send by default (the SDK `s2-pro`, LiveKit `s2.1-pro`) and
-#: the served model closest to each; an S2 checkpoint, once served, answers to its own name first.
-FISH_MODEL_MAP = {"s2-pro": "s1", "s2.1-pro": "s1", "speech-1.5": "s1", "speech-1.6": "s1", "drama-3": "s1"}
+#: the model closest to each. A served model answers to its own name first; a target that is not served is looked
+#: up in the map again (`s2.1-pro` -> `s2-pro` -> `s1` when only S1 is served), and the default model ends the
+#: chain.
+FISH_MODEL_MAP = {"s2-pro": "s1", "s2.1-pro": "s2-pro", "speech-1.5": "s1", "speech-1.6": "s1", "drama-3": "s2-pro"}
 DOTENV = ".env"
 
 
@@ -40,7 +42,11 @@ class Settings(BaseSettings):
                                       extra="ignore", validate_default=True)
 
     # The model
-    checkpoint: Path | None = Field(None, description="S1 checkpoint directory (default: search the usual places)")
+    checkpoint: Path | None = Field(None, description="checkpoint directory, S1 or S2-Pro (default: search the usual "
+                                    "places)")
+    extra_checkpoints: Annotated[list[Path], NoDecode] = Field(default_factory=list, description="more checkpoints "
+                                                              "served side by side, each under its model name "
+                                                              "(e.g. an S2-Pro beside an S1), comma-separated")
     device: str = Field("auto", description="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
     precision: str = Field("auto", description="auto (bf16 on cuda, else float32), float32, bfloat16, float16")
     compile: bool = Field(False, description="torch.compile the decode step (bucketed shapes, static KV caches; "
@@ -103,8 +109,9 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads of the engine thread, the one "
                                       "thread that runs torch (default: torch's, one per core)")
     # Defaults for requests
-    default_model: Literal["auto", "fish", "piper"] = Field("auto", description="auto: fish if a checkpoint "
-                                                            "loads, else piper")
+    default_model: Literal["auto", "fish", "s1", "s2-pro", "piper"] = Field("auto", description="auto: the "
+                                                            "first checkpoint's model (fish) if one loads, else "
+                                                            "piper")
     model_map: Annotated[dict[str, str], NoDecode] = Field(default_factory=lambda: dict(FISH_MODEL_MAP), description="Fish Audio "
                                       "model names (the `model` header) -> the served model each means, as JSON "
                                       "or `name=model,...`; a target that is not served means the default model")
@@ -130,6 +137,14 @@ class Settings(BaseSettings):
             if any(not sep or not k.strip() or not v.strip() for k, sep, v in pairs):
                 raise ValueError("write the map as name=model pairs separated by commas, or as a JSON object")
             return {k.strip(): v.strip() for k, _, v in pairs}
+        return value
+
+    @field_validator("extra_checkpoints", mode="before")
+    @classmethod
+    def _paths(cls, value: Any) -> Any:
+        """`DIR,DIR` (the environment's form), or a list."""
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
     @field_validator("log_level", mode="before")

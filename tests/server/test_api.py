@@ -24,8 +24,8 @@ FIXTURE_TEXT = "This is a short reference recording."
 
 def test_health_reports_models_and_counters(server):
     body = httpx.get(server.url + "/v1/health").json()
-    assert body["status"] == "ok" and body["default_model"] == "fish"
-    assert set(body["models"]) == {"fish", "piper"} and body["notice"] is None
+    assert body["status"] == "ok" and body["default_model"] == "s1"
+    assert set(body["models"]) == {"s1", "piper"} and body["notice"] is None
     assert "codec_encodes" in body["counters"]
     assert body["threads"]["torch_intra_op"] >= 1 and body["threads"]["omp_wait_policy"] == "PASSIVE"
 
@@ -33,9 +33,9 @@ def test_health_reports_models_and_counters(server):
 def test_models_and_voices_listings(server):
     with server.client() as c:
         models = c.get("/v1/models").json()
-        assert models["object"] == "list" and {m["id"] for m in models["data"]} == {"fish", "piper"}
+        assert models["object"] == "list" and {m["id"] for m in models["data"]} == {"s1", "piper"}
         voices = c.get("/v1/audio/voices").json()
-        assert voices["model"] == "fish" and "default" in voices["voices"]
+        assert voices["model"] == "s1" and "default" in voices["voices"]
 
 
 # -- OpenAI ------------------------------------------------------------------------------------------------------

@@ -295,12 +295,12 @@ def test_metrics_parse_and_move_as_requests_run(make_server, fixture_dir):
     assert delta("shoal_http_requests_total", route="/v1/audio/speech", method="POST", status="500") == 1
     assert delta("shoal_http_requests_total", route="/v1/audio/speech", method="POST", status="400") == 1
     assert delta("shoal_http_requests_total", route="/v1/tts", method="POST", status="200") == 2
-    assert delta("shoal_speech_requests_total", model="fish", outcome="ok") == 3
-    assert delta("shoal_speech_requests_total", model="fish", outcome="error") == 1
-    assert delta("shoal_time_to_first_audio_seconds_count", model="fish") >= 3
-    assert delta("shoal_speech_latency_seconds_count", model="fish") == 3
-    assert delta("shoal_real_time_factor_count", model="fish") == 3
-    assert delta("shoal_audio_seconds_total", model="fish") > 0
+    assert delta("shoal_speech_requests_total", model="s1", outcome="ok") == 3
+    assert delta("shoal_speech_requests_total", model="s1", outcome="error") == 1
+    assert delta("shoal_time_to_first_audio_seconds_count", model="s1") >= 3
+    assert delta("shoal_speech_latency_seconds_count", model="s1") == 3
+    assert delta("shoal_real_time_factor_count", model="s1") == 3
+    assert delta("shoal_audio_seconds_total", model="s1") > 0
     assert delta("shoal_generated_tokens_total") >= 12 + 2 * 6
     assert delta("shoal_codec_encodes_total") == 1
     assert delta("shoal_reference_cache_hits_total") == 1 and delta("shoal_reference_cache_misses_total") == 1

@@ -63,7 +63,7 @@ def shot(page, path: Path) -> None:
 def test_speak_streams_into_the_player(ui_server, page, tmp_path):
     open_ui(page, ui_server.url)
     header = text(page, "#shoal-header")
-    assert "fish" in header and "cpu" in header and "float32" in header and "Queue" in header
+    assert "s1" in header and "cpu" in header and "float32" in header and "Queue" in header
     page.fill("#speak-text textarea", "Hello there. This is the web UI speaking, in a streamed voice.")
     wait_text(page, "#shoal-count", r"^6\d / 5000 characters")
     page.click("#speak-generate")

@@ -1,4 +1,10 @@
-"""Which engines a process runs: fish when a checkpoint is found, the bundled piper voice always."""
+"""Which engines a process runs: one fish engine per checkpoint (S1, S2-Pro, or both side by side) and the bundled
+piper voice.
+
+Each engine is served under its model name, the name Fish Audio's API gives that model (`s1`, `s2-pro`), decided
+by the checkpoint's own files (`layout.checkpoint_kind`). `fish`, the name shoal used before it served more than
+one Fish model, stays an alias of the first checkpoint's model.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shoal.errors import CheckpointError
-from shoal.layout import HOW_TO_GET, checkpoint_search_paths
+from shoal.layout import HOW_TO_GET, MODEL_NAMES, checkpoint_kind, checkpoint_search_paths
 
 from .base import Engine
 
 log = logging.getLogger("shoal.engines")
 
-#: The Fish Audio model name of the S1 checkpoints the fish engine serves (openaudio-s1-mini and fine-tunes).
-S1_MODEL = "s1"
+#: The alias of the first checkpoint's model (requests, `default_model`, and `shoal say` say `fish`).
+FISH_ALIAS = "fish"
+PIPER = "piper"
 
 
 @dataclass
@@ -24,19 +31,30 @@ class Engines:
     engines: dict[str, Engine] = field(default_factory=dict)
     default: str = ""
     notice: str | None = None  # shown in logs, /v1/health and the UI when the lite voice stands in
-    checkpoint: Path | None = None
-    #: The Fish Audio name of a served model, by model name: "fish" is `s1` when its checkpoint is an S1.
-    fish_names: dict[str, str] = field(default_factory=dict)
+    #: The checkpoint directory of each fish model, by model name, in the order they were configured.
+    checkpoints: dict[str, Path] = field(default_factory=dict)
+    #: Other names a served model answers to -> its model name (`fish` -> the first checkpoint's model).
+    aliases: dict[str, str] = field(default_factory=dict)
 
     def get(self, name: str) -> Engine:
-        return self.engines[name]
+        return self.engines[self.aliases.get(name, name)]
 
     def names(self) -> dict[str, str]:
-        """Every name a served model answers to (its own and its Fish name) -> its model name."""
-        return {**{name: name for name in self.engines}, **{fish: name for name, fish in self.fish_names.items()}}
+        """Every name a served model answers to (its own and its aliases) -> its model name."""
+        return {**{name: name for name in self.engines}, **self.aliases}
+
+    @property
+    def checkpoint(self) -> Path | None:
+        """The first (primary) checkpoint, if any."""
+        return next(iter(self.checkpoints.values()), None)
+
+    def encoder(self) -> Engine | None:
+        """The engine whose codec encodes saved voices: the first checkpoint's. A model whose codec differs gets
+        the codes recomputed with its own on first use (`VoiceLibrary.codes` checks the codec checksum)."""
+        return self.engines[self.aliases[FISH_ALIAS]] if FISH_ALIAS in self.aliases else None
 
     def close(self) -> None:
-        """Stop every engine that runs threads of its own (the fish engine's scheduler)."""
+        """Stop every engine that runs threads of its own (the fish engines' schedulers)."""
         for engine in self.engines.values():
             close = getattr(engine, "close", None)
             if close is not None:
@@ -51,12 +69,31 @@ def find_checkpoint(configured: Path | None, data_dir: Path | None) -> tuple[Pat
     return next((c for c in candidates if c.is_dir()), None), candidates
 
 
-def load_engines(settings) -> Engines:
-    """Load fish (if a checkpoint is found; a broken one is an error, never silently skipped) and piper.
-
-    `default_model` "auto" picks fish when it loaded, else piper; naming an engine that cannot load is an error.
-    """
+def load_fish_engine(checkpoint: Path, settings) -> Engine:
+    """One fish engine for `checkpoint` (S1 or S2-Pro, its files decide) with the settings' runtime knobs."""
     from .fish import FishEngine
+
+    return FishEngine.load(checkpoint, device=settings.device, precision=settings.precision,
+                           compile=settings.compile, max_seq_len=settings.max_seq_len,
+                           reference_cache_size=settings.reference_cache_size,
+                           max_reference_seconds=settings.max_voice_seconds,
+                           max_batch_size=settings.max_batch_size,
+                           max_batch_tokens=settings.max_batch_tokens,
+                           stream_first_frames=settings.stream_first_frames,
+                           fault_injection=settings.fault_injection,
+                           cuda_graphs=settings.cuda_graphs,
+                           quantize=settings.quantize,
+                           compile_cache_dir=settings.compile_cache
+                           or Path(settings.data_dir) / "compile-cache")
+
+
+def load_engines(settings) -> Engines:
+    """Load a fish engine per checkpoint (the found or configured one, then `extra_checkpoints`; a broken one is
+    an error, never silently skipped) and piper.
+
+    `default_model` "auto" picks the first checkpoint's model when one loaded, else piper; naming a model that is
+    not loaded is an error. Two checkpoints of the same model are refused: they would share one name.
+    """
     from .piper import PiperEngine
 
     if settings.torch_threads is not None:
@@ -65,35 +102,31 @@ def load_engines(settings) -> Engines:
         torch.set_num_threads(settings.torch_threads)
     result = Engines()
     checkpoint, searched = find_checkpoint(settings.checkpoint, settings.data_dir)
-    if checkpoint is not None:
-        result.engines["fish"] = FishEngine.load(checkpoint, device=settings.device, precision=settings.precision,
-                                                 compile=settings.compile, max_seq_len=settings.max_seq_len,
-                                                 reference_cache_size=settings.reference_cache_size,
-                                                 max_reference_seconds=settings.max_voice_seconds,
-                                                 max_batch_size=settings.max_batch_size,
-                                                 max_batch_tokens=settings.max_batch_tokens,
-                                                 stream_first_frames=settings.stream_first_frames,
-                                                 fault_injection=settings.fault_injection,
-                                                 cuda_graphs=settings.cuda_graphs,
-                                                 quantize=settings.quantize,
-                                                 compile_cache_dir=settings.compile_cache
-                                                 or Path(settings.data_dir) / "compile-cache")
-        result.checkpoint = checkpoint
-        result.fish_names["fish"] = S1_MODEL
-    if checkpoint is None and not settings.lite_voice:
+    wanted_checkpoints = [c for c in [checkpoint] if c is not None]
+    wanted_checkpoints += [Path(c).expanduser() for c in settings.extra_checkpoints]
+    for directory in wanted_checkpoints:
+        name = MODEL_NAMES[checkpoint_kind(directory)]
+        if name in result.checkpoints:
+            raise CheckpointError(f"{directory} and {result.checkpoints[name]} are both {name} checkpoints; serve "
+                                  f"one {name} per process (checkpoint, extra_checkpoints)")
+        result.engines[name] = load_fish_engine(directory, settings)
+        result.checkpoints[name] = directory
+        result.aliases.setdefault(FISH_ALIAS, name)
+    if not result.checkpoints and not settings.lite_voice:
         raise CheckpointError(f"no Fish Speech checkpoint was found at {', '.join(str(p) for p in searched)} and "
                               f"the lite voice is off (lite_voice); {HOW_TO_GET}")
     if settings.lite_voice:
-        result.engines["piper"] = PiperEngine.load()
-    if checkpoint is None:
+        result.engines[PIPER] = PiperEngine.load()
+    if not result.checkpoints:
         result.notice = (f"no Fish Speech checkpoint was found at {', '.join(str(p) for p in searched)}; "
                          "serving the bundled lite voice (piper); `shoal download` gets openaudio-s1-mini")
     wanted = settings.default_model
+    served = result.names()
     if wanted == "auto":
-        result.default = "fish" if "fish" in result.engines else "piper"
-    elif wanted not in result.engines:
-        raise CheckpointError(f"default_model is {wanted!r} but it is not loaded: "
-                              f"{result.notice or 'no checkpoint'}")
+        result.default = served.get(FISH_ALIAS, PIPER)
+    elif wanted not in served:
+        raise CheckpointError(f"default_model is {wanted!r} but it is not loaded (loaded: "
+                              f"{', '.join(result.engines) or 'none'}): {result.notice or 'no such checkpoint'}")
     else:
-        result.default = wanted
+        result.default = served[wanted]
     return result

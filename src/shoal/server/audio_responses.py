@@ -27,7 +27,7 @@ async def audio_response(request: Request, service: Service, job: Job, output: O
     """The job's audio as `output` asks, streamed or whole; `X-Shoal-Model` names the model that spoke."""
     request.state.job = job  # for the access log's audio seconds
     headers = {"Content-Disposition": f"attachment; filename=speech.{output.format}",
-               MODEL_HEADER: service.public_name(job.model), **(headers or {})}
+               MODEL_HEADER: job.model, **(headers or {})}
     if stream:
         chunks, source = await started(request, service, job)
         return JobStreamingResponse(encoded_stream(chunks, job, output), source, media_type=output.media_type,

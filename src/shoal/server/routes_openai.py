@@ -41,7 +41,7 @@ async def speech(body: SpeechRequest, request: Request, service: Service = Depen
         return JobStreamingResponse(sse_stream(chunks, job, body.response_format), source,
                                     media_type="text/event-stream",
                                     headers={"Cache-Control": "no-cache",
-                                             MODEL_HEADER: service.public_name(job.model)})
+                                             MODEL_HEADER: job.model})
     # Audio streams as it is produced (OpenAI's behaviour), except WAV: a streamed WAV header cannot state its
     # length, and many clients of this endpoint read WAVs with strict parsers.
     stream = body.response_format != "wav"

@@ -57,9 +57,18 @@ FILE_MAX_AGE = 3600.0
 FILE_MAX_COUNT = 200
 #: How often a page polls while the engines load.
 LOADING_POLL_SECONDS = 2.0
-MODEL_LABELS = {"fish": "fish · Fish Speech S1 (clones voices)", "piper": "piper · lite voice (no cloning)"}
+MODEL_LABELS = {"s1": "s1 · Fish Speech S1 (clones voices)",
+                "s2-pro": "s2-pro · Fish Audio S2-Pro (clones voices; speakers and [tags])",
+                "piper": "piper · lite voice (no cloning)"}
 #: Settings that mean nothing to piper (a VITS model samples no tokens): greyed out while it is picked.
 FISH_ONLY = ("top_p", "repetition_penalty", "max_new_tokens", "chunk_length")
+#: Of those, what each other model ignores too: S2-Pro samples with no repetition penalty (as fish-speech 2.0).
+IGNORED_BY = {"piper": set(FISH_ONLY), "s2-pro": {"repetition_penalty"}}
+#: Shown under the text while S2-Pro is picked: its inline syntax.
+S2_HELP = ("**S2-Pro syntax.** Free-form tags in square brackets steer the delivery where they stand: "
+           "`[whisper]`, `[laughing]`, `[pitch up]`, `[professional broadcast tone]`. For a dialogue, start each "
+           "turn with a speaker tag, `<|speaker:0|>Hi! <|speaker:1|>Hello.`; speaker *i* speaks in the voice of "
+           "the voice's clip *i* (a saved voice with two clips gives two speakers).")
 
 
 def slider(param: Param, label: str, **kwargs) -> gr.Slider:
@@ -179,8 +188,8 @@ def header_markdown(state: Any) -> str:
     parts = []
     for name, engine in service.engines.engines.items():
         part = f"**{name}**" + (" (default)" if name == service.engines.default else "")
-        if name == "fish" and service.engines.checkpoint is not None:
-            part += f" from `{service.engines.checkpoint}`"
+        if name in service.engines.checkpoints:
+            part += f" from `{service.engines.checkpoints[name]}`"
         device, precision = getattr(engine, "device", None), getattr(engine, "precision", None)
         if device is not None and precision is not None:
             part += f" on {device}, {str(precision).removeprefix('torch.')}"
@@ -197,7 +206,7 @@ def notice_markdown(state: Any) -> str:
         return ""
     return ("⚠️ **No Fish Speech checkpoint was found, so the bundled lite voice (piper) is speaking.** It cannot "
             "clone voices. To get the full model, run `shoal download` (it fetches openaudio-s1-mini), then restart "
-            "`shoal serve`; or point `--checkpoint` at an S1 checkpoint directory.  \n"
+            "`shoal serve`; or point `--checkpoint` at an S1 or S2-Pro checkpoint directory.  \n"
             f"<small>{md_escape(service.engines.notice)}</small>")
 
 
@@ -274,11 +283,14 @@ class ShoalUI:
         service = self.state.service
         return [] if service is None else [v.id for v in service.list_voices()]
 
-    def fish_only_updates(self, model: str | None) -> list[dict]:
+    def model_updates(self, model: str | None) -> list[dict]:
+        """The controls that follow the picked model: the S2 help, then the FISH_ONLY sliders (greyed out where
+        the model ignores them)."""
         service = self.state.service
         engine = (model or (service.engines.default if service else None))
-        on = engine != "piper"
-        return [gr.update(interactive=on) for _ in FISH_ONLY]
+        ignored = IGNORED_BY.get(engine, set())
+        return [gr.update(visible=engine == "s2-pro"), *(gr.update(interactive=name not in ignored)
+                                                         for name in FISH_ONLY)]
 
     # -- handlers: status ----------------------------------------------------------------------------------
     def refresh(self, model: str | None, voice: str | None, selected: str | None):
@@ -301,13 +313,13 @@ class ShoalUI:
             self.voices_table(),
             gr.update(choices=saved, value=selected if selected in saved else None),
             gr.Timer(active=loading),
-            *self.fish_only_updates(model),
+            *self.model_updates(model),
         )
 
     def model_changed(self, model: str | None, voice: str | None):
         voices = self.voice_choices(model)
         return (gr.update(choices=voices, value=voice if voice in voices else DEFAULT_VOICE),
-                *self.fish_only_updates(model))
+                *self.model_updates(model))
 
     # -- handlers: speak -----------------------------------------------------------------------------------
     def params(self, text, model, voice, seed, temperature, top_p, repetition_penalty, max_new_tokens,
@@ -393,8 +405,8 @@ class ShoalUI:
         """Speak `preview_text` in the uploaded voice (an inline reference: nothing is saved)."""
         try:
             service = self.service
-            if "fish" not in service.model_names:
-                raise BadRequest("cloning needs the fish model, and no S1 checkpoint is loaded: run "
+            if service.engines.encoder() is None:
+                raise BadRequest("cloning needs a fish model, and no S1 or S2-Pro checkpoint is loaded: run "
                                  "`shoal download`, then restart `shoal serve`")
             if not (transcript or "").strip():
                 raise BadRequest("type what the clip says: the transcript tells the model what the voice sounds "
@@ -504,6 +516,8 @@ class ShoalUI:
                             text = gr.Textbox(label="Text", lines=7, max_lines=20, elem_id="speak-text",
                                               placeholder="Type or paste what shoal should say…")
                             count = gr.Markdown(f"0 / {limit} characters", elem_id="shoal-count")
+                            s2_help = gr.Markdown(S2_HELP, visible=False, elem_id="shoal-s2-help",
+                                                  elem_classes="shoal-status")
                             gr.Examples(EXAMPLES, inputs=text, label="Try one")
                             with gr.Row():
                                 model = gr.Dropdown(label="Model", choices=[], elem_id="speak-model",
@@ -529,7 +543,8 @@ class ShoalUI:
                                     chunk_length = slider(CHUNK_LENGTH, "Chunk length",
                                                           info="characters per segment; 0: never split")
                                 gr.Markdown("Top-p, repetition penalty, max new tokens and chunk length only "
-                                            "apply to the fish model.", elem_classes="shoal-status")
+                                            "apply to the fish models (S2-Pro ignores the repetition penalty).",
+                                            elem_classes="shoal-status")
                             with gr.Row():
                                 generate = gr.Button("Generate", variant="primary", elem_id="speak-generate",
                                                      scale=3)
@@ -601,7 +616,7 @@ class ShoalUI:
                                 delete = gr.Button("Delete", variant="stop", elem_id="voices-delete", scale=1)
                             voices_status = gr.Markdown("", elem_id="voices-status", elem_classes="shoal-status")
 
-            fish_only = [top_p, repetition_penalty, max_new_tokens, chunk_length]
+            follow_model = [s2_help, top_p, repetition_penalty, max_new_tokens, chunk_length]
             private = {"api_visibility": "private"}
 
             # The character count never needs the server.
@@ -609,12 +624,12 @@ class ShoalUI:
                         f" + ((t || '').length > {limit} ? ' — over the limit' : '')", **private)
 
             refresh_io = dict(fn=self.refresh, inputs=[model, voice, selected],
-                              outputs=[header, notice, model, voice, table, selected, timer, *fish_only],
+                              outputs=[header, notice, model, voice, table, selected, timer, *follow_model],
                               show_progress="hidden", **private)
             demo.load(**refresh_io)
             refresh.click(**refresh_io)
             timer.tick(**refresh_io)
-            model.change(self.model_changed, inputs=[model, voice], outputs=[voice, *fish_only],
+            model.change(self.model_changed, inputs=[model, voice], outputs=[voice, *follow_model],
                          show_progress="hidden", **private)
 
             speak_inputs = [text, model, voice, seed, temperature, top_p, repetition_penalty, max_new_tokens,
