@@ -104,14 +104,19 @@ def load_engines(settings) -> Engines:
     checkpoint, searched = find_checkpoint(settings.checkpoint, settings.data_dir)
     wanted_checkpoints = [c for c in [checkpoint] if c is not None]
     wanted_checkpoints += [Path(c).expanduser() for c in settings.extra_checkpoints]
-    for directory in wanted_checkpoints:
+    for directory in wanted_checkpoints:  # every name first: a clash is refused before anything loads
         name = MODEL_NAMES[checkpoint_kind(directory)]
         if name in result.checkpoints:
             raise CheckpointError(f"{directory} and {result.checkpoints[name]} are both {name} checkpoints; serve "
                                   f"one {name} per process (checkpoint, extra_checkpoints)")
-        result.engines[name] = load_fish_engine(directory, settings)
         result.checkpoints[name] = directory
         result.aliases.setdefault(FISH_ALIAS, name)
+    try:
+        for name, directory in result.checkpoints.items():
+            result.engines[name] = load_fish_engine(directory, settings)
+    except BaseException:
+        result.close()  # the engines that did load stop their threads
+        raise
     if not result.checkpoints and not settings.lite_voice:
         raise CheckpointError(f"no Fish Speech checkpoint was found at {', '.join(str(p) for p in searched)} and "
                               f"the lite voice is off (lite_voice); {HOW_TO_GET}")
