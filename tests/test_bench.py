@@ -7,10 +7,12 @@ Benchmarks are not tests: nothing here checks a speed, only that the numbers exi
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
 from shoal import bench
+from shoal.errors import CheckpointError
 
 from support import shoal
 
@@ -119,10 +121,16 @@ def test_tqdm_redraws_are_stamped_when_they_arrive_not_when_the_next_one_does():
     assert stamper.feed(b"no newline at the end", 6.0) == [] and stamper.close(7.0) == [(6.0, "no newline at the end")]
 
 
-def test_the_orchestrator_checks_the_same_checkpoint_files_as_the_loader():
-    from shoal.fish.checkpoint import CHECKPOINT_FILES
-
-    assert bench.CHECKPOINT_FILES == CHECKPOINT_FILES
+def test_the_orchestrator_checks_each_kind_s_files(tmp_path, fixture_dir, s2_fixture_dir):
+    """The orchestrator finds a checkpoint's kind and its files as the loader does: S2's shards from its index."""
+    bench.check_checkpoint(fixture_dir)
+    bench.check_checkpoint(s2_fixture_dir)
+    broken = tmp_path / "s2"
+    shutil.copytree(s2_fixture_dir, broken)
+    shard = sorted(broken.glob("*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=shard.name):
+        bench.check_checkpoint(broken)
 
 
 def test_full_size_tokenizer_puts_the_semantic_tokens_at_the_real_ids():

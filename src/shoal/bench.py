@@ -1,4 +1,5 @@
-"""`shoal bench`: shoal and the reference engine (fish-speech 0.1.0) on one checkpoint, one machine, one run.
+"""`shoal bench`: shoal and the reference engine (fish-speech 0.1.0 for S1, 2.0.0 for S2-Pro) on one checkpoint,
+one machine, one run.
 
 Two kinds of process take part besides the reference's own, and this one file holds both:
 
@@ -45,6 +46,20 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_FIXTURE = REPO_ROOT / "tests" / "fixtures" / "fish-s1-tiny"
 DEFAULT_REFERENCE_DIR = REPO_ROOT / "tools" / "reference" / "s1"
 DEFAULT_REFERENCE_VENV = Path("~/.cache/shoal-reference")
+#: Per model (a checkpoint's kind, `shoal.layout.checkpoint_kind`): the tiny fixture, the reference harness and
+#: its venv, the folder name of the random full-size checkpoint under --work-dir, and how to describe that one.
+MODELS = {
+    "s1": {"fixture": DEFAULT_FIXTURE, "reference_dir": DEFAULT_REFERENCE_DIR, "reference_venv": DEFAULT_REFERENCE_VENV,
+           "full_size": "openaudio-s1-mini-random-seed0",
+           "full_size_what": "openaudio-s1-mini shape, random bf16 weights, real-size codec and vocabulary",
+           "full_size_writing": "~3.3 GB, a minute or two", "reference": "fish-speech 0.1.0"},
+    "s2": {"fixture": REPO_ROOT / "tests" / "fixtures" / "fish-s2-tiny",
+           "reference_dir": REPO_ROOT / "tools" / "reference" / "s2",
+           "reference_venv": Path("~/.cache/shoal-reference-s2"), "full_size": "s2-pro-random-seed0",
+           "full_size_what": "S2-Pro shape (fish_qwen3_omni, 4.6 B), random bf16 weights, real-size codec and "
+                             "vocabulary", "full_size_writing": "~9 GB, several minutes",
+           "reference": "fish-speech 2.0.0"},
+}
 DEFAULT_WORK_DIR = Path("~/.cache/shoal-bench")
 DEFAULT_OUT = Path("bench/results")
 READY_MARKER = ".reference-ready"  # what the reference's setup.sh leaves in a finished venv
@@ -99,10 +114,15 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--full-size", action="store_true",
                        help="bench a random checkpoint of openaudio-s1-mini's shape (written once under --work-dir: "
                             "~3.3 GB, a minute or two; nothing is downloaded)")
-    which.add_argument("--checkpoint", metavar="DIR", help="bench an existing S1 checkpoint directory")
+    which.add_argument("--checkpoint", metavar="DIR", help="bench an existing checkpoint directory, S1 or S2-Pro "
+                       "(its files say which; the reference harness follows)")
     which.add_argument("--quick", action="store_true", help="a smoke run: the tiny fixture, shoal only, 16 tokens, "
                        "concurrency 1,4 (well under two minutes; CI runs it so the bench cannot rot)")
-    parser.add_argument("--fixture", metavar="DIR", default=str(DEFAULT_FIXTURE), help="where --tiny looks")
+    parser.add_argument("--s2", action="store_true", help="S2-Pro instead of S1: the fish-s2-tiny fixture with "
+                        "--tiny and --quick, an S2-Pro-shaped random checkpoint with --full-size, and fish-speech "
+                        "2.0.0 (tools/reference/s2) as the reference")
+    parser.add_argument("--fixture", metavar="DIR", help=f"where --tiny looks (default {DEFAULT_FIXTURE}, or "
+                        "fish-s2-tiny beside it with --s2)")
     parser.add_argument("--work-dir", metavar="DIR", default=str(DEFAULT_WORK_DIR),
                         help=f"cache for the --full-size checkpoint (default {DEFAULT_WORK_DIR})")
     parser.add_argument("--tokens", type=int, metavar="N",
@@ -116,11 +136,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         "reference is meant to run)")
     parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="precision for both engines (default float32)")
-    parser.add_argument("--reference-venv", metavar="DIR", default=str(DEFAULT_REFERENCE_VENV),
-                        help=f"venv of the reference engine (default {DEFAULT_REFERENCE_VENV})")
-    parser.add_argument("--reference-dir", metavar="DIR", default=str(DEFAULT_REFERENCE_DIR),
+    parser.add_argument("--reference-venv", metavar="DIR",
+                        help=f"venv of the reference engine (default {DEFAULT_REFERENCE_VENV}, "
+                             f"{MODELS['s2']['reference_venv']} for S2-Pro)")
+    parser.add_argument("--reference-dir", metavar="DIR",
                         help="folder holding the reference's setup.sh and run_reference.py (default: "
-                             "tools/reference/s1 of this checkout)")
+                             "tools/reference/s1 of this checkout, tools/reference/s2 for S2-Pro)")
     parser.add_argument("--setup-reference", action="store_true",
                         help="build the reference venv with setup.sh if it is missing (~2.5 GB, a few minutes)")
     parser.add_argument("--no-reference", action="store_true", help="bench shoal only")
@@ -223,7 +244,10 @@ def resolve_options(args: argparse.Namespace) -> dict:
         if clashing:
             raise BenchError(f"{clashing[0]} does not apply to --live (live sessions one after another, shoal only)")
         args.no_reference = True
-    label = args.label or (Path(args.checkpoint).name if args.checkpoint else kind)
+    model = bench_model(args)
+    defaults = MODELS[model]
+    label = args.label or (Path(args.checkpoint).name if args.checkpoint else
+                           kind if model == "s1" else f"{model}-{kind}")
     if repeat is not None and not args.label:  # --quick --repeat is the tiny fixture with 16 tokens
         label = f"{'tiny' if kind == 'quick' else label}-repeat"
     if not re.fullmatch(r"[A-Za-z0-9._-]{1,80}", label):
@@ -234,8 +258,9 @@ def resolve_options(args: argparse.Namespace) -> dict:
         label = args.label or label
     return {
         "kind": kind,
+        "model": model,
         "checkpoint": args.checkpoint,
-        "fixture": Path(args.fixture).expanduser(),
+        "fixture": Path(args.fixture or defaults["fixture"]).expanduser(),
         "work_dir": Path(args.work_dir).expanduser(),
         "tokens": tokens,
         "concurrency": sorted(set(levels)),
@@ -248,8 +273,8 @@ def resolve_options(args: argparse.Namespace) -> dict:
         "max_batch_size": args.max_batch_size,
         "quantize": args.quantize,
         "one_process": args.one_process,
-        "reference_venv": Path(args.reference_venv).expanduser(),
-        "reference_dir": Path(args.reference_dir).expanduser(),
+        "reference_venv": Path(args.reference_venv or defaults["reference_venv"]).expanduser(),
+        "reference_dir": Path(args.reference_dir or defaults["reference_dir"]).expanduser(),
         "setup_reference": args.setup_reference,
         "no_reference": args.no_reference,
         "label": label,
@@ -259,6 +284,22 @@ def resolve_options(args: argparse.Namespace) -> dict:
         "live": live,
         "debug": getattr(args, "debug", False),
     }
+
+
+def bench_model(args: argparse.Namespace) -> str:
+    """"s1" or "s2": a --checkpoint's own kind (its config.json), else --s2."""
+    from shoal.errors import ShoalError
+    from shoal.layout import checkpoint_kind
+
+    if args.checkpoint:
+        try:
+            kind = checkpoint_kind(args.checkpoint)
+        except ShoalError as exc:
+            raise BenchError(str(exc)) from None
+        if args.s2 and kind != "s2":
+            raise BenchError(f"--s2 was given but {args.checkpoint} is an {kind} checkpoint")
+        return kind
+    return "s2" if args.s2 else "s1"
 
 
 def progress(message: str) -> None:
@@ -322,19 +363,20 @@ class Bench:
                 raise BenchError(f"the tiny fixture is not at {path} (it ships with a checkout of the shoal "
                                  "repository, not with an installed package); pass --fixture DIR, --checkpoint DIR "
                                  "or --full-size")
-            description = "fish-s1-tiny fixture (random weights, tiny dims)"
+            description = f"{path.name} fixture (random weights, tiny dims)"
         elif o["kind"] == "full-size":
-            path = o["work_dir"] / "openaudio-s1-mini-random-seed0"
+            model = MODELS[o["model"]]
+            path = o["work_dir"] / model["full_size"]
             if not path.is_dir():
                 o["work_dir"].mkdir(parents=True, exist_ok=True)
-                progress(f"writing the full-size random checkpoint to {path} (once: ~3.3 GB, a minute or two)")
+                progress(f"writing the full-size random checkpoint to {path} (once: {model['full_size_writing']})")
                 t0 = time.perf_counter()
-                proc = subprocess.run([sys.executable, "-m", "shoal.bench", "write-full-size", str(path), "0"],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                proc = subprocess.run([sys.executable, "-m", "shoal.bench", "write-full-size", str(path), "0",
+                                       o["model"]], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                 if proc.returncode:
                     raise BenchError(f"writing the full-size checkpoint failed: {last_line(proc.stderr)}")
                 progress(f"wrote it in {time.perf_counter() - t0:.0f} s")
-            description = "openaudio-s1-mini shape, random bf16 weights, real-size codec and vocabulary"
+            description = model["full_size_what"]
         else:
             path = Path(o["checkpoint"]).expanduser()
             description = "user checkpoint"
@@ -496,18 +538,15 @@ class LineStamper:
         return [(self.pending_at, rest.decode("utf-8", "replace").rstrip())] if rest.strip() else []
 
 
-# shoal.fish.checkpoint.CHECKPOINT_FILES (a test keeps them equal): that module imports torch, which the
-# orchestrator must not (see the module docstring).
-CHECKPOINT_FILES = ("config.json", "model.pth", "tokenizer.tiktoken", "special_tokens.json", "codec.pth")
-
-
 def check_checkpoint(path: Path) -> None:
-    """CheckpointError, one line, when the directory or one of its files is missing (the workers check the rest)."""
+    """CheckpointError, one line, when the directory or one of its files is missing (the workers check the rest).
+    shoal.layout is torch-free, so the orchestrator may use it."""
     from shoal.errors import CheckpointError
+    from shoal.layout import checkpoint_files, checkpoint_kind
 
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
-    missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
+    missing = [name for name in checkpoint_files(path, checkpoint_kind(path)) if not (path / name).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
 
@@ -744,7 +783,7 @@ def assemble(o, started, checkpoint, bandwidth, plan, shoal, reference, load_bef
                     "cuda_graphs": o["cuda_graphs"], "max_seq_len": o["max_seq_len"],
                     "max_batch_size": o["max_batch_size"], "quantize": o["quantize"],
                     "one_process": o["one_process"]},
-        "checkpoint": checkpoint,
+        "checkpoint": {**checkpoint, "model": o["model"]},
         "requests": plan,
         "bandwidth": bandwidth,
         "floor": {"weights_bytes_per_step": weights, "kv_bytes_per_step_mid": single["decode_bytes"]["kv_mid"],
@@ -865,7 +904,7 @@ def render_markdown(report: dict) -> str:
         f"{m.get('ram_gib', '?')} GiB RAM; {m['platform']}; load average {fmt_load(m['loadavg_before'])} before, "
         f"{fmt_load(m['loadavg_after'])} after",
         f"- shoal: torch {s['torch']}, {s['threads']} threads, {s['device']} {s['precision']}; reference: "
-        + (f"fish-speech 0.1.0, torch {ref_torch}, "
+        + (f"{MODELS[ck.get('model', 's1')]['reference']}, torch {ref_torch}, "
            + (f"{o['threads']} threads" if o["threads"] else "torch's default threads") if ref_torch else ref_status),
         f"- memory bandwidth: {report['bandwidth']['gbps']:.1f} GB/s ({report['bandwidth']['method']})",
         "",
@@ -1286,7 +1325,7 @@ def run_worker(spec: dict) -> dict:
         "compile_cache": spec.get("compile_cache"), "max_seq_len": spec.get("max_seq_len"),
         "max_batch_size": spec.get("max_batch_size"), "quantize": spec.get("quantize", "none"),
         "data_dir": spec["data_dir"], "queue_size": max(16, 2 * spec["n"]), "request_timeout": BENCH_TIMEOUT_SECONDS,
-        "default_model": "fish", "lite_voice": False}, env={}, dotenv=None)
+        "default_model": "fish", "lite_voice": False}, env={}, dotenv=None)  # fish: the checkpoint's model
     service = build_service(settings, warm_up=False)
     engine = service.engines.get("fish")
     result = {"load_s": time.perf_counter() - t0, "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -1430,10 +1469,10 @@ async def burst(service, engine, specs: list[dict]) -> dict:
             "latencies_s": [latency for _, latency in done]}
 
 
-def write_full_size(directory: str, seed: str) -> None:
-    from shoal.testing import write_full_size_checkpoint
+def write_full_size(directory: str, seed: str, model: str = "s1") -> None:
+    from shoal.testing import write_full_size_checkpoint, write_full_size_s2_checkpoint
 
-    write_full_size_checkpoint(directory, int(seed))
+    (write_full_size_s2_checkpoint if model == "s2" else write_full_size_checkpoint)(directory, int(seed))
 
 
 def main(argv: list[str]) -> int:
@@ -1445,10 +1484,10 @@ def main(argv: list[str]) -> int:
         print(json.dumps(measure_bandwidth(size) if rest[1:] in ([], ["cpu"]) else
                          measure_device_bandwidth(size, rest[1])))
         return 0
-    if command == "write-full-size" and len(rest) == 2:
+    if command == "write-full-size" and len(rest) in (2, 3):
         write_full_size(*rest)
         return 0
-    print("internal entry points of `shoal bench`: worker SPEC OUT | bandwidth MIB [DEVICE] | write-full-size DIR SEED; "
+    print("internal entry points of `shoal bench`: worker SPEC OUT | bandwidth MIB [DEVICE] | write-full-size DIR SEED [MODEL]; "
           "run `shoal bench` instead", file=sys.stderr)
     return 2
 

@@ -33,7 +33,6 @@ WORDS_PER_TICK = 3
 #: Each utterance is a few sentences from bench.TEXTS, sent as one live session.
 SENTENCES_PER_UTTERANCE = 3
 UTTERANCES = 3
-MODEL_HEADER = "s1"  # what a Fish Audio client sends for an S1 checkpoint
 #: 16-bit mono PCM at LiveKit's default rate: its bytes count its seconds.
 SAMPLE_RATE = 24000
 PCM_BYTES_PER_SAMPLE = 2
@@ -57,14 +56,14 @@ def word_ticks(sentence: str) -> list[str]:
     return [" ".join(words[i:i + WORDS_PER_TICK]) + " " for i in range(0, len(words), WORDS_PER_TICK)]
 
 
-def live_session(url: str, sentences: list[str], request: dict) -> dict:
+def live_session(url: str, model: str, sentences: list[str], request: dict) -> dict:
     """One WebSocket session: the sentences streamed in, audio timed out. Times are seconds from the start."""
     from websockets.sync.client import connect
 
     ws_url = url.replace("http://", "ws://", 1) + "/v1/tts/live"
     audio: list[tuple[float, int, int]] = []  # (arrival, segment, samples)
     finish: dict = {}
-    with connect(ws_url, additional_headers={"model": MODEL_HEADER}, max_size=None,
+    with connect(ws_url, additional_headers={"model": model}, max_size=None,
                  open_timeout=SESSION_TIMEOUT_SECONDS) as ws:
         t0 = time.perf_counter()
 
@@ -117,13 +116,13 @@ def summarise_session(sent: list[float], audio: list[tuple[float, int, int]], ra
     }
 
 
-def http_first_audio(url: str, body: dict) -> float:
+def http_first_audio(url: str, model: str, body: dict) -> float:
     """Seconds from sending a streamed `POST /v1/tts` to its first audio byte past the WAV header."""
     import httpx
 
     t0 = time.perf_counter()
     with httpx.stream("POST", url + "/v1/tts", content=ormsgpack.packb({**body, "streaming": True}),
-                      headers={"content-type": "application/msgpack", "model": MODEL_HEADER},
+                      headers={"content-type": "application/msgpack", "model": model},
                       timeout=SESSION_TIMEOUT_SECONDS) as r:
         r.raise_for_status()
         chunks = r.iter_bytes()  # one iterator: httpx streams a response's body once
@@ -141,8 +140,12 @@ def describe(values: list[float]) -> dict:
 
 
 def run_live_bench(options: dict, checkpoint: dict, texts: tuple[str, ...]) -> dict:
-    """Start one server on `checkpoint`, warm it, then for each utterance: a live session and the HTTP figures."""
+    """Start one server on `checkpoint`, warm it, then for each utterance: a live session and the HTTP figures.
+    Both send the `model` header a Fish Audio client sends for the checkpoint's model (`s1`, `s2-pro`)."""
+    from shoal.layout import MODEL_NAMES
     from shoal.testing import Server
+
+    model = MODEL_NAMES[options["model"]]
 
     tokens = options["tokens"]
     request = {"text": "", "format": "pcm", "sample_rate": SAMPLE_RATE, "max_new_tokens": tokens, "seed": 7}
@@ -155,18 +158,18 @@ def run_live_bench(options: dict, checkpoint: dict, texts: tuple[str, ...]) -> d
         with Server(Path(checkpoint["path"]), Path(tmp), *extra, env=env) as server:
             server.start(timeout=SESSION_TIMEOUT_SECONDS)
             progress("warming up (one live session, one HTTP stream)")
-            live_session(server.url, ["Warming up."], request)
-            http_first_audio(server.url, {**request, "text": "Warming up."})
+            live_session(server.url, model, ["Warming up."], request)
+            http_first_audio(server.url, model, {**request, "text": "Warming up."})
             runs = []
             for i, sentences in enumerate(utterances(texts)):
                 progress(f"utterance {i + 1}/{UTTERANCES}: live session ({len(sentences)} sentences)")
-                live = live_session(server.url, sentences, request)
+                live = live_session(server.url, model, sentences, request)
                 progress(f"utterance {i + 1}/{UTTERANCES}: HTTP streaming, first sentence then the whole text")
                 runs.append({
                     "sentences": sentences,
                     "live": live,
-                    "http_first_sentence_first_audio_s": http_first_audio(server.url, {**request, "text": sentences[0]}),
-                    "http_whole_text_first_audio_s": http_first_audio(server.url, {**request,
+                    "http_first_sentence_first_audio_s": http_first_audio(server.url, model, {**request, "text": sentences[0]}),
+                    "http_whole_text_first_audio_s": http_first_audio(server.url, model, {**request,
                                                                                    "text": " ".join(sentences)}),
                 })
     load_after = os.getloadavg()

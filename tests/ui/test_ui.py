@@ -28,6 +28,9 @@ pytestmark = [
 ]
 
 
+PENALTY = "#speak-repetition-penalty input[type=range]"
+
+
 def open_ui(page, url: str) -> None:
     page.goto(url + "/")
     # The header leaves "loading" once the page's first refresh has seen the service.
@@ -181,6 +184,31 @@ def test_lite_voice_notice(make_ui_server, page, tmp_path):
     shot(page, tmp_path / "lite.png")
 
 
+def test_s2_pro_shows_its_syntax_and_greys_out_what_it_ignores(make_ui_server, page, tmp_path, s2_fixture_dir):
+    """With S2-Pro served beside S1, picking it shows the speaker and tag help and greys out the repetition
+    penalty (S2 samples without one); picking S1 again hides the help. S2 then speaks a two-speaker text."""
+    srv = make_ui_server("--extra-checkpoint", str(s2_fixture_dir))
+    open_ui(page, srv.url)
+    assert not page.is_visible("#shoal-s2-help")
+
+    def pick(label: str) -> None:
+        page.click("#speak-model input")
+        page.get_by_role("option", name=re.compile(f"^{re.escape(label)}")).click()
+
+    pick("s2-pro")
+    page.wait_for_selector("#shoal-s2-help", state="visible")
+    assert "<|speaker:0|>" in text(page, "#shoal-s2-help") and "[whisper]" in text(page, "#shoal-s2-help")
+    page.wait_for_function(f"() => document.querySelector('{PENALTY}').disabled")
+    page.fill("#speak-text textarea", "<|speaker:0|>Hello there. <|speaker:1|>[laughing] Hi!")
+    page.click("#speak-generate")
+    stats = wait_text(page, "#shoal-stats", r"✅|⚠")
+    assert "✅" in stats and "s2-pro" in stats, stats
+    shot(page, tmp_path / "s2.png")
+    pick("s1")
+    page.wait_for_selector("#shoal-s2-help", state="hidden")
+    page.wait_for_function(f"() => !document.querySelector('{PENALTY}').disabled")
+
+
 def test_without_ffmpeg_the_player_gets_the_whole_clip(make_ui_server, page, tmp_path):
     """Gradio streams through the ffmpeg program; where there is none, the UI still speaks, just not streamed."""
     srv = make_ui_server(env={"PATH": str(Path(sys.executable).parent)})
@@ -252,7 +280,7 @@ def test_loading_then_ready(page, tmp_path, tiny_checkpoint):
         gate.set()
         # The page polls while loading, and fills itself in once the service is there.
         wait_text(page, "#shoal-header", "Models:", timeout=90_000)
-        page.wait_for_function("() => document.querySelector('#speak-model input')?.value.startsWith('fish')")
+        page.wait_for_function("() => document.querySelector('#speak-model input')?.value.startsWith('s1')")
         assert "Queue: idle" in text(page, "#shoal-header")
 
 

@@ -535,7 +535,8 @@ class ShoalUI:
                                     temperature = slider(TEMPERATURE, "Temperature")
                                     top_p = slider(TOP_P, "Top-p")
                                 with gr.Row():
-                                    repetition_penalty = slider(REPETITION_PENALTY, "Repetition penalty")
+                                    repetition_penalty = slider(REPETITION_PENALTY, "Repetition penalty",
+                                                                elem_id="speak-repetition-penalty")
                                     speed = slider(SPEED, "Speed")
                                 with gr.Row():
                                     max_new_tokens = slider(MAX_NEW_TOKENS, "Max new tokens",
