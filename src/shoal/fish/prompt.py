@@ -100,6 +100,8 @@ def check_prompt_length(prompt_len: int, max_seq_len: int, max_new_tokens: int) 
     - `max_new_tokens == 0` means "as many as fit": `max_seq_len - prompt_len`;
     - otherwise it is cut so that prompt + generated frames fit in `max_seq_len`.
     A negative `max_new_tokens` is refused here; the reference would quietly generate a single frame.
+    S2's reference (fish-speech 2.0's `generate_long` and `generate`) has the same rules, on the whole
+    conversation prompt of each batch.
     """
     if prompt_len < 1:
         raise ValueError(f"prompt_len must be positive, got {prompt_len}")
