@@ -389,11 +389,13 @@ class FishEngine:
             self._fail(u, exc)
 
     def _deliver(self, u: "_Utterance", audio: np.ndarray, fade_in: bool = False, fade_out: bool = False) -> None:
-        """A decoded chunk to its request: at its speed, faded in or out where segments meet."""
+        """A decoded chunk to its request: at its speed, faded in or out where segments meet (S1 only: S2's
+        reference joins its batches' audio as decoded, and so does shoal)."""
         if u.closed or not len(audio):
             return
-        audio = fade_joins(apply_speed(audio, self.sample_rate, u.request.speed), self.sample_rate,
-                           first=not fade_in, last=not fade_out)
+        audio = apply_speed(audio, self.sample_rate, u.request.speed)
+        if not self.s2:
+            audio = fade_joins(audio, self.sample_rate, first=not fade_in, last=not fade_out)
         u.sink.audio(audio)
 
     def _fail(self, u: "_Utterance", error: BaseException) -> None:
