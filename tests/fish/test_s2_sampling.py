@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from shoal.fish.dual_ar import DualARConfig, DualARTransformer
-from shoal.fish.generate import (RAS_WINDOW, S2_MODEL_TYPE, DecodeBatch, decode_one_token, generate, prefill,
-                                 s2_sampling, sample_frame_s2, semantic_bias)
+from shoal.fish.generate import (RAS_WINDOW, DecodeBatch, decode_one_token, generate, prefill, s2_sampling,
+                                 sample_frame_s2, semantic_bias)
 from shoal.fish.sampling import S2_TOP_K, SamplingParams, apply_top_k_top_p, s2_params_tensor, sample_s2
 
 VOCAB, CODEBOOK, CODEBOOKS = 96, 32, 4
@@ -18,10 +18,11 @@ BEGIN, END, IM_END = VOCAB - CODEBOOK, VOCAB - 1, 5
 
 
 def tiny_s2_model(seed: int = 0) -> DualARTransformer:
-    """A random dual-AR model whose config says S2, semantic ids at the end of the vocabulary like the real one."""
+    """A random dual-AR model whose config is an S2 one (S2's own switches on), semantic ids at the end of the
+    vocabulary like the real one."""
     config = DualARConfig(vocab_size=VOCAB, n_layer=2, n_head=2, dim=32, head_dim=16, intermediate_size=64,
-                          codebook_size=CODEBOOK, num_codebooks=CODEBOOKS, n_fast_layer=1, max_seq_len=128)
-    config.model_type = S2_MODEL_TYPE  # the S2 loader's config; the sampler reads only this switch
+                          codebook_size=CODEBOOK, num_codebooks=CODEBOOKS, n_fast_layer=1, max_seq_len=128,
+                          scale_codebook_embeddings=True, norm_fastlayer_input=True)
     torch.manual_seed(seed)
     model = DualARTransformer(config, BEGIN, END)
     with torch.no_grad():
@@ -199,6 +200,6 @@ def test_s2_batch_rows_do_not_depend_on_their_neighbours():
 
 def test_s1_model_keeps_s1_sampling():
     model = tiny_s2_model()
-    model.config.model_type = "dual_ar"
+    model.config.norm_fastlayer_input = False
     assert not s2_sampling(model)
     assert DecodeBatch(model, 2).s2_params is None

@@ -27,7 +27,7 @@ import torch
 
 from shoal.audio import load_audio
 from shoal.errors import BadRequest, EngineFailure, ShoalError
-from shoal.fish.checkpoint import CODEC_CONFIG_FILE, check_checkpoint_dir, load_dual_ar
+from shoal.fish.checkpoint import CODEC_CONFIG_FILE, check_checkpoint_dir, load_dual_ar, load_tokenizer
 from shoal.layout import GENERATION_HEADROOM
 from shoal.fish.codec import Codec, CodecConfig, load_codec
 from shoal.fish.conversation import build_s2_prompt
@@ -38,6 +38,7 @@ from shoal.fish.quant import quantize_int8
 from shoal.fish.runner import ModelRunner
 from shoal.fish.sampling import SamplingParams
 from shoal.fish.tokenizer import FishTokenizer
+from shoal.fish.tokenizer_s2 import S2Tokenizer
 from shoal.text import speaker_batches, split_text
 
 from .base import (LATENCY_FIRST_CHUNK, EngineStats, Progress, Reference, Segment, Sink, Synthesis,
@@ -103,7 +104,7 @@ class FishEngine:
     name = "fish"
     supports_cloning = True
 
-    def __init__(self, model: DualARTransformer, codec: Codec, tokenizer: FishTokenizer, *,
+    def __init__(self, model: DualARTransformer, codec: Codec, tokenizer: FishTokenizer | S2Tokenizer, *,
                  checkpoint_dir: Path | None = None, reference_cache_size: int = 16, max_batch_size: int = 4,
                  max_batch_tokens: int | None = None, stream_first_frames: int = 11, fault_injection: bool = False,
                  compile: bool = False, cuda_graphs: bool = False, max_reference_seconds: float | None = None):
@@ -112,6 +113,8 @@ class FishEngine:
         self.tokenizer = tokenizer
         #: An S2 model: speaker-turn segments, conversation prompts and S2's sampler (fish.generate.s2_sampling).
         self.s2 = s2_sampling(model)
+        #: Which model family this engine serves: "s1" or "s2-pro".
+        self.model_name = "s2-pro" if self.s2 else "s1"
         self.checkpoint_dir = checkpoint_dir
         self.device = model.embeddings.weight.device
         self.precision = model.embeddings.weight.dtype
@@ -154,7 +157,8 @@ class FishEngine:
              stream_first_frames: int = 11, fault_injection: bool = False, cuda_graphs: bool = False,
              compile_cache_dir: str | Path | None = None, max_reference_seconds: float | None = None,
              max_seq_len: int | None = None, quantize: str = "none") -> "FishEngine":
-        """Load a checkpoint directory once. Raises CheckpointError naming a missing or mismatched file.
+        """Load a checkpoint directory (S1 or S2, by its own files) once. Raises CheckpointError naming a missing or
+        mismatched file.
 
         `compile` runs the decode step through torch.compile (see shoal.fish.runner), `cuda_graphs` also
         captures it as CUDA graphs (CUDA only); `compile_cache_dir` keeps compiled kernels across restarts.
@@ -170,7 +174,7 @@ class FishEngine:
             persist_compile_cache(cache_dir)
         dtype = resolve_precision(precision, dev)
         check_quantize(quantize, dev, dtype)
-        tokenizer = FishTokenizer.from_dir(path)
+        tokenizer = load_tokenizer(path)
         model = load_dual_ar(path, tokenizer, dev, dtype)
         if quantize == "int8":
             quantize_int8(model)

@@ -45,8 +45,6 @@ PENALTY_WINDOW = 16
 RAS_WINDOW = 10
 RAS_TEMPERATURE = 1.0
 RAS_TOP_P = 0.9
-#: config.json's model_type of an S2 checkpoint: such a model samples by S2's rule.
-S2_MODEL_TYPE = "fish_qwen3_omni"
 # The fast head has codebook_size outputs but residual codebooks have 1024 entries; the reference samples from
 # the first 1024 logits only.
 RESIDUAL_CODEBOOK_SIZE = 1024
@@ -85,9 +83,10 @@ def sample_frame(
 
 
 def s2_sampling(model: DualARTransformer) -> bool:
-    """Whether `model` samples by S2's rule (module docstring): it is an S2 checkpoint. The rule follows from the
-    model, never from a request."""
-    return model.config.model_type == S2_MODEL_TYPE
+    """Whether `model` samples by S2's rule (module docstring): it is an S2 checkpoint. S2 configs, and only they,
+    switch `norm_fastlayer_input` on (`DualARConfig.from_dict` forces it when it flattens one), so that switch
+    names the family. The rule follows from the model, never from a request."""
+    return model.config.norm_fastlayer_input
 
 
 def semantic_bias(model: DualARTransformer, im_end_id: int) -> Tensor:

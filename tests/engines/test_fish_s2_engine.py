@@ -1,0 +1,108 @@
+"""The fish engine on an S2 checkpoint (tests/fixtures/fish-s2-tiny) end to end: speaker-turn segments, the
+conversation carried from batch to batch, rows independent of their neighbours, and the reference's goldens."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from shoal.engines.base import Reference, SynthesisRequest
+from shoal.engines.fish import FishEngine
+from shoal.fish.conversation import build_s2_prompt
+
+S2_FIXTURE_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "fish-s2-tiny"
+CLIP_TEXT = "This is a short reference recording."
+TWO_TURNS = ("<|speaker:0|>The first turn is long enough to fill most of one batch on its own, as you see."
+             "<|speaker:1|>The second turn answers it with a few more words.<|speaker:0|>Then the first one ends.")
+
+
+@pytest.fixture(scope="module")
+def s2_dir() -> Path:
+    if not (S2_FIXTURE_DIR / "config.json").is_file():
+        pytest.fail(f"the S2 fixture is missing at {S2_FIXTURE_DIR}: it is part of the repository")
+    return S2_FIXTURE_DIR
+
+
+@pytest.fixture(scope="module")
+def engine(s2_dir):
+    engine = FishEngine.load(s2_dir, device="cpu", precision="float32")
+    yield engine
+    engine.close()
+
+
+def clip(s2_dir: Path, name: str = "reference.wav") -> Reference:
+    return Reference((s2_dir / name).read_bytes(), CLIP_TEXT)
+
+
+def test_an_s2_checkpoint_makes_an_s2_engine(engine):
+    assert engine.s2 and engine.model_name == "s2-pro"
+
+
+def test_each_batch_prompt_is_the_conversation_so_far(engine, s2_dir, monkeypatch):
+    prompts = []
+    real = engine._prompt
+
+    def spy(text, references, previous, *args, **kwargs):
+        prompt, budget = real(text, references, previous, *args, **kwargs)
+        prompts.append((text, list(previous), prompt))
+        return prompt, budget
+
+    monkeypatch.setattr(engine, "_prompt", spy)
+    result = engine.run(SynthesisRequest(text=TWO_TURNS, references=(clip(s2_dir),), seed=6, max_new_tokens=16,
+                                         chunk_length=100))
+    first, second = prompts
+    assert first[0] == TWO_TURNS[: TWO_TURNS.index("<|speaker:1|>")] and first[1] == []
+    assert second[0] == "<|speaker:1|>The second turn answers it with a few more words.\n" \
+                        "<|speaker:0|>Then the first one ends."
+    (carried_text, carried_codes), = second[1]
+    assert carried_text == first[0]
+    n = carried_codes.shape[1]
+    assert np.array_equal(carried_codes.numpy(), result.codes[:, :n])  # the first batch's codes, as decoded
+    codes = engine.encode_reference(clip(s2_dir))
+    expected = build_s2_prompt(engine.tokenizer, second[0], [(CLIP_TEXT, codes)], [(first[0], carried_codes)])
+    assert torch.equal(second[2], expected)
+    assert len(result.stopped_by_im_end) == 2
+
+
+def test_reference_transcripts_are_used_verbatim(engine, s2_dir, monkeypatch):
+    seen = []
+    real = engine._prompt
+
+    def spy(text, references, *args, **kwargs):
+        seen.append([t for t, _ in references])
+        return real(text, references, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "_prompt", spy)
+    engine.run(SynthesisRequest(text="Hi.", references=(Reference(clip(s2_dir).audio, " Spoken text.\n"),), seed=1,
+                                max_new_tokens=4))
+    assert seen == [[" Spoken text.\n"]]
+
+
+def side_by_side_requests(s2_dir: Path) -> list[SynthesisRequest]:
+    return [
+        SynthesisRequest(text=TWO_TURNS, references=(clip(s2_dir),), seed=6, max_new_tokens=16, chunk_length=100),
+        SynthesisRequest(text="The quick brown fox jumps over the lazy dog.", seed=2, temperature=0.7, top_p=0.9,
+                         max_new_tokens=24),
+        SynthesisRequest(text="<|speaker:0|>Good morning.<|speaker:1|>Fine, thanks.", seed=3, top_p=0.95,
+                         references=(clip(s2_dir), clip(s2_dir, "reference_b.wav")), max_new_tokens=24),
+        SynthesisRequest(text="你好，世界。こんにちは。", seed=5, temperature=0.6, max_new_tokens=24),
+    ]
+
+
+def test_requests_side_by_side_give_the_codes_they_give_alone(engine, s2_dir):
+    requests = side_by_side_requests(s2_dir)
+    alone = [engine.run(r) for r in requests]
+    engine.scheduler.max_seen_batch = 0
+    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+        together = list(pool.map(engine.run, requests))
+    assert engine.scheduler.max_seen_batch >= 2  # they really decoded side by side
+    for a, b in zip(alone, together):
+        np.testing.assert_array_equal(a.codes, b.codes)
+        np.testing.assert_array_equal(a.audio, b.audio)
+    # S2 samples residual codes over the model's whole codebook: codes past the codec's 1024 entries occur, reach
+    # the codec (which clamps them) and the next batch's prompt as they are.
+    assert max(int(r.codes[1:].max()) for r in alone) >= engine.codec.config.codebook_size
