@@ -60,6 +60,7 @@ CLIP_B_SPEEDUP = 1.25  # reference_b.wav is reference.wav played this much faste
 CLIP_B_GAIN = 0.8
 EXTRA_VOCAB_ROWS = 2  # embedding rows past the last tokenizer id, as in the real checkpoint (155776 = 155774 + 2)
 NUM_SPEAKER_TOKENS = 10
+FULL_LOGITS = ("single", "noref")  # requests whose teacher-forced logits are kept for every prompt row (size)
 
 # Qwen2's pre-tokenizer split (the `Split` step of Qwen2/Qwen3 tokenizer.json files).
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
@@ -506,6 +507,11 @@ def golden_run(out: Path) -> tuple[dict, dict]:
                 frames, prompt, codes = batch["frames"], batch["prompt"], result["codes"][b]
                 assert np.array_equal(frames[1:, :-1], codes), "decoder codes != generated frames but the last"
                 arrays.update({f"prompt{suffix}": prompt, f"frames{suffix}": frames, f"codes{suffix}": codes})
+                if b > 0:  # the conversation carries the previous batch's codes as they were generated
+                    carried = batches[b - 1]["frames"][1:, :-1]
+                    width = carried.shape[1]
+                    assert any(np.array_equal(prompt[1:, i:i + width], carried)
+                               for i in range(prompt.shape[1] - width + 1)), "previous codes not in the prompt"
                 slow = [s for s in batch["samples"] if s[0]]
                 n = frames.shape[1]
                 assert len(slow) == 2 * n and len(batch["samples"]) == 11 * n, (len(slow), n)
@@ -520,8 +526,10 @@ def golden_run(out: Path) -> tuple[dict, dict]:
                     assert torch.equal(slow[0][2][allowed], torch.from_numpy(prefill_logits)[allowed]), \
                         "teacher-forced != prefill logits"
                     assert torch.equal(rec["fast_in"][0], torch.from_numpy(prefill_hidden)), "fast input != hidden"
-                    arrays.update(logits=logits, hidden=hidden, prefill_logits=prefill_logits,
-                                  prefill_hidden=prefill_hidden, fast_logits=torch.stack(rec["fast_out"]).numpy())
+                    arrays.update(hidden=hidden, prefill_logits=prefill_logits, prefill_hidden=prefill_hidden,
+                                  fast_logits=torch.stack(rec["fast_out"]).numpy())
+                    if spec["name"] in FULL_LOGITS:
+                        arrays["logits"] = logits
                     tf_gap = {"logits": float(np.abs(logits[-1] - prefill_logits).max()),
                               "hidden": float(np.abs(hidden[-1] - prefill_hidden).max())}
                 batch_info.append({
