@@ -14,7 +14,8 @@ from shoal.engines.base import Reference, SynthesisRequest
 from shoal.engines.fish import FishEngine
 from shoal.fish.conversation import build_s2_prompt
 
-S2_FIXTURE_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "fish-s2-tiny"
+from support import as_s2_request, batch_outputs, reference_codes, s2_fixture_dir, s2_requests
+
 CLIP_TEXT = "This is a short reference recording."
 TWO_TURNS = ("<|speaker:0|>The first turn is long enough to fill most of one batch on its own, as you see."
              "<|speaker:1|>The second turn answers it with a few more words.<|speaker:0|>Then the first one ends.")
@@ -22,9 +23,12 @@ TWO_TURNS = ("<|speaker:0|>The first turn is long enough to fill most of one bat
 
 @pytest.fixture(scope="module")
 def s2_dir() -> Path:
-    if not (S2_FIXTURE_DIR / "config.json").is_file():
-        pytest.fail(f"the S2 fixture is missing at {S2_FIXTURE_DIR}: it is part of the repository")
-    return S2_FIXTURE_DIR
+    return s2_fixture_dir()
+
+
+@pytest.fixture(scope="module")
+def golden_requests(s2_dir) -> list[dict]:
+    return s2_requests(s2_dir)
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +44,39 @@ def clip(s2_dir: Path, name: str = "reference.wav") -> Reference:
 
 def test_an_s2_checkpoint_makes_an_s2_engine(engine):
     assert engine.s2 and engine.model_name == "s2-pro"
+
+
+def golden_codes(s2_dir: Path, req: dict) -> np.ndarray:
+    """What the reference's codec got for a request: every batch's codes, in order."""
+    return np.concatenate(batch_outputs(np.load(s2_dir / req["file"]), "codes"), axis=1)
+
+
+def test_reference_clips_encode_to_the_reference_codes(engine, s2_dir):
+    for key, name in (("a", "reference.wav"), ("b", "reference_b.wav")):
+        np.testing.assert_array_equal(engine.encode_reference(clip(s2_dir, name)).numpy(),
+                                      reference_codes(s2_dir, key))
+
+
+def test_every_golden_request_gives_the_golden_codes_and_audio(engine, s2_dir, golden_requests):
+    for req in golden_requests:
+        g = np.load(s2_dir / req["file"])
+        result = engine.run(as_s2_request(s2_dir, req))
+        np.testing.assert_array_equal(result.codes, golden_codes(s2_dir, req), err_msg=req["name"])
+        assert result.stopped_by_im_end == [b["stopped_by_im_end"] for b in req["batches"]]
+        assert result.audio.shape == g["audio"].shape
+        np.testing.assert_allclose(result.audio, g["audio"], atol=1e-4, rtol=0, err_msg=req["name"])
+
+
+def test_golden_requests_side_by_side_give_the_golden_codes(engine, s2_dir, golden_requests):
+    """All golden requests at once, four decoding side by side (the engine's max batch), their references given as
+    the reference's codes: each gets its golden codes."""
+    requests = [as_s2_request(s2_dir, req, codes=True) for req in golden_requests]
+    engine.scheduler.max_seen_batch = 0
+    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+        results = list(pool.map(engine.run, requests))
+    assert engine.scheduler.max_seen_batch == 4
+    for req, result in zip(golden_requests, results):
+        np.testing.assert_array_equal(result.codes, golden_codes(s2_dir, req), err_msg=req["name"])
 
 
 def test_each_batch_prompt_is_the_conversation_so_far(engine, s2_dir, monkeypatch):
