@@ -13,6 +13,7 @@ import torch
 from shoal.engines.base import Reference, SynthesisRequest
 from shoal.engines.fish import FishEngine
 from shoal.fish.conversation import build_s2_prompt
+from shoal.text import speaker_batches
 
 from support import as_s2_request, batch_outputs, reference_codes, s2_fixture_dir, s2_requests
 
@@ -143,3 +144,35 @@ def test_requests_side_by_side_give_the_codes_they_give_alone(engine, s2_dir):
     # S2 samples residual codes over the model's whole codebook: codes past the codec's 1024 entries occur, reach
     # the codec (which clamps them) and the next batch's prompt as they are.
     assert max(int(r.codes[1:].max()) for r in alone) >= engine.codec.config.codebook_size
+
+
+def test_previous_is_an_earlier_turn_of_the_conversation(engine, s2_dir, golden_requests, monkeypatch):
+    """`previous` (what an earlier request spoke, as the live socket carries it) enters the prompt as the
+    reference's later batches carry theirs: the golden multibatch's first batch as `previous` and its second
+    batch's text give the golden second prompt, residual codes past the codec's codebook included."""
+    req = next(r for r in golden_requests if r["name"] == "multibatch")
+    g = np.load(s2_dir / req["file"])
+    first, second = speaker_batches(req["text"], req["chunk_length"])
+    assert int(g["codes"][1:].max()) >= engine.codec.config.codebook_size
+    prompts = []
+    real = engine._prompt
+
+    def spy(*args, **kwargs):
+        prompt, budget = real(*args, **kwargs)
+        prompts.append(prompt)
+        return prompt, budget
+
+    monkeypatch.setattr(engine, "_prompt", spy)
+    base = as_s2_request(s2_dir, req, codes=True)
+    engine.run(SynthesisRequest(text=second, references=base.references, seed=1, max_new_tokens=4,
+                                previous=(first, g["codes"])))
+    np.testing.assert_array_equal(prompts[0].numpy(), g["prompt_1"])
+
+
+def test_a_streamed_multibatch_request_matches_its_one_shot_audio(engine, s2_dir, golden_requests):
+    req = next(r for r in golden_requests if r["name"] == "multibatch")
+    request = as_s2_request(s2_dir, req, codes=True)
+    streamed = np.concatenate(list(engine.synthesize(request)))
+    whole = engine.run(request).audio
+    assert streamed.shape == whole.shape
+    assert float(np.linalg.norm(streamed - whole) / np.linalg.norm(whole)) < 1e-4
