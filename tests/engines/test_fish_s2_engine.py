@@ -176,3 +176,21 @@ def test_a_streamed_multibatch_request_matches_its_one_shot_audio(engine, s2_dir
     whole = engine.run(request).audio
     assert streamed.shape == whole.shape
     assert float(np.linalg.norm(streamed - whole) / np.linalg.norm(whole)) < 1e-4
+
+
+def test_carried_turns_that_no_longer_fit_are_dropped_oldest_first(engine, s2_dir, monkeypatch):
+    """The prompt may take max_seq_len - 2048 positions (the reference refuses more). A carried turn that makes it
+    too long is left out rather than failing the request; the reference has no such case (it never carries
+    another request's turn), so this is shoal's rule, as S1's carried segment."""
+    limit = engine.model.config.max_seq_len - 2048
+    seen = []
+    real = engine._prompt
+
+    def spy(text, references, previous, *args, **kwargs):
+        seen.append(sum(codes.shape[1] for _, codes in previous))
+        return real(text, references, previous, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "_prompt", spy)
+    long_codes = np.zeros((10, limit), dtype=np.int64)
+    engine.run(SynthesisRequest(text="Short.", seed=1, max_new_tokens=4, previous=("Long.", long_codes)))  # no error
+    assert seen == [limit, 0]
