@@ -330,7 +330,8 @@ class FishEngine:
                 u.segments = speaker_batches(u.request.text, u.request.chunk_length)
             else:
                 u.segments = split_text(u.request.text, u.request.chunk_length, u.request.min_chunk_length)
-            # One generator for the whole request, seeded after the references are encoded (as the reference does).
+            # One generator for the whole request, seeded after the references are encoded (as the reference does:
+            # S2's set_seed seeds torch's global generators, CPU and CUDA, which every batch then draws from).
             u.generator = torch.Generator(device=self.device).manual_seed(u.seed)
             self._next_segment(u)
         except BaseException as exc:
