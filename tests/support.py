@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 
 import av
 import numpy as np
+import pytest
 import soundfile as sf
 
 from shoal.engines.base import Reference, SynthesisRequest
@@ -59,6 +60,53 @@ def as_request(fixture_dir: Path, req: dict) -> SynthesisRequest:
     return SynthesisRequest(text=req["text"], references=refs, seed=req["seed"], temperature=req["temperature"],
                             top_p=req["top_p"], repetition_penalty=req["repetition_penalty"],
                             max_new_tokens=req["max_new_tokens"], chunk_length=req["chunk_length"])
+
+
+# -- the S2 golden fixture (tests/fixtures/fish-s2-tiny) -------------------------------------------------------
+S2_FIXTURE_DIR = Path(__file__).resolve().parent / "fixtures" / "fish-s2-tiny"  # tools/reference/s2/regenerate.sh
+#: The requests' reference keys: the clip, its transcript file and its codes in codec.npz.
+CLIPS = {"a": ("reference.wav", "reference.txt", "codes"), "b": ("reference_b.wav", "reference_b.txt", "codes_b")}
+
+
+def s2_fixture_dir() -> Path:
+    """The fixture's folder; its absence is a failure, never a skip (it is part of the repository)."""
+    if not (S2_FIXTURE_DIR / "requests.json").is_file():
+        pytest.fail(f"the S2 golden fixture is missing at {S2_FIXTURE_DIR}: it is part of the repository "
+                    "(bash tools/reference/s2/regenerate.sh rebuilds it)")
+    return S2_FIXTURE_DIR
+
+
+def s2_requests(fixture_dir: Path) -> list[dict]:
+    return json.loads((fixture_dir / "requests.json").read_text())["requests"]
+
+
+def transcript(fixture_dir: Path, key: str) -> str:
+    """A clip's transcript as the reference was given it: its file's text without the file's final newline."""
+    return (fixture_dir / CLIPS[key][1]).read_text(encoding="utf-8").removesuffix("\n")
+
+
+def reference_codes(fixture_dir: Path, key: str) -> np.ndarray:
+    """A clip's codes as the reference's codec encoded them (codec.npz)."""
+    return np.load(fixture_dir / "codec.npz")[CLIPS[key][2]]
+
+
+def batch_outputs(golden, key: str) -> list[np.ndarray]:
+    """`key` of every batch of a golden request, in order: `key`, `key_1`, `key_2`, ..."""
+    out = [golden[key]]
+    while f"{key}_{len(out)}" in golden.files:
+        out.append(golden[f"{key}_{len(out)}"])
+    return out
+
+
+def as_s2_request(fixture_dir: Path, req: dict, codes: bool = False) -> SynthesisRequest:
+    """A golden request as the engine takes it: its clips as audio bytes (encoded by the engine's codec) or, with
+    `codes`, as the reference's codes."""
+    refs = tuple(Reference(None if codes else (fixture_dir / CLIPS[k][0]).read_bytes(), transcript(fixture_dir, k),
+                           codes=reference_codes(fixture_dir, k) if codes else None)
+                 for k in req["references"])
+    return SynthesisRequest(text=req["text"], references=refs, seed=req["seed"], temperature=req["temperature"],
+                            top_p=req["top_p"], max_new_tokens=req["max_new_tokens"],
+                            chunk_length=req["chunk_length"])
 
 
 # -- clips ------------------------------------------------------------------------------------------------------

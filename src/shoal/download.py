@@ -28,7 +28,7 @@ from shoal.layout import (CHECKPOINT_FILES, CODEC_CONFIG_FILE, MODEL_NAMES, S2_C
 DEFAULT_REPO = "fishaudio/openaudio-s1-mini"
 S2_REPO = "fishaudio/s2-pro"
 #: Files fetched when the repository has them; only a kind's checkpoint files (and S2's shards) are required.
-OPTIONAL_FILES = (CODEC_CONFIG_FILE, "tokenizer_config.json", "special_tokens_map.json")
+OPTIONAL_FILES = (CODEC_CONFIG_FILE, "special_tokens_map.json")
 WEIGHT_SHARD_SUFFIX = ".safetensors"
 #: Seconds to wait for the hub's answer to a metadata request; there are no retries on them, so an unreachable
 #: hub fails in about this long at worst (a dead DNS fails at once).

@@ -1,20 +1,33 @@
-"""Where checkpoints live and what they hold; torch-free so that light commands start fast."""
+"""Where checkpoints live and what they hold; torch-free so that light commands start fast.
+
+Two kinds of checkpoint directory are served, told apart by their own files (`checkpoint_kind`):
+
+- "s1" (OpenAudio S1, fish-speech 0.1.0): a flat `config.json` (`model_type: dual_ar`), `model.pth`, a tiktoken
+  tokenizer (`tokenizer.tiktoken` + `special_tokens.json`) and `codec.pth`;
+- "s2" (Fish Audio S2-Pro, fish-speech 2.0): a nested `config.json` (`model_type: fish_qwen3_omni`), safetensors
+  shards named by `model.safetensors.index.json`, a Hugging Face tokenizer (`tokenizer.json` +
+  `tokenizer_config.json`) and `codec.pth`.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 from shoal.errors import CheckpointError
 
 CHECKPOINT_FILES = ("config.json", "model.pth", "tokenizer.tiktoken", "special_tokens.json", "codec.pth")
-#: An S2-Pro checkpoint (fishaudio/s2-pro): the weights are the shards its index names.
-S2_CHECKPOINT_FILES = ("config.json", "model.safetensors.index.json", "tokenizer.json", "codec.pth")
-#: config.json's model_type -> the checkpoint's kind.
-KINDS = {"dual_ar": "s1", "fish_qwen3_omni": "s2"}
+S2_WEIGHTS_INDEX = "model.safetensors.index.json"
+S2_CHECKPOINT_FILES = ("config.json", S2_WEIGHTS_INDEX, "tokenizer.json", "tokenizer_config.json", "codec.pth")
+CODEC_CONFIG_FILE = "codec_config.yaml"
+#: config.json's `model_type` of each kind.
+MODEL_TYPES = {"dual_ar": "s1", "fish_qwen3_omni": "s2"}
+CheckpointKind = Literal["s1", "s2"]
+#: The files each kind must hold (S2's shards come on top: `checkpoint_files`, `missing_checkpoint_files`).
+FILES_BY_KIND: dict[str, tuple[str, ...]] = {"s1": CHECKPOINT_FILES, "s2": S2_CHECKPOINT_FILES}
 #: A kind's model name: the name Fish Audio's API gives the model, and the one shoal serves it under.
 MODEL_NAMES = {"s1": "s1", "s2": "s2-pro"}
-CODEC_CONFIG_FILE = "codec_config.yaml"
 #: The reference refuses a prompt longer than max_seq_len minus this, leaving room to generate (shoal.fish.prompt;
 #: here, torch-free, so that the settings can check max_seq_len without importing torch).
 GENERATION_HEADROOM = 2048
@@ -25,32 +38,14 @@ HOW_TO_GET = ("run `shoal download` to fetch openaudio-s1-mini (`shoal download 
 DEFAULT_CHECKPOINT_NAMES = ("openaudio-s1-mini", "s2-pro")
 
 
-def checkpoint_kind(path: str | Path) -> str:
-    """"s1" or "s2", from the directory's own config.json (its model_type); CheckpointError when it is neither."""
-    config = Path(path).expanduser() / "config.json"
+def checkpoint_files(path: str | Path, kind: CheckpointKind) -> list[str]:
+    """Every file a checkpoint of `kind` needs: its fixed set, and for S2 the weight shards its index names (just
+    the fixed set while the index cannot be read; `missing_checkpoint_files` says what is wrong then)."""
     try:
-        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
-    except FileNotFoundError:
-        raise CheckpointError(f"{config} does not exist: not a Fish Speech checkpoint; {HOW_TO_GET}") from None
-    except (OSError, ValueError, AttributeError) as exc:
-        raise CheckpointError(f"cannot read {config}: {exc}") from None
-    if model_type not in KINDS:
-        raise CheckpointError(f"{config} has model_type {model_type!r}; shoal runs "
-                              f"{' and '.join(repr(t) for t in KINDS)} (S1 and S2-Pro) checkpoints")
-    return KINDS[model_type]
-
-
-def checkpoint_files(path: str | Path, kind: str) -> list[str]:
-    """Every file a checkpoint of `kind` needs: S1's fixed set; S2's fixed set plus the weight shards its
-    `model.safetensors.index.json` names (just the fixed set while the index cannot be read)."""
-    if kind == "s1":
-        return list(CHECKPOINT_FILES)
-    index = Path(path).expanduser() / S2_CHECKPOINT_FILES[1]
-    try:
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        shards = s2_weight_shards(path) if kind == "s2" else []
+    except CheckpointError:
         shards = []
-    return [*S2_CHECKPOINT_FILES, *shards]
+    return [*FILES_BY_KIND[kind], *shards]
 
 
 def checkpoint_search_paths(data_dir: str | Path | None) -> list[Path]:
@@ -59,3 +54,56 @@ def checkpoint_search_paths(data_dir: str | Path | None) -> list[Path]:
     if data_dir is not None:
         paths += [Path(data_dir).expanduser() / path for path in paths]
     return paths
+
+
+def checkpoint_kind(path: str | Path) -> CheckpointKind:
+    """"s1" or "s2", from the directory's `config.json` (`model_type`); without a config.json, from the weights and
+    tokenizer files that only one kind has. CheckpointError (one line) when the directory is neither."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist; {HOW_TO_GET}")
+    config = path / "config.json"
+    if config.is_file():
+        try:
+            model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"cannot read {config}: {str(exc).splitlines()[0]}") from exc
+        if model_type not in MODEL_TYPES:
+            raise CheckpointError(f"{config} has model_type {model_type!r}: shoal serves "
+                                  + " and ".join(f"{t!r} ({k.upper()})" for t, k in MODEL_TYPES.items()))
+        return MODEL_TYPES[model_type]
+    kinds = {kind for kind, files in FILES_BY_KIND.items()
+             if any((path / name).is_file() for name in files if name not in ("config.json", "codec.pth"))}
+    if len(kinds) != 1:
+        raise CheckpointError(f"{path} is not a Fish Speech checkpoint: no config.json, and neither S1's model.pth "
+                              f"/ tokenizer.tiktoken nor S2's {S2_WEIGHTS_INDEX} / tokenizer.json alone; {HOW_TO_GET}")
+    return kinds.pop()
+
+
+def s2_weight_map(path: str | Path) -> dict[str, str]:
+    """`model.safetensors.index.json`'s weight_map (official tensor name -> shard file in the same directory), or
+    CheckpointError if the index cannot be read."""
+    index = Path(path) / S2_WEIGHTS_INDEX
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"cannot read {index} (a json object with a weight_map): "
+                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(shard, str) and shard and Path(shard).name == shard for shard in weight_map.values()):
+        raise CheckpointError(f"{index}: the weight_map must map tensor names to shard files in the same directory")
+    return weight_map
+
+
+def s2_weight_shards(path: str | Path) -> list[str]:
+    """The shard files the index names, sorted (the order the reference loads them in)."""
+    return sorted(set(s2_weight_map(path).values()))
+
+
+def missing_checkpoint_files(path: str | Path, kind: CheckpointKind) -> list[str]:
+    """The files of that kind the directory lacks, S2's shards included once its index is readable."""
+    path = Path(path)
+    missing = [name for name in FILES_BY_KIND[kind] if not (path / name).is_file()]
+    if kind == "s2" and S2_WEIGHTS_INDEX not in missing:
+        missing += [name for name in s2_weight_shards(path) if not (path / name).is_file()]
+    return missing

@@ -1,4 +1,4 @@
-"""Helpers for tests: tiny configurations and random-but-sane checkpoints that build in milliseconds.
+"""Helpers for tests: tiny configurations and random-but-sane S1 and S2 checkpoints that build in milliseconds.
 
 Everything random here draws from a seeded `torch.Generator`, never the global RNG, so a (config, seed) pair
 always gives the same bytes and tests cannot disturb each other.
@@ -293,6 +293,169 @@ def write_full_size_checkpoint(directory: str | Path, seed: int = 0) -> Path:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    return directory
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# S2 checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+
+#: Fish Audio S2-Pro's published `config.json` (huggingface.co/fishaudio/s2-pro, config.json), nested as shipped.
+#: Everything down to text_config's n_layer is as published; the rest of text_config mirrors audio_decoder_config's
+#: keys, with tie_word_embeddings true (the published weights hold no output layer: the head is the embedding).
+S2_PRO_CONFIG = {
+    "audio_decoder_config": {
+        "attention_o_bias": False, "attention_qk_norm": False, "attention_qkv_bias": False,
+        "audio_hidden_dim": 5120, "dim": 2560, "dropout": 0.0, "head_dim": 128,
+        "initializer_range": 0.01976423537605237, "intermediate_size": 9728, "max_seq_len": 11,
+        "model_type": "fish_qwen3_audio_decoder", "moe_intermediate_size": 768, "n_head": 32, "n_layer": 4,
+        "n_local_heads": 8, "norm_eps": 1e-06, "norm_topk_prob": True, "num_codebooks": 10, "num_experts": 1,
+        "num_experts_per_tok": 1, "rope_base": 1000000, "router_gamma": 0.001, "text_dim": 2560,
+        "tie_word_embeddings": False, "use_aux_loss_free": False, "use_bfloat16": False,
+        "use_gradient_checkpointing": True, "use_moe": False, "vocab_size": 4096,
+    },
+    "audio_pad_token_id": 151677,
+    "dtype": "bfloat16",
+    "eos_token_id": 151645,
+    "model_type": "fish_qwen3_omni",
+    "pad_token_id": 151669,
+    "semantic_end_token_id": 155773,
+    "semantic_start_token_id": 151678,
+    "text_config": {
+        "attention_o_bias": False, "attention_qk_norm": True, "attention_qkv_bias": False,
+        "audio_hidden_dim": 5120, "dim": 2560, "dropout": 0.0, "head_dim": 128,
+        "initializer_range": 0.01976423537605237, "intermediate_size": 9728, "max_seq_len": 32768,
+        "model_type": "fish_qwen3", "moe_intermediate_size": 768, "n_head": 32, "n_layer": 36,
+        "n_local_heads": 8, "norm_eps": 1e-06, "norm_topk_prob": True, "num_experts": 1, "num_experts_per_tok": 1,
+        "rope_base": 1000000, "router_gamma": 0.001, "tie_word_embeddings": True, "use_aux_loss_free": False,
+        "use_bfloat16": False, "use_gradient_checkpointing": True, "use_moe": False, "vocab_size": 155776,
+    },
+}
+
+#: Qwen's own control tokens, then fish 2.0's (fish_speech/tokenizer.py), then speaker tags: the added tokens
+#: before the semantic ones, in id order.
+S2_CONTROL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>", "<|phoneme_start|>", "<|phoneme_end|>", "<|text|>",
+    "<|voice|>", "<|interleave|>", "<|audio_start|>", "<|audio_end|>", "<|audio_pad|>",
+)
+S2_SPEAKER_TOKENS = tuple(f"<|speaker:{i}|>" for i in range(4))
+#: Embedding rows past the last token id (S2-Pro: 155,776 rows for 155,774 tokens).
+S2_SPARE_ROWS = 2
+# Qwen2/Qwen3's pre-tokenizer split (the `Split` step of their tokenizer.json).
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+TINY_S2_TEXT = {
+    "model_type": "fish_qwen3", "n_layer": 2, "n_head": 4, "n_local_heads": 2, "head_dim": 8, "dim": 32,
+    "intermediate_size": 64, "rope_base": 1000000, "norm_eps": 1e-6, "max_seq_len": 2560, "dropout": 0.0,
+    "tie_word_embeddings": True, "attention_qkv_bias": False, "attention_o_bias": False, "attention_qk_norm": True,
+}
+TINY_S2_AUDIO = {
+    "model_type": "fish_qwen3_audio_decoder", "vocab_size": SEMANTIC_TOKENS, "num_codebooks": 10, "n_layer": 1,
+    "n_head": 2, "n_local_heads": 1, "head_dim": 16, "dim": 32, "text_dim": 32, "intermediate_size": 64,
+    "rope_base": 1000000, "norm_eps": 1e-6, "max_seq_len": 11, "attention_qkv_bias": False,
+    "attention_o_bias": False, "attention_qk_norm": False,
+}
+S2_SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")  # slow stack, then the rest
+
+
+def _byte_chars() -> list[str]:
+    """The byte-level BPE alphabet: the character that stands for each byte value (GPT-2's and Qwen's map)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, shifted = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + shifted))
+            shifted += 1
+    return chars
+
+
+def write_tiny_s2_tokenizer(directory: str | Path) -> dict[str, int]:
+    """Write a Qwen-style `tokenizer.json` (256 byte tokens, `_MERGES`, the S2 control and speaker tokens, then
+    4096 semantic tokens) and a matching `tokenizer_config.json`; return the added tokens' ids."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    directory = Path(directory)
+    chars = _byte_chars()
+    vocab = {c: i for i, c in enumerate(chars)}
+    merges = []
+    for token in _MERGES:
+        text = "".join(chars[b] for b in token)
+        left, right = next((text[:i], text[i:]) for i in range(1, len(text))
+                           if text[:i] in vocab and text[i:] in vocab)
+        merges.append((left, right))
+        vocab[text] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    added = [*S2_CONTROL_TOKENS, *S2_SPEAKER_TOKENS, *(f"<|semantic:{i}|>" for i in range(SEMANTIC_TOKENS))]
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in added])
+    tok.save(str(directory / "tokenizer.json"))
+    ids = {t: tok.token_to_id(t) for t in added}
+    flags = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+    config = {
+        "added_tokens_decoder": {str(ids[t]): {"content": t, **flags} for t in added},
+        "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "errors": "replace",
+        "clean_up_tokenization_spaces": False, "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer",
+        "model_max_length": TINY_S2_TEXT["max_seq_len"],
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    return ids
+
+
+def s2_config(ids: dict[str, int], text: dict, audio: dict) -> dict:
+    """A nested S2 `config.json` for a tokenizer's added-token ids (`write_tiny_s2_tokenizer`)."""
+    return {
+        "model_type": "fish_qwen3_omni", "dtype": "bfloat16",
+        "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|pad|>"], "audio_pad_token_id": ids["<|audio_pad|>"],
+        "semantic_start_token_id": ids["<|semantic:0|>"],
+        "semantic_end_token_id": ids[f"<|semantic:{SEMANTIC_TOKENS - 1}|>"],
+        "text_config": {**text, "vocab_size": max(ids.values()) + 1 + S2_SPARE_ROWS},
+        "audio_decoder_config": dict(audio),
+    }
+
+
+def write_s2_weights(directory: str | Path, state: dict[str, Tensor]) -> None:
+    """Save a `DualARTransformer` state dict as S2 ships it: official names, the slow stack in the first
+    safetensors shard and the rest in the second, and `model.safetensors.index.json`."""
+    from safetensors.torch import save_file
+
+    from shoal.fish.checkpoint import S2_SLOW_PREFIX, s2_official_key
+
+    directory = Path(directory)
+    official = {s2_official_key(k): v.contiguous() for k, v in state.items()}
+    weight_map = {}
+    for shard, slow in zip(S2_SHARDS, (True, False)):
+        part = {k: v for k, v in sorted(official.items()) if k.startswith(S2_SLOW_PREFIX) == slow}
+        save_file(part, str(directory / shard), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, shard))
+    index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in official.values())},
+             "weight_map": dict(sorted(weight_map.items()))}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def write_tiny_s2_checkpoint(directory: str | Path, seed: int = 0, text: dict | None = None,
+                             audio: dict | None = None) -> Path:
+    """Write a random tiny S2 checkpoint in the official layout (nested config.json, two safetensors shards under
+    the official names + index, tokenizer.json + tokenizer_config.json, the tiny codec) and return its directory.
+
+    `text` / `audio` update `TINY_S2_TEXT` / `TINY_S2_AUDIO`. Deterministic for a seed; takes a fraction of a second.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    ids = write_tiny_s2_tokenizer(directory)
+    config = s2_config(ids, {**TINY_S2_TEXT, **(text or {})}, {**TINY_S2_AUDIO, **(audio or {})})
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    write_s2_weights(directory, random_model_state_dict(DualARConfig.from_dict(config), seed, ids["<|im_end|>"]))
+    codec_config = tiny_codec_config()
+    write_codec_config_yaml(directory / "codec_config.yaml", codec_config)
+    write_tiny_codec(directory / "codec.pth", codec_config, seed=seed)
     return directory
 
 

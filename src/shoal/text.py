@@ -4,6 +4,9 @@ The reference generates a whole text as one segment whatever its length. shoal d
 at most `chunk_length` characters (so short requests stay bit-identical to the reference), and splits longer
 texts at sentence ends, then at clause punctuation, then at spaces, so that no segment exceeds `chunk_length`.
 `chunk_length=0` turns splitting off. The text itself is never rewritten.
+
+S2 models split differently (`speaker_batches`, fish-speech 2.0's rule): only at `<|speaker:N|>` tags, into
+speaker turns, which are grouped into batches of a few turns; each batch is one segment.
 """
 
 from __future__ import annotations
@@ -132,3 +135,41 @@ def _trim(text: str, start: int, end: int) -> tuple[int, int]:
     while end > start and text[end - 1].isspace():
         end -= 1
     return start, end
+
+
+# S2: a speaker tag, as fish-speech 2.0 matches it.
+SPEAKER_TAG = re.compile(r"(<\|speaker:\d+\|>)")
+#: S2: the most speaker turns one batch holds (fish-speech 2.0's generate_long passes 5).
+MAX_SPEAKERS_PER_BATCH = 5
+
+
+def speaker_turns(text: str) -> list[str]:
+    """S2's speaker turns: each `<|speaker:N|>` tag with the text up to the next tag, stripped of surrounding
+    whitespace; [] when the text has no tag. As in fish-speech 2.0 (`split_text_by_speaker`), text before the
+    first tag belongs to no turn and is dropped."""
+    parts = SPEAKER_TAG.split(text)
+    # re.split with one group alternates text and tags: parts[0] is the text before the first tag, then each tag
+    # is followed by the text up to the next one.
+    return [(parts[i].strip() + parts[i + 1]).strip() for i in range(1, len(parts), 2)]
+
+
+def speaker_batches(text: str, chunk_length: int) -> list[str]:
+    """S2's segments: the speaker turns grouped in order into batches joined with newlines, a new batch starting
+    when the current one holds MAX_SPEAKERS_PER_BATCH turns or the next turn would take it past `chunk_length`
+    UTF-8 bytes (a single longer turn is a batch of its own). Without tags, the whole text is one batch.
+    `chunk_length` 0 means no byte limit (shoal's "never split"; the reference's server never sends 0)."""
+    turns = speaker_turns(text)
+    if not turns:
+        return [text]
+    limit = chunk_length if chunk_length > 0 else None
+    batches: list[list[str]] = []
+    size = 0
+    for turn in turns:
+        n = len(turn.encode("utf-8"))
+        if batches and len(batches[-1]) < MAX_SPEAKERS_PER_BATCH and (limit is None or size + n <= limit):
+            batches[-1].append(turn)
+            size += n
+        else:
+            batches.append([turn])
+            size = n
+    return ["\n".join(batch) for batch in batches]

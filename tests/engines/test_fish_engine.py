@@ -441,9 +441,9 @@ def test_condition_on_previous_decides_whether_a_segment_carries_the_last_one(en
     prompted = []
     real = engine._prompt
 
-    def spy(text, references, *args, **kwargs):
-        prompted.append([ref_text for ref_text, _ in references])
-        return real(text, references, *args, **kwargs)
+    def spy(text, references, previous, *args, **kwargs):
+        prompted.append([ref_text for ref_text, _ in references + previous])
+        return real(text, references, previous, *args, **kwargs)
 
     monkeypatch.setattr(engine, "_prompt", spy)
     text = "First sentence is here. Second one follows it. Third closes the text."

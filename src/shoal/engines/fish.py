@@ -1,10 +1,16 @@
-"""The Fish Speech S1 engine: loads a checkpoint once and turns requests into audio.
+"""The Fish Speech engine (S1 and S2 checkpoints): loads a checkpoint once and turns requests into audio.
 
 It owns the model, the codec and the tokenizer from `shoal.fish`, the batch scheduler whose one engine thread
 runs every torch operation (decode steps, reference encodes, codec decodes), the codec stage that turns frames
 into audio, and a bounded cache of encoded reference clips. A request is a small state machine on that thread
 (`_Utterance`): its text segments are generated one after another as rows of the shared batch, and its audio goes
 to the request's sink. No thread waits per request.
+
+The model decides how a request becomes segments and prompts. S1: sentence-sized segments (`text.split_text`),
+each prompt the references plus the previous segment (`fish.prompt.build_prompt`). S2: speaker-turn batches
+(`text.speaker_batches`), each prompt the conversation so far (`fish.conversation.build_s2_prompt`: the
+references as speakers 0, 1, ..., then every earlier batch's text and codes), as fish-speech 2.0's
+`generate_long` runs it. Either way one generator, seeded once per request, runs on across the segments.
 """
 
 from __future__ import annotations
@@ -21,16 +27,19 @@ import torch
 
 from shoal.audio import load_audio
 from shoal.errors import BadRequest, EngineFailure, ShoalError
-from shoal.fish.checkpoint import CODEC_CONFIG_FILE, check_checkpoint_dir, load_dual_ar
+from shoal.fish.checkpoint import CODEC_CONFIG_FILE, check_checkpoint_dir, load_dual_ar, load_tokenizer
 from shoal.layout import GENERATION_HEADROOM
 from shoal.fish.codec import Codec, CodecConfig, load_codec
+from shoal.fish.conversation import build_s2_prompt
 from shoal.fish.dual_ar import DualARTransformer
+from shoal.fish.generate import s2_sampling
 from shoal.fish.prompt import build_prompt, check_prompt_length
 from shoal.fish.quant import quantize_int8
 from shoal.fish.runner import ModelRunner
 from shoal.fish.sampling import SamplingParams
 from shoal.fish.tokenizer import FishTokenizer
-from shoal.text import split_text
+from shoal.fish.tokenizer_s2 import S2Tokenizer
+from shoal.text import speaker_batches, split_text
 
 from .base import (LATENCY_FIRST_CHUNK, EngineStats, Progress, Reference, Segment, Sink, Synthesis,
                    SynthesisRequest, run_blocking, synthesize_blocking)
@@ -90,18 +99,22 @@ def resolve_precision(precision: str | torch.dtype | None, device: torch.device)
 
 
 class FishEngine:
-    """Text (plus optional reference clips) to audio with an S1 checkpoint."""
+    """Text (plus optional reference clips) to audio with an S1 or S2 checkpoint."""
 
     name = "fish"
     supports_cloning = True
 
-    def __init__(self, model: DualARTransformer, codec: Codec, tokenizer: FishTokenizer, *,
+    def __init__(self, model: DualARTransformer, codec: Codec, tokenizer: FishTokenizer | S2Tokenizer, *,
                  checkpoint_dir: Path | None = None, reference_cache_size: int = 16, max_batch_size: int = 4,
                  max_batch_tokens: int | None = None, stream_first_frames: int = 11, fault_injection: bool = False,
                  compile: bool = False, cuda_graphs: bool = False, max_reference_seconds: float | None = None):
         self.model = model
         self.codec = codec
         self.tokenizer = tokenizer
+        #: An S2 model: speaker-turn segments, conversation prompts and S2's sampler (fish.generate.s2_sampling).
+        self.s2 = s2_sampling(model)
+        #: Which model family this engine serves: "s1" or "s2-pro".
+        self.model_name = "s2-pro" if self.s2 else "s1"
         self.checkpoint_dir = checkpoint_dir
         self.device = model.embeddings.weight.device
         self.precision = model.embeddings.weight.dtype
@@ -144,7 +157,8 @@ class FishEngine:
              stream_first_frames: int = 11, fault_injection: bool = False, cuda_graphs: bool = False,
              compile_cache_dir: str | Path | None = None, max_reference_seconds: float | None = None,
              max_seq_len: int | None = None, quantize: str = "none") -> "FishEngine":
-        """Load a checkpoint directory once. Raises CheckpointError naming a missing or mismatched file.
+        """Load a checkpoint directory (S1 or S2, by its own files) once. Raises CheckpointError naming a missing or
+        mismatched file.
 
         `compile` runs the decode step through torch.compile (see shoal.fish.runner), `cuda_graphs` also
         captures it as CUDA graphs (CUDA only); `compile_cache_dir` keeps compiled kernels across restarts.
@@ -160,7 +174,7 @@ class FishEngine:
             persist_compile_cache(cache_dir)
         dtype = resolve_precision(precision, dev)
         check_quantize(quantize, dev, dtype)
-        tokenizer = FishTokenizer.from_dir(path)
+        tokenizer = load_tokenizer(path)
         model = load_dual_ar(path, tokenizer, dev, dtype)
         if quantize == "int8":
             quantize_int8(model)
@@ -230,12 +244,17 @@ class FishEngine:
         self.encode_count += 1
         return codes.cpu().numpy().astype(np.int64)
 
-    def _check_codes(self, codes, what: str = "reference codes") -> torch.Tensor:
+    def _check_codes(self, codes, what: str = "reference codes", generated: bool = False) -> torch.Tensor:
+        """Codes as the codec's codebooks bound them; `generated` codes (a segment's) of an S2 model may reach the
+        model's codebook_size in every row (S2 samples residual codes over it; the codec clamps them)."""
         codes = np.asarray(codes)
         c = self.codec.config
         if codes.ndim != 2 or codes.shape[0] != c.num_codebooks or codes.shape[1] == 0:
             raise BadRequest(f"{what} must be [{c.num_codebooks}, frames], got {tuple(codes.shape)}")
-        limits = np.array([c.semantic_codebook_size] + [c.codebook_size] * (c.num_codebooks - 1))
+        if generated and self.s2:
+            limits = np.full(c.num_codebooks, self.model.config.codebook_size)
+        else:
+            limits = np.array([c.semantic_codebook_size] + [c.codebook_size] * (c.num_codebooks - 1))
         if not np.issubdtype(codes.dtype, np.integer) or (codes < 0).any() or (codes >= limits[:, None]).any():
             raise BadRequest(f"{what} are out of the codebooks' range")
         return torch.from_numpy(codes.astype(np.int64))
@@ -261,14 +280,16 @@ class FishEngine:
         With `stream`, audio is decoded while frames arrive, by the codec stage's chunk rule, each frame once, to
         float rounding of the one-shot decode. Without it, each segment is decoded once, exactly as the reference
         decodes. Segments are generated one after another: from the second on, the previous segment's text and
-        codes follow the references in the prompt, as the reference's iterative prompt did, so the voice
-        carries over; `request.previous` (what an earlier request spoke) is carried into the first segment's
-        prompt the same way."""
-        references = [(ref.text.strip(), self._lookup_reference(ref)) for ref in request.references]
+        codes follow the references in the prompt (S1, as the reference's iterative prompt did; S2: every
+        earlier segment's, as a conversation), so the voice carries over; `request.previous` (what an earlier
+        request spoke) is carried into the first segment's prompt the same way. S1 strips reference transcripts,
+        as S1's reference does; S2 uses them verbatim, as S2's does."""
+        references = [(ref.text if self.s2 else ref.text.strip(), self._lookup_reference(ref))
+                      for ref in request.references]
         previous = []
         if request.previous is not None and request.condition_on_previous:
             text, codes = request.previous
-            previous = [(text, self._check_codes(codes, "previous codes"))]
+            previous = [(text, self._check_codes(codes, "previous codes", generated=True))]
         utterance = _Utterance(request, sink, cancel, stream, progress, references,
                                seed=request.effective_seed(), previous=previous)
         with self._requests_lock:
@@ -305,8 +326,12 @@ class FishEngine:
                 return self._finish(u)
             u.references = [(text, codes if isinstance(codes, torch.Tensor) else self._encode_clip(codes))
                             for text, codes in u.references]
-            u.segments = split_text(u.request.text, u.request.chunk_length, u.request.min_chunk_length)
-            # One generator for the whole request, seeded after the references are encoded (as the reference does).
+            if self.s2:
+                u.segments = speaker_batches(u.request.text, u.request.chunk_length)
+            else:
+                u.segments = split_text(u.request.text, u.request.chunk_length, u.request.min_chunk_length)
+            # One generator for the whole request, seeded after the references are encoded (as the reference does:
+            # S2's set_seed seeds torch's global generators, CPU and CUDA, which every batch then draws from).
             u.generator = torch.Generator(device=self.device).manual_seed(u.seed)
             self._next_segment(u)
         except BaseException as exc:
@@ -314,11 +339,14 @@ class FishEngine:
 
     def _next_segment(self, u: "_Utterance") -> None:
         request, text = u.request, u.segments[u.index]
-        prompt, max_new = self._prompt(text, u.references + u.previous, request.max_new_tokens)
-        if u.previous and prompt is None:  # the carried segment made it too long: go without it
-            prompt, max_new = self._prompt(text, u.references, request.max_new_tokens)
-        if prompt is None:
-            self._prompt(text, u.references, request.max_new_tokens, strict=True)
+        # What is carried made the prompt too long: go without its oldest segments, or without it.
+        for start in range(len(u.previous) + 1):
+            prompt, max_new = self._prompt(text, u.references, u.previous[start:], request.max_new_tokens)
+            if prompt is not None:
+                u.previous = u.previous[start:]
+                break
+        else:
+            self._prompt(text, u.references, [], request.max_new_tokens, strict=True)
         u.total = u.done + max_new * (len(u.segments) - u.index)
         u.frames = []
         u.stream_state = self.codec_stage.open(LATENCY_FIRST_CHUNK[request.latency]) if u.stream else None
@@ -355,8 +383,10 @@ class FishEngine:
         self.codec_stage.then(u, lambda: u.sink.segment(segment))
         if last:
             return self.codec_stage.then(u, lambda: self._finish(u))
-        if segment.codes.shape[1] and u.request.condition_on_previous:
-            u.previous = [(u.segments[index], torch.from_numpy(segment.codes))]
+        if u.request.condition_on_previous and (self.s2 or segment.codes.shape[1]):
+            carried = (u.segments[index], torch.from_numpy(segment.codes))
+            # S2 carries the whole conversation (even a segment without codes keeps its turn), S1 the last one.
+            u.previous = [*u.previous, carried] if self.s2 else [carried]
         u.index += 1
         try:
             self._next_segment(u)
@@ -364,11 +394,13 @@ class FishEngine:
             self._fail(u, exc)
 
     def _deliver(self, u: "_Utterance", audio: np.ndarray, fade_in: bool = False, fade_out: bool = False) -> None:
-        """A decoded chunk to its request: at its speed, faded in or out where segments meet."""
+        """A decoded chunk to its request: at its speed, faded in or out where segments meet (S1 only: S2's
+        reference joins its batches' audio as decoded, and so does shoal)."""
         if u.closed or not len(audio):
             return
-        audio = fade_joins(apply_speed(audio, self.sample_rate, u.request.speed), self.sample_rate,
-                           first=not fade_in, last=not fade_out)
+        audio = apply_speed(audio, self.sample_rate, u.request.speed)
+        if not self.s2:
+            audio = fade_joins(audio, self.sample_rate, first=not fade_in, last=not fade_out)
         u.sink.audio(audio)
 
     def _fail(self, u: "_Utterance", error: BaseException) -> None:
@@ -392,10 +424,16 @@ class FishEngine:
         with self._requests_lock:
             self._requests -= 1
 
-    def _prompt(self, text: str, references: list[tuple[str, torch.Tensor]], max_new_tokens: int,
+    def _prompt(self, text: str, references: list[tuple[str, torch.Tensor]],
+                previous: list[tuple[str, torch.Tensor]], max_new_tokens: int,
                 strict: bool = False) -> tuple[torch.Tensor | None, int]:
-        """The prompt and its generation budget, or (None, 0) if it does not fit (BadRequest if strict)."""
-        prompt = build_prompt(self.tokenizer, text, references, num_codebooks=self.model.config.num_codebooks)
+        """The prompt for `text` after the references and the carried segments, and its generation budget, or
+        (None, 0) if it does not fit (BadRequest if strict)."""
+        num_codebooks = self.model.config.num_codebooks
+        if self.s2:
+            prompt = build_s2_prompt(self.tokenizer, text, references, previous, num_codebooks=num_codebooks)
+        else:
+            prompt = build_prompt(self.tokenizer, text, references + previous, num_codebooks=num_codebooks)
         try:
             return prompt, check_prompt_length(prompt.shape[1], self.model.config.max_seq_len, max_new_tokens)
         except BadRequest:
@@ -429,7 +467,8 @@ class _Utterance:
     seed: int
     segments: list[str] = field(default_factory=list)
     index: int = 0  # the segment being generated
-    previous: list = field(default_factory=list)  # the last segment's (text, codes), carried into the next prompt
+    #: (text, codes) carried into the next prompt: S1 the last segment's, S2 every earlier segment's.
+    previous: list = field(default_factory=list)
     generator: torch.Generator | None = None
     frames: list = field(default_factory=list)  # this segment's so far
     stream_state: SegmentStream | None = None

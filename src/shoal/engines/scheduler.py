@@ -293,7 +293,8 @@ class BatchScheduler:
 
     def _prefill(self, row: Row) -> None:
         self._ensure_cache(row.positions_needed)
-        row.slot = self.batch.add(row.prompt.shape[1], row.max_new_tokens, row.params, row.generator)
+        row.slot = self.batch.add(row.prompt.shape[1], row.max_new_tokens, row.params, row.generator,
+                                  row.im_end_id)
         self._active.append(row)
         try:
             frame = prefill(self.model, self.batch, row.slot, row.prompt)

@@ -1,8 +1,11 @@
-"""The S1 dual auto-regressive transformer, written for inference.
+"""The dual auto-regressive transformer of Fish Speech S1 and S2, written for inference.
 
 A *slow* transformer reads the prompt (text tokens and codec frames) and predicts the next token over the whole
 vocabulary; a *fast* transformer then predicts that frame's codebooks one by one from the slow transformer's hidden
-state. Parameter names equal those of the official `model.pth`, so checkpoints load with `strict=True`.
+state. S1 and S2 differ only in configuration: S2's `config.json` is nested (`fish_qwen3_omni`) and is flattened
+here into the same `DualARConfig`, with one switch of its own (`norm_fastlayer_input`). Parameter names equal those
+of S1's official `model.pth` and, after `shoal.fish.checkpoint`'s renaming, of S2's safetensors, so both load
+with `strict=True`.
 
 Everything is batch-ready: KV caches carry a batch dimension, and positions are per row (`input_pos` is
 `[B, S]`), so rows of different lengths can decode side by side.
@@ -21,9 +24,102 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+S1_MODEL_TYPE = "dual_ar"
+S2_MODEL_TYPE = "fish_qwen3_omni"
+
+# Keys of S2's nested config.json that leave the inference architecture unchanged. The reference reads none of them
+# (fish's `_from_fish_qwen3_omni`); shoal accepts them and refuses every other key it does not read.
+S2_INERT_KEYS = frozenset({"architectures", "dtype", "torch_dtype", "transformers_version", "bos_token_id",
+                           "eos_token_id", "pad_token_id", "audio_pad_token_id", "sample_rate"})
+# Mixture-of-experts settings that the official files carry for a dense model (`use_moe: false`); only `use_moe`
+# itself is checked.
+_MOE_KEYS = frozenset({"use_moe", "moe_intermediate_size", "norm_topk_prob", "num_experts", "num_experts_per_tok",
+                       "router_gamma", "use_aux_loss_free"})
+S2_TEXT_INERT_KEYS = _MOE_KEYS | {"model_type", "audio_hidden_dim", "use_bfloat16"}
+# The audio decoder (fast stack) takes norm_eps and rope_base from text_config in the reference, whatever its own
+# say; they are accepted only when equal to text_config's (`flatten_fish_qwen3_omni`).
+S2_AUDIO_INERT_KEYS = S2_TEXT_INERT_KEYS | {"text_dim", "dropout", "initializer_range", "max_seq_len",
+                                            "tie_word_embeddings", "use_gradient_checkpointing"}
+# (text_config key, flat key, default when absent), in the reference's order.
+S2_TEXT_KEYS = (
+    ("vocab_size", "vocab_size", None), ("n_layer", "n_layer", None), ("n_head", "n_head", None),
+    ("n_local_heads", "n_local_heads", -1), ("head_dim", "head_dim", None), ("dim", "dim", None),
+    ("intermediate_size", "intermediate_size", None), ("rope_base", "rope_base", 10000),
+    ("norm_eps", "norm_eps", 1e-5), ("max_seq_len", "max_seq_len", 2048), ("dropout", "dropout", 0.0),
+    ("tie_word_embeddings", "tie_word_embeddings", True), ("attention_qkv_bias", "attention_qkv_bias", False),
+    ("attention_o_bias", "attention_o_bias", False), ("attention_qk_norm", "attention_qk_norm", False),
+    ("use_gradient_checkpointing", "use_gradient_checkpointing", True),
+    ("initializer_range", "initializer_range", 0.02),
+)
+S2_TEXT_REQUIRED = ("vocab_size", "n_layer", "n_head", "dim")
+# (audio_decoder_config key, flat key); absent keys fall back to the slow stack's values.
+S2_AUDIO_KEYS = (
+    ("vocab_size", "codebook_size"), ("num_codebooks", "num_codebooks"), ("n_layer", "n_fast_layer"),
+    ("dim", "fast_dim"), ("n_head", "fast_n_head"), ("n_local_heads", "fast_n_local_heads"),
+    ("head_dim", "fast_head_dim"), ("intermediate_size", "fast_intermediate_size"),
+    ("attention_qkv_bias", "fast_attention_qkv_bias"), ("attention_qk_norm", "fast_attention_qk_norm"),
+    ("attention_o_bias", "fast_attention_o_bias"),
+)
+S2_AUDIO_REQUIRED = ("vocab_size", "num_codebooks", "n_layer")
+# The fast stack's settings that the reference takes from text_config (see S2_AUDIO_INERT_KEYS).
+S2_SHARED_KEYS = (("norm_eps", 1e-5), ("rope_base", 10000))
+
+
+def _check_keys(section: str, data: dict, known: set | frozenset) -> None:
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        # A key we do not know may change the architecture; refusing beats silently ignoring it.
+        raise ValueError(f"unknown config.json keys{section}: {', '.join(unknown)}")
+
+
+def _section(data: dict, name: str) -> dict:
+    value = data.get(name)
+    if not isinstance(value, dict):
+        raise ValueError(f"config.json's {name} must be an object, got {type(value).__name__}")
+    return value
+
+
+def flatten_fish_qwen3_omni(data: dict) -> dict:
+    """S2's nested `config.json` (`model_type: fish_qwen3_omni`) as the flat `DualARConfig` keys, exactly as the
+    reference flattens it (fish's `_from_fish_qwen3_omni`): the slow stack from `text_config`, the fast stack and
+    the codebooks from `audio_decoder_config`, absent values left to `DualARConfig`'s defaults (the reference's),
+    `scale_codebook_embeddings` and `norm_fastlayer_input` forced on, `semantic_start/end_token_id` kept.
+
+    Stricter than the reference: unknown keys at any level, a mixture-of-experts model, and an audio decoder whose
+    norm_eps or rope_base differ from text_config's (the reference would silently use text_config's) are refused.
+    """
+    text, audio = _section(data, "text_config"), _section(data, "audio_decoder_config")
+    _check_keys("", data, {"model_type", "text_config", "audio_decoder_config", "semantic_start_token_id",
+                           "semantic_end_token_id"} | S2_INERT_KEYS)
+    _check_keys(" in text_config", text, {key for key, _, _ in S2_TEXT_KEYS} | S2_TEXT_INERT_KEYS)
+    _check_keys(" in audio_decoder_config", audio,
+                {key for key, _ in S2_AUDIO_KEYS} | S2_AUDIO_INERT_KEYS | {key for key, _ in S2_SHARED_KEYS})
+    for section, values, required in (("text_config", text, S2_TEXT_REQUIRED),
+                                      ("audio_decoder_config", audio, S2_AUDIO_REQUIRED)):
+        missing = [key for key in required if key not in values]
+        if missing:
+            raise ValueError(f"config.json's {section} lacks {', '.join(missing)}")
+        if values.get("use_moe"):
+            raise ValueError(f"config.json's {section} describes a mixture-of-experts model (use_moe); shoal runs "
+                             "the dense S2 models")
+    for key, default in S2_SHARED_KEYS:
+        if key in audio and audio[key] != text.get(key, default):
+            raise ValueError(f"config.json's audio_decoder_config.{key} ({audio[key]}) differs from text_config's "
+                             f"({text.get(key, default)}); the reference uses text_config's for both stacks")
+
+    flat: dict = {"model_type": S1_MODEL_TYPE}
+    flat.update({flat_key: text.get(key, default) for key, flat_key, default in S2_TEXT_KEYS})
+    flat.update(scale_codebook_embeddings=True, norm_fastlayer_input=True,
+                semantic_begin_id=data.get("semantic_start_token_id"),
+                semantic_end_id=data.get("semantic_end_token_id"))
+    flat.update({flat_key: audio.get(key) for key, flat_key in S2_AUDIO_KEYS})
+    return {key: value for key, value in flat.items() if value is not None}
+
+
 @dataclass
 class DualARConfig:
-    """Hyper-parameters as `config.json` spells them (fish's `DualARModelArgs`).
+    """Hyper-parameters as S1's flat `config.json` spells them (fish's `DualARModelArgs`); S2's nested config is
+    flattened into the same fields by `from_dict` (`flatten_fish_qwen3_omni`).
 
     Unset fast_* values fall back to their slow counterparts, as in the reference.
     """
@@ -55,6 +151,12 @@ class DualARConfig:
     fast_attention_qkv_bias: bool | None = None
     fast_attention_qk_norm: bool | None = None
     fast_attention_o_bias: bool | None = None
+    # S2: the fast stack reads the slow stack's final-normed hidden state instead of the raw one.
+    norm_fastlayer_input: bool = False
+    # S2's config.json states the semantic token range; the model takes it from the tokenizer (as the reference
+    # does) and loading checks the two agree. S1 configs do not carry it.
+    semantic_begin_id: int | None = None
+    semantic_end_id: int | None = None
     # Training-only switches that config.json carries; they have no effect at inference.
     dropout: float = 0.0
     use_gradient_checkpointing: bool = True
@@ -62,8 +164,9 @@ class DualARConfig:
     is_reward_model: bool = False
 
     def __post_init__(self) -> None:
-        if self.model_type != "dual_ar":
-            raise ValueError(f"unsupported model_type {self.model_type!r}: shoal runs 'dual_ar' (S1) checkpoints")
+        if self.model_type != S1_MODEL_TYPE:
+            raise ValueError(f"unsupported model_type {self.model_type!r}: shoal runs {S1_MODEL_TYPE!r} (S1) and "
+                             f"{S2_MODEL_TYPE!r} (S2) checkpoints")
         if self.is_reward_model:
             raise ValueError("reward-model checkpoints are not text-to-speech models")
         if self.n_local_heads == -1:
@@ -86,11 +189,10 @@ class DualARConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "DualARConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            # A key we do not know may change the architecture; refusing beats silently ignoring it.
-            raise ValueError(f"unknown config.json keys: {', '.join(unknown)}")
+        """A flat S1 config, or a nested S2 one (`model_type: fish_qwen3_omni`), flattened first."""
+        if data.get("model_type") == S2_MODEL_TYPE:
+            data = flatten_fish_qwen3_omni(data)
+        _check_keys("", data, {f.name for f in fields(cls)})
         return cls(**data)
 
     @classmethod
@@ -340,13 +442,15 @@ class DualARTransformer(nn.Module):
         return x
 
     def forward_slow(self, inp: Tensor, input_pos: Tensor, rows: int | None = None,
-                     n_keys: int | None = None) -> tuple[Tensor, Tensor]:
+                     n_keys: int | None = None, all_positions: bool = False) -> tuple[Tensor, Tensor]:
         """Run the slow transformer over `inp` `[B, 11, S]` at positions `input_pos` `[B, S]`.
 
-        Returns (logits of the last position `[B, vocab]`, hidden state of the last position before the final
-        norm `[B, dim]`, which is what the fast transformer reads). The batch uses cache rows rows..rows+B-1
-        (default 0..B-1); `n_keys` bounds the attended cache length (default: up to the furthest position, which
-        costs a device-to-host copy: the scheduler passes it from its own bookkeeping).
+        Returns (logits of the last position `[B, vocab]`, the fast transformer's input for it `[B, fast_dim]`):
+        `fast_project_in` of the last hidden state, taken before the final norm (S1) or after it (S2,
+        `norm_fastlayer_input`). With `all_positions`, both are for every position, `[B, S, ...]` (teacher forcing).
+        The batch uses cache rows rows..rows+B-1 (default 0..B-1); `n_keys` bounds the attended cache length
+        (default: up to the furthest position, which costs a device-to-host copy: the scheduler passes it from its
+        own bookkeeping).
         """
         n_keys = n_keys or int(input_pos.max()) + 1
         x = self.embed(inp)
@@ -354,10 +458,10 @@ class DualARTransformer(nn.Module):
         mask = causal_mask(input_pos, n_keys)
         for layer in self.layers:
             x = layer(x, rope, mask, rows, input_pos)
-        hidden = x[:, -1]
+        hidden = x if all_positions else x[:, -1]
         normed = self.norm(hidden)
         logits = F.linear(normed, self.embeddings.weight) if self.config.tie_word_embeddings else self.output(normed)
-        return logits, self.fast_project_in(hidden)
+        return logits, self.fast_project_in(normed if self.config.norm_fastlayer_input else hidden)
 
     # -- fast transformer --------------------------------------------------------------------------------------
     def forward_fast(self, x: Tensor, pos: int | Tensor, rows: int | None = None,

@@ -15,7 +15,7 @@ The tensor is int32 `[1 + num_codebooks, L]`: row 0 holds token ids; at a codec 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -74,7 +74,13 @@ def build_prompt(
         raise TypeError(f"text must be str, got {type(text).__name__}")
     refs = [(transcript, reference_codes(codes, num_codebooks, tokenizer.num_semantic))
             for transcript, codes in references]
-    pieces = list(prompt_pieces(tokenizer, text, refs))
+    return assemble(prompt_pieces(tokenizer, text, refs), num_codebooks)
+
+
+def assemble(pieces: Iterable[tuple[list[int], np.ndarray | None]], num_codebooks: int) -> Tensor:
+    """The int32 prompt `[num_codebooks + 1, L]` from (row-0 ids, codes or None) pieces, in order: a piece with
+    codes `[num_codebooks, F]` fills rows 1.. under its ids, elsewhere rows 1.. are 0."""
+    pieces = list(pieces)
     length = sum(len(ids) for ids, _ in pieces)
     prompt = np.zeros((num_codebooks + 1, length), dtype=np.int32)
     pos = 0
@@ -94,6 +100,8 @@ def check_prompt_length(prompt_len: int, max_seq_len: int, max_new_tokens: int) 
     - `max_new_tokens == 0` means "as many as fit": `max_seq_len - prompt_len`;
     - otherwise it is cut so that prompt + generated frames fit in `max_seq_len`.
     A negative `max_new_tokens` is refused here; the reference would quietly generate a single frame.
+    S2's reference (fish-speech 2.0's `generate_long` and `generate`) has the same rules, on the whole
+    conversation prompt of each batch.
     """
     if prompt_len < 1:
         raise ValueError(f"prompt_len must be positive, got {prompt_len}")
