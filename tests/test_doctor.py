@@ -120,6 +120,51 @@ def test_lfs_pointers_and_truncated_weights_are_named(checkpoint, tmp_path):
     assert checks["codec.pth"].status == FAIL and "codec.pth" in checks["codec.pth"].detail
 
 
+@pytest.fixture
+def s2_checkpoint(s2_fixture_dir, tmp_path) -> Path:
+    return Path(shutil.copytree(s2_fixture_dir, tmp_path / "s2"))
+
+
+def test_an_s2_checkpoint_passes_every_checkpoint_check(s2_checkpoint, tmp_path):
+    checks = check_checkpoint(settings(s2_checkpoint, tmp_path))
+    assert [c.name for c in checks] == ["checkpoint", "checkpoint config", "2 weight shards", "codec.pth"]
+    assert all(c.status == OK for c in checks), checks
+    assert "(s2-pro)" in checks[0].detail and "model-00002-of-00002.safetensors" in checks[0].detail
+
+
+def test_an_s2_shard_missing_or_an_lfs_pointer_is_named(s2_checkpoint, tmp_path):
+    first, second = sorted(s2_checkpoint.glob("model-*.safetensors"))
+    second.unlink()
+    first.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 1\n")
+    checks = by_name(check_checkpoint(settings(s2_checkpoint, tmp_path)))
+    detail = checks["checkpoint"].detail
+    assert checks["checkpoint"].status == FAIL
+    assert f"{second.name} is missing" in detail and f"{first.name} is a Git LFS pointer" in detail
+    assert "2 weight shards" not in checks and checks["codec.pth"].status == OK
+
+
+def test_s2_weights_that_do_not_fit_fail_strictly(s2_checkpoint, tmp_path):
+    """A shard whose tensors lack one the config needs: the loader's strict check, with the official name."""
+    from safetensors.torch import load_file, save_file
+
+    shard = sorted(s2_checkpoint.glob("model-*.safetensors"))[0]
+    state = load_file(shard)
+    dropped = sorted(state)[0]
+    del state[dropped]
+    save_file(state, shard, metadata={"format": "pt"})
+    checks = by_name(check_checkpoint(settings(s2_checkpoint, tmp_path)))
+    assert checks["2 weight shards"].status == FAIL and dropped in checks["2 weight shards"].detail
+
+
+def test_both_checkpoints_are_checked_when_served_side_by_side(checkpoint, s2_checkpoint, tmp_path):
+    both = Settings.load(cli={"checkpoint": checkpoint, "extra_checkpoints": [s2_checkpoint],
+                              "data_dir": tmp_path / "data"}, env={}, dotenv=None)
+    checks = check_checkpoint(both)
+    assert [c.name for c in checks] == ["checkpoint", "checkpoint config", "model.pth", "codec.pth",
+                                        "checkpoint", "checkpoint config", "2 weight shards", "codec.pth"]
+    assert all(c.status == OK for c in checks), checks
+
+
 def test_a_configured_checkpoint_that_does_not_exist_fails(tmp_path):
     checks = check_checkpoint(settings(tmp_path / "nowhere", tmp_path))
     assert [(c.name, c.status) for c in checks] == [("checkpoint", FAIL)]

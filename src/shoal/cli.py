@@ -86,7 +86,7 @@ def cmd_say(args: argparse.Namespace) -> int:
     try:
         job = service.prepare(params)
         engine = job.engine
-        print(f"loaded {checkpoint} on {engine.device} ({str(engine.precision).removeprefix('torch.')}) in "
+        print(f"loaded {checkpoint} ({engine.model_name}) on {engine.device} ({str(engine.precision).removeprefix('torch.')}) in "
               f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
         progress = ProgressLine(engine.sample_rate / engine.frame_length)
         result = service.run(job, progress=progress)

@@ -248,38 +248,52 @@ def check_checkpoint(settings) -> list[Check]:
         if not path.is_dir():
             return [Check("checkpoint", FAIL, f"configured checkpoint {path} does not exist",
                           "fix --checkpoint/SHOAL_CHECKPOINT, or run `shoal download`")]
+        paths = [path]
     else:
         searched = checkpoint_search_paths(settings.data_dir)
-        path = next((p for p in searched if p.is_dir()), None)
-        if path is None:
+        paths = [p for p in searched if p.is_dir()][:1]
+        if not paths and not settings.extra_checkpoints:
             return [Check("checkpoint", WARN, f"none found at {', '.join(map(str, searched))}; shoal serves the "
                           "bundled piper voice", "`shoal download` fetches openaudio-s1-mini (or pass --checkpoint)")]
-    return check_checkpoint_dir(path)
+    checks = []
+    for path in [*paths, *(Path(p).expanduser() for p in settings.extra_checkpoints)]:
+        checks += check_checkpoint_dir(path)
+    return checks
 
 
 def check_checkpoint_dir(path: Path) -> list[Check]:
-    """The file check, then config + tokenizer, model.pth and codec.pth, each only if its files are usable."""
-    from shoal.layout import CHECKPOINT_FILES
+    """Which model it is (config.json), the file check, then config + tokenizer, the weights and codec.pth, each
+    only if its files are usable."""
+    from shoal.errors import CheckpointError
+    from shoal.layout import MODEL_NAMES, checkpoint_files, checkpoint_kind
 
+    try:
+        kind = checkpoint_kind(path)
+    except CheckpointError as exc:
+        return [Check("checkpoint", FAIL, _one_line(exc), f"run `shoal download --dir {path}` or point "
+                      "--checkpoint at an S1 or S2-Pro checkpoint directory")]
+    needed = checkpoint_files(path, kind)
     problems, sizes = {}, {}
-    for name in CHECKPOINT_FILES:
+    for name in needed:
         problem = file_problem(path / name)
         if problem:
             problems[name] = problem
         else:
             sizes[name] = (path / name).stat().st_size
     files = ", ".join(f"{n} {_size(s)}" for n, s in sizes.items())
+    label = f"{path} ({MODEL_NAMES[kind]})"
     if problems:
-        checks = [Check("checkpoint", FAIL, f"{path}: {'; '.join(f'{n} {p}' for n, p in problems.items())}",
+        checks = [Check("checkpoint", FAIL, f"{label}: {'; '.join(f'{n} {p}' for n, p in problems.items())}",
                         f"run `shoal download --dir {path}` or copy the missing files in")]
     else:
-        checks = [Check("checkpoint", OK, f"{path}: {files}")]
-    model_ready = not {"config.json", "tokenizer.tiktoken", "special_tokens.json"} & problems.keys()
-    if model_ready:
+        checks = [Check("checkpoint", OK, f"{label}: {files}")]
+    weights = [name for name in needed if name.endswith((".pth", ".safetensors")) and name != "codec.pth"]
+    config_files = set(needed) - {"codec.pth", *weights}
+    if not config_files & problems.keys():
         tokenizer, check = _check_tokenizer(path)
         checks.append(check)
-        if tokenizer is not None and "model.pth" not in problems:
-            checks.append(_check_model(path, tokenizer))
+        if tokenizer is not None and not set(weights) & problems.keys():
+            checks.append(_check_model(path, tokenizer, weights))
     if "codec.pth" not in problems:
         checks.append(_check_codec(path))
     return checks
@@ -292,7 +306,7 @@ def file_problem(path: Path) -> str | None:
     size = path.stat().st_size
     if size == 0:
         return "is empty"
-    if size < 1024 and path.suffix == ".pth":
+    if size < 1024 and path.suffix in (".pth", ".safetensors"):
         with open(path, "rb") as f:
             if f.read(len(LFS_POINTER_PREFIX)) == LFS_POINTER_PREFIX:
                 return "is a Git LFS pointer, not weights (run `git lfs pull` there, or `shoal download`)"
@@ -300,39 +314,43 @@ def file_problem(path: Path) -> str | None:
 
 
 def _check_tokenizer(path: Path):
-    from shoal.fish.dual_ar import DualARConfig
-    from shoal.fish.tokenizer import FishTokenizer
+    """config.json and the tokenizer, read as the loader reads them, and the loader's check that they agree."""
+    from shoal.fish.checkpoint import check_vocabulary, load_tokenizer, read_config
+    from shoal.layout import checkpoint_kind
 
     try:
-        config = DualARConfig.from_json(path / "config.json")
+        config = read_config(path)
     except Exception as exc:
         return None, Check("checkpoint config", FAIL, f"config.json cannot be read: {_one_line(exc)}",
                            "re-download config.json (`shoal download`)")
     try:
-        tokenizer = FishTokenizer.from_dir(path)
+        tokenizer = load_tokenizer(path)
     except Exception as exc:
         return None, Check("checkpoint config", FAIL, f"tokenizer cannot be read: {_one_line(exc)}",
-                           "re-download tokenizer.tiktoken and special_tokens.json (`shoal download`)")
+                           "re-download the tokenizer files (`shoal download`)")
     detail = (f"{config.n_layer} layers, dim {config.dim}, {config.num_codebooks} codebooks, "
               f"{tokenizer.vocab_size} tokens")
-    if tokenizer.vocab_size != config.vocab_size:
-        return None, Check("checkpoint config", FAIL, f"{detail}, but config.json says vocab_size "
-                           f"{config.vocab_size}", "the tokenizer and config.json come from different checkpoints")
+    try:
+        check_vocabulary(config, tokenizer, checkpoint_kind(path))
+    except Exception as exc:
+        return None, Check("checkpoint config", FAIL, f"{detail}, but {_one_line(exc)}",
+                           "the tokenizer and config.json come from different checkpoints")
     return tokenizer, Check("checkpoint config", OK, detail)
 
 
-def _check_model(path: Path, tokenizer) -> Check:
+def _check_model(path: Path, tokenizer, weights: list[str]) -> Check:
     import torch
 
     from shoal.fish.checkpoint import load_dual_ar
 
+    label = weights[0] if len(weights) == 1 else f"{len(weights)} weight shards"
     try:
         model = load_dual_ar(path, tokenizer, torch.device("meta"), torch.float32)
     except Exception as exc:
-        return Check("model.pth", FAIL, _one_line(exc), "re-download model.pth (`shoal download`); it must match "
+        return Check(label, FAIL, _one_line(exc), "re-download the weights (`shoal download`); they must match "
                      "config.json")
     params = sum(p.numel() for p in model.parameters())
-    return Check("model.pth", OK, f"every key matches the architecture ({params / 1e6:.1f} M parameters)")
+    return Check(label, OK, f"every key matches the architecture ({params / 1e6:.1f} M parameters)")
 
 
 def _check_codec(path: Path) -> Check:

@@ -28,7 +28,7 @@ import torch
 from shoal.audio import load_audio
 from shoal.errors import BadRequest, EngineFailure, ShoalError
 from shoal.fish.checkpoint import CODEC_CONFIG_FILE, check_checkpoint_dir, load_dual_ar, load_tokenizer
-from shoal.layout import GENERATION_HEADROOM
+from shoal.layout import GENERATION_HEADROOM, MODEL_NAMES
 from shoal.fish.codec import Codec, CodecConfig, load_codec
 from shoal.fish.conversation import build_s2_prompt
 from shoal.fish.dual_ar import DualARTransformer
@@ -113,8 +113,8 @@ class FishEngine:
         self.tokenizer = tokenizer
         #: An S2 model: speaker-turn segments, conversation prompts and S2's sampler (fish.generate.s2_sampling).
         self.s2 = s2_sampling(model)
-        #: Which model family this engine serves: "s1" or "s2-pro".
-        self.model_name = "s2-pro" if self.s2 else "s1"
+        #: The model this engine serves, by its served name (`s1`, `s2-pro`).
+        self.model_name = MODEL_NAMES["s2" if self.s2 else "s1"]
         self.checkpoint_dir = checkpoint_dir
         self.device = model.embeddings.weight.device
         self.precision = model.embeddings.weight.dtype
