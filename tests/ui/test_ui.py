@@ -195,6 +195,8 @@ def test_s2_pro_shows_its_syntax_and_greys_out_what_it_ignores(make_ui_server, p
         page.click("#speak-model input")
         page.get_by_role("option", name=re.compile(f"^{re.escape(label)}")).click()
 
+    page.get_by_text("Advanced settings").click()
+    page.wait_for_selector(PENALTY, state="attached")
     pick("s2-pro")
     page.wait_for_selector("#shoal-s2-help", state="visible")
     assert "<|speaker:0|>" in text(page, "#shoal-s2-help") and "[whisper]" in text(page, "#shoal-s2-help")
