@@ -133,6 +133,29 @@ def test_the_orchestrator_checks_each_kind_s_files(tmp_path, fixture_dir, s2_fix
         bench.check_checkpoint(broken)
 
 
+def test_full_size_s2_tokenizer_and_config_agree_with_s2_pro_s_ids(tmp_path):
+    """The random S2-Pro-shaped checkpoint's tokenizer puts <|im_end|> and the semantic tokens where the real one
+    has them, and the loader accepts it with the published config (the weights, 9 GB, are not written here)."""
+    from shoal.fish.checkpoint import check_vocabulary
+    from shoal.fish.dual_ar import DualARConfig
+    from shoal.fish.tokenizer_s2 import S2Tokenizer
+    from shoal.testing import S2_PRO_BPE_SIZE, S2_PRO_CONFIG, S2_PRO_SPEAKERS, write_tiny_s2_tokenizer
+
+    write_tiny_s2_tokenizer(tmp_path, bpe_size=S2_PRO_BPE_SIZE, speakers=S2_PRO_SPEAKERS)
+    tok = S2Tokenizer.from_dir(tmp_path)
+    assert (tok.im_end_id, tok.semantic_begin_id, tok.semantic_end_id) == (151645, 151678, 155773)
+    assert tok.encode("Hello") == S2Tokenizer.from_dir(write_tiny_s2_tokenizer_dir(tmp_path / "tiny")).encode("Hello")
+    check_vocabulary(DualARConfig.from_dict(S2_PRO_CONFIG), tok, "s2")
+
+
+def write_tiny_s2_tokenizer_dir(directory):
+    from shoal.testing import write_tiny_s2_tokenizer
+
+    directory.mkdir()
+    write_tiny_s2_tokenizer(directory)
+    return directory
+
+
 def test_full_size_tokenizer_puts_the_semantic_tokens_at_the_real_ids():
     from shoal.fish.tokenizer import FishTokenizer
     from shoal.testing import CONTROL_TOKENS, S1_MINI_CONFIG, SEMANTIC_TOKENS, full_size_ranks

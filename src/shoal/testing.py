@@ -372,9 +372,15 @@ def _byte_chars() -> list[str]:
     return chars
 
 
-def write_tiny_s2_tokenizer(directory: str | Path) -> dict[str, int]:
-    """Write a Qwen-style `tokenizer.json` (256 byte tokens, `_MERGES`, the S2 control and speaker tokens, then
-    4096 semantic tokens) and a matching `tokenizer_config.json`; return the added tokens' ids."""
+def write_tiny_s2_tokenizer(directory: str | Path, bpe_size: int | None = None,
+                            speakers: int = len(S2_SPEAKER_TOKENS)) -> dict[str, int]:
+    """Write a Qwen-style `tokenizer.json` (256 byte tokens, `_MERGES`, the S2 control and `speakers` speaker
+    tokens, then 4096 semantic tokens) and a matching `tokenizer_config.json`; return the added tokens' ids.
+
+    `bpe_size` pads the BPE vocabulary to that many entries with tokens made of bytes >= 0x80 only (never produced
+    from ASCII text), so that the added tokens land at a real tokenizer's ids (`write_full_size_s2_checkpoint`)."""
+    import itertools
+
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     directory = Path(directory)
@@ -387,6 +393,10 @@ def write_tiny_s2_tokenizer(directory: str | Path) -> dict[str, int]:
                            if text[:i] in vocab and text[i:] in vocab)
         merges.append((left, right))
         vocab[text] = len(vocab)
+    high = [chars[b] for b in range(0x80, 0x100)]
+    filler = ("".join(t) for n in (2, 3) for t in itertools.product(high, repeat=n))
+    for text in itertools.islice(filler, max(0, (bpe_size or 0) - len(vocab))):
+        vocab[text] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False, byte_fallback=False))
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -394,7 +404,8 @@ def write_tiny_s2_tokenizer(directory: str | Path) -> dict[str, int]:
         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
-    added = [*S2_CONTROL_TOKENS, *S2_SPEAKER_TOKENS, *(f"<|semantic:{i}|>" for i in range(SEMANTIC_TOKENS))]
+    added = [*S2_CONTROL_TOKENS, *(f"<|speaker:{i}|>" for i in range(speakers)),
+             *(f"<|semantic:{i}|>" for i in range(SEMANTIC_TOKENS))]
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in added])
     tok.save(str(directory / "tokenizer.json"))
     ids = {t: tok.token_to_id(t) for t in added}
@@ -456,6 +467,44 @@ def write_tiny_s2_checkpoint(directory: str | Path, seed: int = 0, text: dict | 
     codec_config = tiny_codec_config()
     write_codec_config_yaml(directory / "codec_config.yaml", codec_config)
     write_tiny_codec(directory / "codec.pth", codec_config, seed=seed)
+    return directory
+
+
+#: S2-Pro's tokenizer: Qwen3's 151,643 BPE ranks, then added tokens up to `<|semantic:0|>` at 151,678.
+S2_PRO_BPE_SIZE = S2_PRO_CONFIG["eos_token_id"] - S2_CONTROL_TOKENS.index("<|im_end|>")
+S2_PRO_SPEAKERS = S2_PRO_CONFIG["semantic_start_token_id"] - S2_PRO_BPE_SIZE - len(S2_CONTROL_TOKENS)
+
+
+def write_full_size_s2_checkpoint(directory: str | Path, seed: int = 0) -> Path:
+    """Write a random checkpoint of S2-Pro's shape (`S2_PRO_CONFIG`, 4.56 B parameters) and return its directory.
+
+    bfloat16 weights like the released ones, in the official layout (two safetensors shards under the official
+    names + index), a tokenizer of the real size (`<|im_end|>` at 151,645, the semantic tokens at
+    151,678-155,773) and a codec of the real `modded_dac_vq` size. About 9.1 GB + 1.9 GB on disk and ~12 GB of RAM
+    to write; nothing is downloaded. Written under a temporary name and renamed into place when complete.
+    """
+    import os
+    import shutil
+
+    directory = Path(directory)
+    if directory.exists():
+        raise FileExistsError(f"{directory} already exists")
+    staging = directory.with_name(directory.name + f".partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        ids = write_tiny_s2_tokenizer(staging, bpe_size=S2_PRO_BPE_SIZE, speakers=S2_PRO_SPEAKERS)
+        assert ids["<|im_end|>"] == S2_PRO_CONFIG["eos_token_id"]
+        assert ids["<|semantic:0|>"] == S2_PRO_CONFIG["semantic_start_token_id"]
+        (staging / "config.json").write_text(json.dumps(S2_PRO_CONFIG, indent=2))
+        state = random_model_state_dict(DualARConfig.from_dict(S2_PRO_CONFIG), seed, ids["<|im_end|>"])
+        write_s2_weights(staging, state)
+        del state
+        write_tiny_codec(staging / "codec.pth", CodecConfig(), seed=seed)
+        staging.rename(directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return directory
 
 
