@@ -40,7 +40,7 @@ import fishref  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", type=Path, required=True, help="S1 checkpoint folder")
+    ap.add_argument("--checkpoint", type=Path, required=True, help="checkpoint folder")
     ap.add_argument("--requests", type=Path, required=True, help="one JSON request per line")
     ap.add_argument("--out", type=Path, help="also write the JSON report here")
     ap.add_argument("--codes-dir", type=Path, help="save request i's decoder codes as codes_<i>.npy")
@@ -84,18 +84,25 @@ def run_one(engine, request) -> tuple[dict, list[np.ndarray]]:
     }, seen
 
 
-def main(argv=None) -> None:
+def load_s1_engine(checkpoint: Path, device: str, precision: torch.dtype, compile: bool):
+    return fishref.load_engine(checkpoint, device, precision, compile)[0]
+
+
+def main(argv=None, load_engine=load_s1_engine, tts_request=fishref.tts_request,
+         engine_name: str = "fish-speech 0.1.0 (reference)") -> None:
+    """Load the engine once, run every request, print and write the report. The S2 harness calls this with its
+    own `load_engine(checkpoint, device, precision, compile) -> TTSInferenceEngine` and `tts_request(spec)`."""
     args = parse_args(argv)
     precision = getattr(torch, args.precision)
     specs = [json.loads(line) for line in args.requests.read_text().splitlines() if line.strip()]
 
     t0 = time.perf_counter()
-    engine, _ = fishref.load_engine(args.checkpoint, args.device, precision, args.compile)
+    engine = load_engine(args.checkpoint, args.device, precision, args.compile)
     load_s = time.perf_counter() - t0
 
     results = []
     for index, spec in enumerate(specs):
-        figures, codes = run_one(engine, fishref.tts_request(spec))
+        figures, codes = run_one(engine, tts_request(spec))
         if args.codes_dir is not None:
             args.codes_dir.mkdir(parents=True, exist_ok=True)
             joined = np.concatenate(codes, axis=-1) if codes else np.zeros((0, 0), np.int64)
@@ -103,7 +110,7 @@ def main(argv=None) -> None:
         results.append({"index": index, **figures})
 
     report = {
-        "engine": "fish-speech 0.1.0 (reference)",
+        "engine": engine_name,
         "torch": torch.__version__,
         "device": args.device,
         "precision": args.precision,
