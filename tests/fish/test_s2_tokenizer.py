@@ -110,6 +110,25 @@ def test_config_disagreeing_on_a_token_setting_is_refused(tok_copy):
         S2Tokenizer.from_dir(tok_copy)
 
 
+@pytest.mark.parametrize("dropped, accepted", [
+    ("normalized", True),  # special tokens default to normalized=False, as tokenizer.json has it
+    ("special", False),  # special defaults to False: not what tokenizer.json says
+])
+def test_absent_token_settings_take_added_token_defaults(tok_copy, dropped, accepted):
+    edit_json(tok_copy / "tokenizer_config.json", lambda c: c["added_tokens_decoder"][str(IM_END)].pop(dropped))
+    if accepted:
+        assert S2Tokenizer.from_dir(tok_copy).im_end_id == IM_END
+    else:
+        with pytest.raises(CheckpointError, match="disagree on special of added token"):
+            S2Tokenizer.from_dir(tok_copy)
+
+
+def test_config_without_added_tokens_decoder_is_refused(tok_copy):
+    edit_json(tok_copy / "tokenizer_config.json", lambda c: c.pop("added_tokens_decoder"))
+    with pytest.raises(CheckpointError, match="has no added_tokens_decoder"):
+        S2Tokenizer.from_dir(tok_copy)
+
+
 def test_named_special_token_missing_from_the_tokenizer_is_refused(tok_copy):
     edit_json(tok_copy / "tokenizer_config.json", lambda c: c.update(bos_token="<|begin|>"))
     with pytest.raises(CheckpointError, match=r"names special token '<\|begin\|>'"):
