@@ -23,9 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-
-S1_MODEL_TYPE = "dual_ar"
-S2_MODEL_TYPE = "fish_qwen3_omni"
+from shoal.layout import S1_MODEL_TYPE, S2_MODEL_TYPE
 
 # Keys of S2's nested config.json that leave the inference architecture unchanged. The reference reads none of them
 # (fish's `_from_fish_qwen3_omni`); shoal accepts them and refuses every other key it does not read.
