@@ -36,7 +36,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -137,7 +136,7 @@ def qwen_pipeline():
     normalizer = normalizers.NFC()
     pre = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     return normalizer, pre
 
@@ -202,7 +201,14 @@ def write_tokenizer(out: Path) -> dict:
                                end_of_word_suffix="", fuse_unk=False, byte_fallback=False, ignore_merges=False))
     tok.normalizer, tok.pre_tokenizer = qwen_pipeline()
     tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.post_processor = processors.ByteLevel()
+    # Every ByteLevel step as Qwen2/Qwen3's tokenizer.json has it (the bindings do not take all of these options).
+    spec = json.loads(tok.to_str())
+    byte_level = {"add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    for part in (spec["pre_tokenizer"]["pretokenizers"][1], spec["decoder"], spec["post_processor"]):
+        assert part["type"] == "ByteLevel", part
+        part.update(byte_level)
+    tok = Tokenizer.from_str(json.dumps(spec))
     specials = special_tokens()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     hf = Qwen2TokenizerFast(tokenizer_object=tok, unk_token=None, bos_token=None, eos_token="<|im_end|>",
@@ -486,14 +492,13 @@ def codec_goldens(engine, out: Path) -> dict:
     return summary
 
 
-def golden_run(out: Path) -> tuple[dict, dict]:
+def golden_run(out: Path) -> dict:
     engine, codec, model = s2ref.load_engine(out, "cpu", torch.float32, False)
     config = json.loads((out / "config.json").read_text())
     im_end, semantic_begin = config["eos_token_id"], config["semantic_start_token_id"]
     summary = {"sample_rate": SAMPLE_RATE, "codec": codec_goldens(engine, out)}
     recorder = Recorder(model)
-    requests, recorded = [], {}
-    t0 = time.perf_counter()
+    requests = []
     try:
         for spec in request_specs():
             rec = recorder.start()
@@ -543,7 +548,6 @@ def golden_run(out: Path) -> tuple[dict, dict]:
             batch_info[0]["last_row_teacher_forced_vs_prefill_max_abs_diff"] = tf_gap
             arrays["audio"] = result["audio"]
             np.savez(out / spec["file"], **arrays)
-            recorded[spec["name"]] = arrays
             requests.append({**spec, "batches": batch_info, "audio_samples": int(result["audio"].shape[0]),
                              "observed_sample_calls": [
                                  {"param_dtype": d, "temperature": t, "top_p": p, "top_k": k}
@@ -551,8 +555,8 @@ def golden_run(out: Path) -> tuple[dict, dict]:
     finally:
         recorder.close()
     summary.update(im_end_id=im_end, semantic_begin_id=semantic_begin, requests=requests, torch=torch.__version__,
-                   torch_threads=torch.get_num_threads(), seconds=round(time.perf_counter() - t0, 1))
-    return summary, recorded
+                   torch_threads=torch.get_num_threads())
+    return summary
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -635,7 +639,7 @@ def main() -> None:
     info["verified"] = verify_checkpoint(out)
     print(f"checkpoint written to {out} and verified", file=sys.stderr)
     if args.command == "build":
-        summary, _ = golden_run(out)
+        summary = golden_run(out)
         summary["checkpoint"] = info
         (out / "requests.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
         for r in summary["requests"]:
