@@ -7,7 +7,8 @@ The reference encodes with `encode(text, add_special_tokens=False)` on a `PreTra
 - tokens that `tokenizer_config.json` declares (`added_tokens_decoder`, and the named special tokens: eos, pad,
   `additional_special_tokens`, ...) but `tokenizer.json` lacks, or holds with other settings, are added by
   transformers at load time. Such a pair of files is refused (CheckpointError naming the token): the official
-  files agree, and then the ids are `tokenizer.json`'s alone;
+  files agree, and then the ids are `tokenizer.json`'s alone. A tokenizer_config.json without
+  `added_tokens_decoder` (transformers then reads special_tokens_map.json and added_tokens.json) is refused too;
 - `split_special_tokens` (tokenizer_config.json, default false) decides whether special tokens written in the
   text are parsed as one id each; it is set on the tokenizer as transformers sets it (`encode_special_tokens`);
 - truncation and padding stored in `tokenizer.json` are switched off for an encode without those options;
@@ -57,13 +58,18 @@ def _token_content(token) -> str | None:
 def check_tokenizer_config(tokenizer: Tokenizer, config: Mapping, source: Path) -> None:
     """Refuse a tokenizer_config.json that would make transformers add or change tokens of tokenizer.json."""
     added = tokenizer.get_added_tokens_decoder()
-    declared = config.get("added_tokens_decoder") or {}
+    declared = config.get("added_tokens_decoder")
+    if not isinstance(declared, dict):
+        # Without it transformers falls back to special_tokens_map.json and added_tokens.json (its legacy path).
+        raise CheckpointError(f"{source} has no added_tokens_decoder (an older layout shoal does not read)")
     for key, spec in declared.items():
         token = added.get(int(key)) if str(key).isdigit() else None
         if token is None or not isinstance(spec, dict) or token.content != spec.get("content"):
             raise CheckpointError(f"{source} declares added token {key} = {_token_content(spec)!r}, which "
                                   f"{TOKENIZER_JSON} does not hold at that id")
-        differing = [flag for flag in ADDED_TOKEN_FLAGS if flag in spec and bool(spec[flag]) != getattr(token, flag)]
+        # An absent setting takes AddedToken's default, as transformers builds it: normalized = not special.
+        defaults = dict.fromkeys(ADDED_TOKEN_FLAGS, False) | {"normalized": not spec.get("special", False)}
+        differing = [flag for flag in ADDED_TOKEN_FLAGS if bool(spec.get(flag, defaults[flag])) != getattr(token, flag)]
         if differing:
             raise CheckpointError(f"{source} and {TOKENIZER_JSON} disagree on {', '.join(differing)} of added token "
                                   f"{token.content!r}")
