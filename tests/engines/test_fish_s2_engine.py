@@ -194,3 +194,22 @@ def test_carried_turns_that_no_longer_fit_are_dropped_oldest_first(engine, s2_di
     long_codes = np.zeros((10, limit), dtype=np.int64)
     engine.run(SynthesisRequest(text="Short.", seed=1, max_new_tokens=4, previous=("Long.", long_codes)))  # no error
     assert seen == [limit, 0]
+
+
+@pytest.mark.parametrize("condition", [True, False])
+def test_condition_on_previous_decides_whether_batches_carry_the_conversation(engine, monkeypatch, condition):
+    carried = []
+    real = engine._prompt
+
+    def spy(text, references, previous, *args, **kwargs):
+        carried.append([turn_text for turn_text, _ in previous])
+        return real(text, references, previous, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "_prompt", spy)
+    text = "<|speaker:0|>One.<|speaker:1|>Two.<|speaker:0|>Three."
+    engine.run(SynthesisRequest(text=text, seed=3, max_new_tokens=6, chunk_length=20,
+                                condition_on_previous=condition))
+    if condition:
+        assert carried == [[], ["<|speaker:0|>One."], ["<|speaker:0|>One.", "<|speaker:1|>Two."]]
+    else:
+        assert carried == [[], [], []]
