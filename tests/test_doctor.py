@@ -18,8 +18,8 @@ from shoal.testing import write_tiny_checkpoint
 
 from support import shoal_as_user
 
-NAMES = {"python", "environment", "sys.path", "numpy", "torch", "soundfile", "tiktoken", "device", "memory",
-         "checkpoint", "piper voice", "data dir", "port", "audio encoders"}
+NAMES = {"python", "environment", "sys.path", "numpy", "torch", "soundfile", "tiktoken", "tokenizers", "safetensors",
+         "device", "memory", "checkpoint", "piper voice", "data dir", "port", "audio encoders"}
 
 
 def shoal_doctor(*args: str, cwd: Path, pythonpath: str | None = None) -> subprocess.CompletedProcess:

@@ -30,7 +30,7 @@ from shoal.files import low_space_warning
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 #: Libraries whose location and version matter: the ones a foreign environment most often shadows.
-KEY_LIBRARIES = ("numpy", "torch", "soundfile", "tiktoken")
+KEY_LIBRARIES = ("numpy", "torch", "soundfile", "tiktoken", "tokenizers", "safetensors")
 #: Below this much free memory (RAM, or GPU memory on the device in use) the S1-mini model may not fit.
 MIN_FREE_BYTES = 4 * 2**30
 #: Output formats and the encoder each needs: libsndfile formats, then PyAV (ffmpeg) encoders.

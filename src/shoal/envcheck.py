@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Mapping
 
 #: Import names of the dependencies a foreign environment shadows with the worst effects.
-CORE_PACKAGES = ("numpy", "torch", "soundfile", "tiktoken", "soxr", "av", "fastapi", "pydantic", "uvicorn")
+CORE_PACKAGES = ("numpy", "torch", "soundfile", "tiktoken", "tokenizers", "safetensors", "soxr", "av", "fastapi", "pydantic", "uvicorn")
 FIX = "unset PYTHONPATH (and run `conda deactivate` if conda is active), then reactivate this environment"
 
 
