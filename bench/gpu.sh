@@ -2,15 +2,17 @@
 # bench/gpu.sh: shoal on one CUDA GPU (an H200 lent through the device tool) in at most ~8 minutes.
 #
 # On a full-size random S1 checkpoint (openaudio-s1-mini's shape, bfloat16; shoal.testing.write_full_size_checkpoint)
-# it runs `shoal bench` three times: eager, compiled (SHOAL_COMPILE), compiled with CUDA graphs (SHOAL_CUDA_GRAPHS),
-# each at concurrency 1, 8 and 32 (max_batch_size 32) plus a streamed ~3 s utterance (time to first audio), every
-# level in one process per configuration (--one-process: one load and one compile each). Results:
-# bench/results/<date>-gpu-{eager,cuda-graphs,compiled}.md and .json, copied to $OUT too when it is set (the device
-# tool brings back what lands there), with this script's log.
+# it runs `shoal bench` three times: eager, compiled (SHOAL_COMPILE), compiled with CUDA graphs (SHOAL_CUDA_GRAPHS);
+# then once on a full-size random S2-Pro checkpoint (write_full_size_s2_checkpoint, written by the bench itself),
+# compiled with CUDA graphs. Each at concurrency 1, 8 and 32 (max_batch_size 32) plus a streamed ~3 s utterance
+# (time to first audio), every level in one process per configuration (--one-process: one load and one compile
+# each). Results: bench/results/<date>-gpu-{eager,cuda-graphs,compiled,s2-cuda-graphs}.md and .json, copied to $OUT
+# too when it is set (the device tool brings back what lands there), with this script's log.
 #
 #   bash bench/gpu.sh                  # on the GPU machine, from the repository root
-#   bash bench/gpu.sh --dry-run        # anywhere, no GPU: the same steps on the CPU with the tiny fixture (eager
-#                                      # only; the compiled commands are printed, not run) into a temporary folder
+#   bash bench/gpu.sh --dry-run        # anywhere, no GPU: the same steps on the CPU with the tiny fixtures (eager
+#                                      # S1 and S2 only; the compiled commands are printed, not run) into a temporary
+#                                      # folder
 #   bash bench/gpu.sh --fetch-wheels   # where pip reaches PyPI: the wheels the GPU machine's image lacks, into .whl/
 #
 # The GPU machine reaches no package registry. Its python3 has torch (a CUDA build), numpy, tiktoken, pyyaml and
@@ -37,7 +39,7 @@ WHEELS=.whl
 # Runtime dependencies of `shoal bench` that the GPU machine's image does not have (KINDS.md in the device
 # library lists what it has), at the versions installed where --fetch-wheels runs.
 MISSING_ON_GPU="pydantic pydantic-core pydantic-settings annotated-types typing-inspection typing-extensions
-python-dotenv platformdirs soundfile cffi pycparser soxr av"
+python-dotenv platformdirs soundfile cffi pycparser soxr av tokenizers safetensors"
 GPU_PYTHON_VERSION=3.12  # the GPU image's python3
 TOKENS=${SHOAL_GPU_TOKENS:-64}
 LEVELS=${SHOAL_GPU_LEVELS:-1,8,32}
@@ -101,22 +103,24 @@ if [ "$MODE" = run ]; then
 else
   OUT_DIR=${SHOAL_GPU_OUT:-$(mktemp -d /tmp/shoal-gpu-dry-run.XXXXXX)}
   WHAT=(--tiny --device cpu --precision float32 --tokens 8 --concurrency 1,2 --max-batch-size 2 --bandwidth-mib 64)
-  [ -d tests/fixtures/fish-s1-tiny ] && WHAT+=(--fixture tests/fixtures/fish-s1-tiny)
 fi
 mkdir -p "$OUT_DIR"
 LOG="$OUT_DIR/$(date +%F)-gpu.log"
 say "$MODE: results into $OUT_DIR, log $LOG"
 
 # name, weight in the remaining time, extra flags. CUDA graphs before plain compile: they are what the GPU
-# targets need, so they get their turn first if compiling runs long.
-CONFIGS=("eager|1|" "cuda-graphs|2|--compile --cuda-graphs" "compiled|2|--compile")
-weights_left=5
+# targets need, so they get their turn first if compiling runs long. S2-Pro last: its checkpoint is written inside
+# its own time. The dry run adds S2 eager, so that the S2 path runs somewhere without a GPU.
+CONFIGS=("eager|1|" "cuda-graphs|2|--compile --cuda-graphs" "compiled|1|--compile"
+         "s2-cuda-graphs|2|--s2 --compile --cuda-graphs")
+weights_left=6
+if [ "$MODE" = dry-run ]; then CONFIGS+=("s2-eager|1|--s2"); weights_left=7; fi
 failed=0
 for config in "${CONFIGS[@]}"; do
   IFS='|' read -r name weight flags <<<"$config"
   # shellcheck disable=SC2206
   cmd=("$PY" -m shoal bench "${WHAT[@]}" --no-reference --one-process $flags --label "gpu-$name" --out "$OUT_DIR")
-  if [ "$MODE" = dry-run ] && [ -n "$flags" ]; then
+  if [ "$MODE" = dry-run ] && [[ "$flags" == *--compile* ]]; then
     say "dry run, not run: ${cmd[*]}"
     continue
   fi

@@ -21,7 +21,6 @@ from typing import Callable, Iterator
 
 import av
 import numpy as np
-import pytest
 import soundfile as sf
 
 from shoal.engines.base import Reference, SynthesisRequest
@@ -62,18 +61,9 @@ def as_request(fixture_dir: Path, req: dict) -> SynthesisRequest:
                             max_new_tokens=req["max_new_tokens"], chunk_length=req["chunk_length"])
 
 
-# -- the S2 golden fixture (tests/fixtures/fish-s2-tiny) -------------------------------------------------------
-S2_FIXTURE_DIR = Path(__file__).resolve().parent / "fixtures" / "fish-s2-tiny"  # tools/reference/s2/regenerate.sh
+# -- the S2 golden fixture (tests/fixtures/fish-s2-tiny, the `s2_fixture_dir` fixture) ----------------------------
 #: The requests' reference keys: the clip, its transcript file and its codes in codec.npz.
 CLIPS = {"a": ("reference.wav", "reference.txt", "codes"), "b": ("reference_b.wav", "reference_b.txt", "codes_b")}
-
-
-def s2_fixture_dir() -> Path:
-    """The fixture's folder; its absence is a failure, never a skip (it is part of the repository)."""
-    if not (S2_FIXTURE_DIR / "requests.json").is_file():
-        pytest.fail(f"the S2 golden fixture is missing at {S2_FIXTURE_DIR}: it is part of the repository "
-                    "(bash tools/reference/s2/regenerate.sh rebuilds it)")
-    return S2_FIXTURE_DIR
 
 
 def s2_requests(fixture_dir: Path) -> list[dict]:

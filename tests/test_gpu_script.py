@@ -42,16 +42,18 @@ def test_an_unknown_option_is_refused():
     assert proc.returncode == 2 and "unknown option --fast" in proc.stderr
 
 
-def test_the_dry_run_benches_eager_on_the_cpu_and_prints_the_compiled_commands(fixture_dir, tmp_path):
+def test_the_dry_run_benches_eager_on_the_cpu_and_prints_the_compiled_commands(fixture_dir, s2_fixture_dir, tmp_path):
     proc = gpu_sh("--dry-run", timeout=600, SHOAL_GPU_OUT=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-2000:]
     [md] = tmp_path.glob("*-gpu-eager.md")
     assert md.with_suffix(".json").is_file()
     assert "one process for every level" in md.read_text()
     assert "| throughput, 2 concurrent |" in md.read_text()
-    for config in ("cuda-graphs", "compiled"):
+    for config in ("cuda-graphs", "compiled", "s2-cuda-graphs"):
         assert f"--label gpu-{config}" in proc.stderr and not list(tmp_path.glob(f"*-gpu-{config}.md"))
+    [s2] = tmp_path.glob("*-gpu-s2-eager.md")  # S2 runs eager on the CPU: fish-s2-tiny and fish-speech 2.0's rows
+    assert "fish-s2-tiny" in s2.read_text() and "| throughput, 2 concurrent |" in s2.read_text()
     assert "--compile --cuda-graphs" in proc.stderr
     assert "== " in proc.stdout and "decode per token" in proc.stdout  # the summary
     [log] = tmp_path.glob("*-gpu.log")
-    assert "eager: done" in log.read_text()
+    assert "eager: done" in log.read_text() and "s2-eager: done" in log.read_text()

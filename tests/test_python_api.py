@@ -208,3 +208,25 @@ def test_the_compile_cache_setting_reaches_the_engine(fixture_dir, tmp_path, mon
     registry.load_engines(Settings.load(cli=base, env={}, dotenv=None))
     registry.load_engines(Settings.load(cli={**base, "compile_cache": tmp_path / "kernels"}, env={}, dotenv=None))
     assert [kw["compile_cache_dir"] for kw in seen] == [tmp_path / "data" / "compile-cache", tmp_path / "kernels"]
+
+
+def test_s2_pro_speakers_from_lists_of_clips_give_the_golden_audio(s2_fixture_dir, tmp_path):
+    """An S2 checkpoint through the Python API: the two-speaker golden request, its clips given as lists (clip i
+    is <|speaker:i|>), gives fish-speech 2.0's audio; mismatched lists are refused before anything runs."""
+    from support import CLIPS, s2_requests, transcript
+
+    req = next(r for r in s2_requests(s2_fixture_dir) if r["name"] == "two_speakers")
+    with shoal.load(s2_fixture_dir, device="cpu", precision="float32", data_dir=tmp_path, warm_up=False,
+                    lite_voice=False) as tts:
+        assert tts.models == ["s2-pro"] and tts.default_model == "s2-pro"
+        sr, audio = tts(req["text"], [s2_fixture_dir / CLIPS[k][0] for k in req["references"]],
+                        [transcript(s2_fixture_dir, k) for k in req["references"]], seed=req["seed"],
+                        temperature=req["temperature"], top_p=req["top_p"], max_new_tokens=req["max_new_tokens"],
+                        chunk_length=req["chunk_length"])
+        expected = np.load(s2_fixture_dir / req["file"])["audio"]
+        assert sr == 44100 and audio.shape == expected.shape
+        np.testing.assert_allclose(audio, expected, atol=1e-4, rtol=0)
+        with pytest.raises(BadRequest, match="same length"):
+            tts("Hi.", [s2_fixture_dir / "reference.wav"], ["one", "two"])
+        with pytest.raises(BadRequest, match="same length"):
+            tts("Hi.", [s2_fixture_dir / "reference.wav"], "not a list")

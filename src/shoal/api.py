@@ -101,7 +101,8 @@ class TTS:
         return self.service.engines.notice
 
     # -- speech --------------------------------------------------------------------------------------------------
-    def __call__(self, text: str, speaker_wav: AudioSource | None = None, prompt_text: str | None = None, *,
+    def __call__(self, text: str, speaker_wav: AudioSource | Sequence[AudioSource] | None = None,
+                 prompt_text: str | Sequence[str] | None = None, *,
                  voice: str | None = None, model: str | None = None, seed: int | None = None,
                  temperature: float = TEMPERATURE.default, top_p: float = TOP_P.default,
                  repetition_penalty: float = REPETITION_PENALTY.default,
@@ -110,7 +111,8 @@ class TTS:
         """Speak `text` and return `(sample_rate, audio)`, the audio float32 mono in [-1, 1].
 
         Clone a voice with `speaker_wav` (a path or the bytes of an audio file: wav, flac, mp3, ogg, m4a) and
-        `prompt_text` (what is said in it), or with `voice`, the id of a saved voice. `seed` makes the output
+        `prompt_text` (what is said in it), or with `voice`, the id of a saved voice. For S2-Pro's speakers, give
+        lists: clip i (with its text) is `<|speaker:i|>`. `seed` makes the output
         repeatable. The sampling parameters, their defaults and ranges are the server's (`shoal.params`);
         non-streamed audio is decoded in one piece per segment, exactly as the reference decodes it.
         """
@@ -119,7 +121,8 @@ class TTS:
         audio = self._run(self.service.synthesize(job))
         return job.engine.sample_rate, audio
 
-    def stream(self, text: str, speaker_wav: AudioSource | None = None, prompt_text: str | None = None, *,
+    def stream(self, text: str, speaker_wav: AudioSource | Sequence[AudioSource] | None = None,
+               prompt_text: str | Sequence[str] | None = None, *,
                voice: str | None = None, model: str | None = None, seed: int | None = None,
                temperature: float = TEMPERATURE.default, top_p: float = TOP_P.default,
                repetition_penalty: float = REPETITION_PENALTY.default,
@@ -194,7 +197,14 @@ class TTS:
                                  "in it")
             if voice not in (None, DEFAULT_VOICE):
                 raise BadRequest("give either speaker_wav and prompt_text, or voice, not both")
-            references = [(read_audio_source(speaker_wav), prompt_text)]
+            several = isinstance(speaker_wav, (list, tuple))
+            if several != isinstance(prompt_text, (list, tuple)) or (several and len(speaker_wav) != len(prompt_text)):
+                raise BadRequest("a list of speaker_wav takes a list of prompt_text of the same length (what is "
+                                 "said in each clip), and one clip one text")
+            pairs = list(zip(speaker_wav, prompt_text)) if several else [(speaker_wav, prompt_text)]
+            if not all(isinstance(text, str) and text for _, text in pairs):
+                raise BadRequest("every speaker_wav needs its prompt_text (what is said in it)")
+            references = [(read_audio_source(clip), text) for clip, text in pairs]
         return SpeechParams(text=text, model=model, voice=voice, references=references, seed=seed,
                             temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
                             max_new_tokens=max_new_tokens, chunk_length=chunk_length, speed=speed)

@@ -15,7 +15,7 @@ from shoal.engines.fish import FishEngine
 from shoal.fish.conversation import build_s2_prompt
 from shoal.text import speaker_batches
 
-from support import as_s2_request, batch_outputs, reference_codes, s2_fixture_dir, s2_requests
+from support import as_s2_request, batch_outputs, reference_codes, s2_requests
 
 CLIP_TEXT = "This is a short reference recording."
 TWO_TURNS = ("<|speaker:0|>The first turn is long enough to fill most of one batch on its own, as you see."
@@ -23,8 +23,8 @@ TWO_TURNS = ("<|speaker:0|>The first turn is long enough to fill most of one bat
 
 
 @pytest.fixture(scope="module")
-def s2_dir() -> Path:
-    return s2_fixture_dir()
+def s2_dir(s2_fixture_dir) -> Path:
+    return s2_fixture_dir
 
 
 @pytest.fixture(scope="module")

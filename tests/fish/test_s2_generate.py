@@ -13,14 +13,14 @@ from shoal.fish.generate import DecodeBatch, decode_one_token, generate, is_last
 from shoal.fish.sampling import SamplingParams
 from shoal.text import speaker_batches
 
-from support import batch_outputs, reference_codes, s2_fixture_dir, s2_requests, transcript
+from support import batch_outputs, reference_codes, s2_requests, transcript
 
 NAMES = ["single", "noref", "two_speakers", "tags", "cjk", "multibatch"]
 
 
 @pytest.fixture(scope="module")
-def fixture_dir():
-    return s2_fixture_dir()
+def fixture_dir(s2_fixture_dir):
+    return s2_fixture_dir
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ from shoal.fish.checkpoint import (
 from shoal.fish.tokenizer_s2 import S2Tokenizer
 from shoal.layout import checkpoint_kind, s2_weight_shards
 
-S2_FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "fish-s2-tiny"
 # Float32 on the CPU: shoal and the reference sum in different orders (attention over L keys vs the whole cache,
 # one matmul vs per-row products), so logits agree to about 1e-5, not bit for bit.
 LOGITS_ATOL = 1e-4
@@ -35,12 +34,8 @@ SPEECH_HEADER = "\n\nSpeech:\n"
 
 
 @pytest.fixture(scope="module")
-def s2_fixture() -> Path:
-    """The reference's S2 goldens, committed in the repository. Their absence is a failure, never a skip."""
-    if not (S2_FIXTURE / "requests.json").is_file():
-        pytest.fail(f"S2 golden fixtures missing at {S2_FIXTURE}: they are part of the repository "
-                    "(tools/reference/s2/make_fixture.py rebuilds them)")
-    return S2_FIXTURE
+def s2_fixture(s2_fixture_dir) -> Path:
+    return s2_fixture_dir
 
 
 @pytest.fixture(scope="module")
