@@ -32,6 +32,27 @@ def test_say_with_the_golden_request_writes_the_golden_codes(fixture_dir, tmp_pa
     assert "real-time factor" in proc.stderr and "generating:" in proc.stderr
 
 
+def test_say_speaks_s2_pro_s_two_speakers_as_the_reference_does(s2_fixture_dir, tmp_path):
+    """An S2 checkpoint, its two-speaker golden request: a --reference-audio/--reference-text pair per speaker."""
+    from support import CLIPS, s2_requests, transcript
+
+    req = next(r for r in s2_requests(s2_fixture_dir) if r["name"] == "two_speakers")
+    out, codes = tmp_path / "two.wav", tmp_path / "two.npy"
+    refs = [arg for k in req["references"] for arg in ("--reference-audio", str(s2_fixture_dir / CLIPS[k][0]),
+                                                       "--reference-text", transcript(s2_fixture_dir, k))]
+    proc = shoal("say", req["text"], "-o", str(out), "--checkpoint", str(s2_fixture_dir), *refs,
+                 "--seed", str(req["seed"]), "--temperature", str(req["temperature"]), "--top-p", str(req["top_p"]),
+                 "--max-new-tokens", str(req["max_new_tokens"]), "--device", "cpu", "--precision", "float32",
+                 "--codes-out", str(codes))
+    assert proc.returncode == 0, proc.stderr
+    assert "(s2-pro)" in proc.stderr
+    golden = np.load(s2_fixture_dir / req["file"])
+    np.testing.assert_array_equal(np.load(codes), golden["codes"])
+    audio, sr = sf.read(out, dtype="float32")
+    assert sr == 44100 and audio.shape == golden["audio"].shape
+    np.testing.assert_allclose(audio, golden["audio"], atol=2 / 32768 + 1e-4)  # PCM16 quantisation
+
+
 def test_missing_codec_is_one_line_naming_the_file(fixture_dir, tmp_path):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(fixture_dir, ckpt)
@@ -54,7 +75,7 @@ def test_no_checkpoint_anywhere_says_how_to_get_one(tmp_path):
 
 @pytest.mark.parametrize("args, needle", [
     (["say", "", "-o", "x.wav"], "text is empty"),
-    (["say", "hi", "-o", "x.wav", "--reference-audio", "a.wav"], "go together"),
+    (["say", "hi", "-o", "x.wav", "--reference-audio", "a.wav"], "one --reference-text per --reference-audio"),
     (["say", "hi", "-o", "x.mp9"], "use one of"),
     (["say", "hi", "-o", "x.wav", "--top-p", "7"], "top_p"),
 ])
