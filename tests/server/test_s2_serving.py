@@ -116,3 +116,30 @@ def test_a_checkpoint_per_model_only(tmp_path, tiny_checkpoint):
             time.sleep(0.2)
     assert "both s1 checkpoints" in r.json()["error"]
 
+
+
+def live_segments(server, carry: bool) -> dict[int, bytes]:
+    """Two sentences over /v1/tts/live to S2-Pro: each segment's PCM audio, by the events' `segment` index."""
+    from support import live_receive, live_send, live_socket
+
+    start = {"text": "", "format": "pcm", "min_chunk_length": 0, "condition_on_previous_chunks": carry, **FAST}
+    audio: dict[int, bytes] = {}
+    with live_socket(server.url, headers={"model": "s2-pro"}) as ws:
+        live_send(ws, "start", request=start)
+        live_send(ws, "text", text="<|speaker:0|>The first sentence. ")
+        live_send(ws, "flush")
+        live_send(ws, "text", text="<|speaker:0|>And the second one.")
+        live_send(ws, "stop")
+        while (event := live_receive(ws))["event"] == "audio":
+            audio[event["segment"]] = audio.get(event["segment"], b"") + event["audio"]
+    assert event == {"event": "finish", "reason": "stop"}
+    return audio
+
+
+def test_the_live_socket_speaks_s2_pro_and_carries_the_conversation(server):
+    """Each live segment after the first is an S2 conversation turn after the one before: with
+    condition_on_previous_chunks the second segment's audio depends on the first, without it not; the first is
+    the same either way, and a replay is identical."""
+    carried, again, alone = live_segments(server, True), live_segments(server, True), live_segments(server, False)
+    assert sorted(carried) == [0, 1] and carried == again
+    assert carried[0] == alone[0] and carried[1] != alone[1]
