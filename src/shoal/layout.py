@@ -22,7 +22,9 @@ S2_WEIGHTS_INDEX = "model.safetensors.index.json"
 S2_CHECKPOINT_FILES = ("config.json", S2_WEIGHTS_INDEX, "tokenizer.json", "tokenizer_config.json", "codec.pth")
 CODEC_CONFIG_FILE = "codec_config.yaml"
 #: config.json's `model_type` of each kind.
-MODEL_TYPES = {"dual_ar": "s1", "fish_qwen3_omni": "s2"}
+S1_MODEL_TYPE = "dual_ar"
+S2_MODEL_TYPE = "fish_qwen3_omni"
+MODEL_TYPES = {S1_MODEL_TYPE: "s1", S2_MODEL_TYPE: "s2"}
 CheckpointKind = Literal["s1", "s2"]
 #: The files each kind must hold (S2's shards come on top: `missing_checkpoint_files`).
 FILES_BY_KIND: dict[str, tuple[str, ...]] = {"s1": CHECKPOINT_FILES, "s2": S2_CHECKPOINT_FILES}

@@ -35,6 +35,9 @@ from .dual_ar import DualARConfig, DualARTransformer
 from .tokenizer import FishTokenizer
 from .tokenizer_s2 import S2Tokenizer
 
+#: Either kind's tokenizer; both have the surface the engine uses (encode, decode, the semantic range, im_end_id,
+#: vocab_size, token_id, is_semantic).
+AnyTokenizer = FishTokenizer | S2Tokenizer
 #: The official S2 names of the slow stack's tensors and of the fast stack's (plus the codebook embeddings).
 S2_SLOW_PREFIX = "text_model.model."
 S2_FAST_PREFIX = "audio_decoder."
@@ -52,7 +55,7 @@ def check_checkpoint_dir(path: str | Path) -> Path:
     return path
 
 
-def load_tokenizer(checkpoint_dir: str | Path) -> FishTokenizer | S2Tokenizer:
+def load_tokenizer(checkpoint_dir: str | Path) -> AnyTokenizer:
     """The tokenizer of the checkpoint's kind: `FishTokenizer` (S1, tiktoken) or `S2Tokenizer` (tokenizer.json)."""
     if checkpoint_kind(checkpoint_dir) == "s2":
         return S2Tokenizer.from_dir(checkpoint_dir)
@@ -159,7 +162,7 @@ def read_config(checkpoint_dir: Path) -> DualARConfig:
         raise CheckpointError(f"{checkpoint_dir / 'config.json'}: {exc}") from exc
 
 
-def check_vocabulary(config: DualARConfig, tokenizer: FishTokenizer | S2Tokenizer, kind: str) -> None:
+def check_vocabulary(config: DualARConfig, tokenizer: AnyTokenizer, kind: str) -> None:
     """The tokenizer and config.json must describe one checkpoint. S1: the same vocabulary size. S2: every token id
     has an embedding row (the real model has spare rows), and config.json's semantic range, when stated, is the
     tokenizer's (the model takes it from the tokenizer, as the reference does)."""
@@ -178,7 +181,7 @@ def check_vocabulary(config: DualARConfig, tokenizer: FishTokenizer | S2Tokenize
                               f"<|semantic:0|>..<|semantic:{tokenizer.num_semantic - 1}|> = {actual[0]}..{actual[1]}")
 
 
-def load_dual_ar(checkpoint_dir: Path, tokenizer: FishTokenizer | S2Tokenizer, device: torch.device,
+def load_dual_ar(checkpoint_dir: Path, tokenizer: AnyTokenizer, device: torch.device,
                  dtype: torch.dtype) -> DualARTransformer:
     """Build the transformer of either kind on the meta device (no random init of billions of weights) and load it
     strictly: S1 from `model.pth`, S2 from its safetensors shards under the official names."""

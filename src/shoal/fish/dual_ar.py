@@ -23,9 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-
-S1_MODEL_TYPE = "dual_ar"
-S2_MODEL_TYPE = "fish_qwen3_omni"
+from shoal.layout import S1_MODEL_TYPE, S2_MODEL_TYPE
 
 # Keys of S2's nested config.json that leave the inference architecture unchanged. The reference reads none of them
 # (fish's `_from_fish_qwen3_omni`); shoal accepts them and refuses every other key it does not read.
@@ -40,16 +38,12 @@ S2_TEXT_INERT_KEYS = _MOE_KEYS | {"model_type", "audio_hidden_dim", "use_bfloat1
 # say; they are accepted only when equal to text_config's (`flatten_fish_qwen3_omni`).
 S2_AUDIO_INERT_KEYS = S2_TEXT_INERT_KEYS | {"text_dim", "dropout", "initializer_range", "max_seq_len",
                                             "tie_word_embeddings", "use_gradient_checkpointing"}
-# (text_config key, flat key, default when absent), in the reference's order.
+# The text_config keys the reference reads, each a DualARConfig field of the same name. Absent ones take
+# DualARConfig's defaults, which are the reference's (`.get` defaults of `_from_fish_qwen3_omni`).
 S2_TEXT_KEYS = (
-    ("vocab_size", "vocab_size", None), ("n_layer", "n_layer", None), ("n_head", "n_head", None),
-    ("n_local_heads", "n_local_heads", -1), ("head_dim", "head_dim", None), ("dim", "dim", None),
-    ("intermediate_size", "intermediate_size", None), ("rope_base", "rope_base", 10000),
-    ("norm_eps", "norm_eps", 1e-5), ("max_seq_len", "max_seq_len", 2048), ("dropout", "dropout", 0.0),
-    ("tie_word_embeddings", "tie_word_embeddings", True), ("attention_qkv_bias", "attention_qkv_bias", False),
-    ("attention_o_bias", "attention_o_bias", False), ("attention_qk_norm", "attention_qk_norm", False),
-    ("use_gradient_checkpointing", "use_gradient_checkpointing", True),
-    ("initializer_range", "initializer_range", 0.02),
+    "vocab_size", "n_layer", "n_head", "n_local_heads", "head_dim", "dim", "intermediate_size", "rope_base",
+    "norm_eps", "max_seq_len", "dropout", "tie_word_embeddings", "attention_qkv_bias", "attention_o_bias",
+    "attention_qk_norm", "use_gradient_checkpointing", "initializer_range",
 )
 S2_TEXT_REQUIRED = ("vocab_size", "n_layer", "n_head", "dim")
 # (audio_decoder_config key, flat key); absent keys fall back to the slow stack's values.
@@ -62,7 +56,7 @@ S2_AUDIO_KEYS = (
 )
 S2_AUDIO_REQUIRED = ("vocab_size", "num_codebooks", "n_layer")
 # The fast stack's settings that the reference takes from text_config (see S2_AUDIO_INERT_KEYS).
-S2_SHARED_KEYS = (("norm_eps", 1e-5), ("rope_base", 10000))
+S2_SHARED_KEYS = ("norm_eps", "rope_base")
 
 
 def _check_keys(section: str, data: dict, known: set | frozenset) -> None:
@@ -91,9 +85,9 @@ def flatten_fish_qwen3_omni(data: dict) -> dict:
     text, audio = _section(data, "text_config"), _section(data, "audio_decoder_config")
     _check_keys("", data, {"model_type", "text_config", "audio_decoder_config", "semantic_start_token_id",
                            "semantic_end_token_id"} | S2_INERT_KEYS)
-    _check_keys(" in text_config", text, {key for key, _, _ in S2_TEXT_KEYS} | S2_TEXT_INERT_KEYS)
+    _check_keys(" in text_config", text, set(S2_TEXT_KEYS) | S2_TEXT_INERT_KEYS)
     _check_keys(" in audio_decoder_config", audio,
-                {key for key, _ in S2_AUDIO_KEYS} | S2_AUDIO_INERT_KEYS | {key for key, _ in S2_SHARED_KEYS})
+                {key for key, _ in S2_AUDIO_KEYS} | S2_AUDIO_INERT_KEYS | set(S2_SHARED_KEYS))
     for section, values, required in (("text_config", text, S2_TEXT_REQUIRED),
                                       ("audio_decoder_config", audio, S2_AUDIO_REQUIRED)):
         missing = [key for key in required if key not in values]
@@ -102,13 +96,14 @@ def flatten_fish_qwen3_omni(data: dict) -> dict:
         if values.get("use_moe"):
             raise ValueError(f"config.json's {section} describes a mixture-of-experts model (use_moe); shoal runs "
                              "the dense S2 models")
-    for key, default in S2_SHARED_KEYS:
-        if key in audio and audio[key] != text.get(key, default):
+    defaults = {f.name: f.default for f in fields(DualARConfig)}
+    for key in S2_SHARED_KEYS:
+        if key in audio and audio[key] != text.get(key, defaults[key]):
             raise ValueError(f"config.json's audio_decoder_config.{key} ({audio[key]}) differs from text_config's "
-                             f"({text.get(key, default)}); the reference uses text_config's for both stacks")
+                             f"({text.get(key, defaults[key])}); the reference uses text_config's for both stacks")
 
     flat: dict = {"model_type": S1_MODEL_TYPE}
-    flat.update({flat_key: text.get(key, default) for key, flat_key, default in S2_TEXT_KEYS})
+    flat.update({key: text.get(key) for key in S2_TEXT_KEYS})
     flat.update(scale_codebook_embeddings=True, norm_fastlayer_input=True,
                 semantic_begin_id=data.get("semantic_start_token_id"),
                 semantic_end_id=data.get("semantic_end_token_id"))
