@@ -150,7 +150,7 @@ def speaker_turns(text: str) -> list[str]:
     parts = SPEAKER_TAG.split(text)
     # re.split with one group alternates text and tags: parts[0] is the text before the first tag, then each tag
     # is followed by the text up to the next one.
-    return [(parts[i].strip() + parts[i + 1]).strip() for i in range(1, len(parts), 2)]
+    return [(parts[i] + parts[i + 1]).strip() for i in range(1, len(parts), 2)]
 
 
 def speaker_batches(text: str, chunk_length: int) -> list[str]:

@@ -19,7 +19,7 @@ from shoal.engines.fish import FishEngine
 from shoal.errors import BadRequest
 from shoal.fish.runner import batch_buckets, key_bucket
 
-from support import as_request, load_golden, load_requests
+from support import as_request, as_s2_request, batch_outputs, load_golden, load_requests, s2_fixture_dir, s2_requests
 
 pytestmark = pytest.mark.slow
 
@@ -108,3 +108,24 @@ def test_cuda_graphs_need_compile_and_cuda(fixture_dir):
         FishEngine.load(fixture_dir, device="cpu", compile=True, cuda_graphs=True)
     with pytest.raises(BadRequest, match="cuda_graphs"):
         FishEngine.load(fixture_dir, device="cpu", cuda_graphs=True)
+
+
+def test_compiled_s2_engine_gives_the_golden_codes_alone_and_batched():
+    """S2 through the compiled step (its own dims: qk-norm, the normed fast-stack input): every golden request's
+    codes, alone and all at once four abreast."""
+    fixture = s2_fixture_dir()
+    engine = FishEngine.load(fixture, device="cpu", precision="float32", compile=True, max_batch_size=4)
+    try:
+        requests = s2_requests(fixture)
+        golden = {r["name"]: np.concatenate(batch_outputs(np.load(fixture / r["file"]), "codes"), axis=1)
+                  for r in requests}
+        for req in requests:
+            np.testing.assert_array_equal(engine.run(as_s2_request(fixture, req, codes=True)).codes,
+                                          golden[req["name"]], err_msg=req["name"])
+        with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+            results = list(pool.map(engine.run, [as_s2_request(fixture, r, codes=True) for r in requests]))
+        assert engine.scheduler.max_seen_batch == 4
+        for req, result in zip(requests, results):
+            np.testing.assert_array_equal(result.codes, golden[req["name"]], err_msg=req["name"])
+    finally:
+        engine.close()
