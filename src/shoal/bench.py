@@ -1379,14 +1379,13 @@ def request_fields(spec: dict) -> dict:
 def decode_timing(engine, spec: dict) -> dict:
     """Per-frame timing of one request at batch 1, straight through the engine (no codec in the steps)."""
     from shoal.engines.base import SynthesisRequest
-    from shoal.fish.prompt import build_prompt
 
     request = SynthesisRequest(**request_fields(spec))
     stamps: list[float] = []
     t0 = time.perf_counter()
     result = engine.run(request, progress=lambda done, total: stamps.append(time.perf_counter()))
     steps = [b - a for a, b in zip(stamps, stamps[1:])]
-    prompt = build_prompt(engine.tokenizer, spec["text"], num_codebooks=engine.model.config.num_codebooks)
+    prompt = engine.build_prompt(spec["text"])
     return {"median_step_s": median(steps), "steps": len(steps), "first_frame_s": stamps[0] - t0,
             "frames": result.frames_generated, "tokens": int(result.codes.shape[1]), "total_s": result.seconds,
             "mid_position": prompt.shape[1] + len(stamps) // 2}

@@ -424,16 +424,21 @@ class FishEngine:
         with self._requests_lock:
             self._requests -= 1
 
+    def build_prompt(self, text: str, references: list[tuple[str, torch.Tensor]] = (),
+                     previous: list[tuple[str, torch.Tensor]] = ()) -> torch.Tensor:
+        """The model's prompt `[1 + num_codebooks, L]` for `text` after the references and the carried segments:
+        S1's layout (the carried segment as one more reference) or S2's conversation."""
+        num_codebooks = self.model.config.num_codebooks
+        if self.s2:
+            return build_s2_prompt(self.tokenizer, text, references, previous, num_codebooks=num_codebooks)
+        return build_prompt(self.tokenizer, text, [*references, *previous], num_codebooks=num_codebooks)
+
     def _prompt(self, text: str, references: list[tuple[str, torch.Tensor]],
                 previous: list[tuple[str, torch.Tensor]], max_new_tokens: int,
                 strict: bool = False) -> tuple[torch.Tensor | None, int]:
         """The prompt for `text` after the references and the carried segments, and its generation budget, or
         (None, 0) if it does not fit (BadRequest if strict)."""
-        num_codebooks = self.model.config.num_codebooks
-        if self.s2:
-            prompt = build_s2_prompt(self.tokenizer, text, references, previous, num_codebooks=num_codebooks)
-        else:
-            prompt = build_prompt(self.tokenizer, text, references + previous, num_codebooks=num_codebooks)
+        prompt = self.build_prompt(text, references, previous)
         try:
             return prompt, check_prompt_length(prompt.shape[1], self.model.config.max_seq_len, max_new_tokens)
         except BadRequest:
