@@ -9,14 +9,17 @@ always gives the same bytes and tests cannot disturb each other.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import yaml
@@ -251,6 +254,23 @@ def full_size_ranks() -> list[bytes]:
     return ranks
 
 
+@contextlib.contextmanager
+def staged(directory: Path) -> Iterator[Path]:
+    """A folder to write a checkpoint into, renamed to `directory` when the block ends without error and removed
+    when it fails, so that an interrupted run never leaves a half-written checkpoint at `directory`."""
+    if directory.exists():
+        raise FileExistsError(f"{directory} already exists")
+    staging = directory.with_name(directory.name + f".partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        staging.rename(directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def write_full_size_checkpoint(directory: str | Path, seed: int = 0) -> Path:
     """Write a random checkpoint of openaudio-s1-mini's shape and return its directory.
 
@@ -263,16 +283,8 @@ def write_full_size_checkpoint(directory: str | Path, seed: int = 0) -> Path:
     Files are written under a temporary name and the folder is renamed into place when complete, so an
     interrupted run never leaves a half-written checkpoint at `directory`.
     """
-    import os
-    import shutil
-
     directory = Path(directory)
-    if directory.exists():
-        raise FileExistsError(f"{directory} already exists")
-    staging = directory.with_name(directory.name + f".partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with staged(directory) as staging:
         ranks = full_size_ranks()
         with open(staging / "tokenizer.tiktoken", "w", encoding="ascii") as f:
             for rank, token in enumerate(ranks):
@@ -289,10 +301,6 @@ def write_full_size_checkpoint(directory: str | Path, seed: int = 0) -> Path:
         torch.save(state, staging / "model.pth")
         del state
         write_tiny_codec(staging / "codec.pth", CodecConfig(), seed=seed)
-        staging.rename(directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return directory
 
 
@@ -483,16 +491,8 @@ def write_full_size_s2_checkpoint(directory: str | Path, seed: int = 0) -> Path:
     151,678-155,773) and a codec of the real `modded_dac_vq` size. About 9.1 GB + 1.9 GB on disk and ~12 GB of RAM
     to write; nothing is downloaded. Written under a temporary name and renamed into place when complete.
     """
-    import os
-    import shutil
-
     directory = Path(directory)
-    if directory.exists():
-        raise FileExistsError(f"{directory} already exists")
-    staging = directory.with_name(directory.name + f".partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with staged(directory) as staging:
         ids = write_tiny_s2_tokenizer(staging, bpe_size=S2_PRO_BPE_SIZE, speakers=S2_PRO_SPEAKERS)
         assert ids["<|im_end|>"] == S2_PRO_CONFIG["eos_token_id"]
         assert ids["<|semantic:0|>"] == S2_PRO_CONFIG["semantic_start_token_id"]
@@ -501,10 +501,6 @@ def write_full_size_s2_checkpoint(directory: str | Path, seed: int = 0) -> Path:
         write_s2_weights(staging, state)
         del state
         write_tiny_codec(staging / "codec.pth", CodecConfig(), seed=seed)
-        staging.rename(directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return directory
 
 

@@ -61,7 +61,7 @@ def test_ids_of_the_engine_facing_surface(tok):
     assert tok.vocab_size == tok.semantic_end_id + 1  # the semantic tokens come last
     assert tok.is_semantic(SEMANTIC_BEGIN) and not tok.is_semantic(SEMANTIC_BEGIN - 1)
     assert tok.encode("<|semantic:4095|>") == [tok.semantic_end_id]
-    with pytest.raises(KeyError, match="not an added token"):
+    with pytest.raises(KeyError, match="not a special token"):
         tok.token_id("<|speaker:99|>")
 
 

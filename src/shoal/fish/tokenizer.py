@@ -115,7 +115,63 @@ def read_special_tokens(path: Path) -> tuple[list[str], list | None]:
     return tokens, (list(data.values()) if isinstance(data, dict) else None)
 
 
-class FishTokenizer:
+class SemanticTokens:
+    """What the engine reads off either tokenizer (S1's `FishTokenizer`, S2's `S2Tokenizer`): the special tokens'
+    ids and the semantic range. Subclasses set `special_ids` (token -> id) and `_semantic_ids` (`semantic_table`)."""
+
+    special_ids: Mapping[str, int]
+    _semantic_ids: list[int]
+
+    @staticmethod
+    def semantic_table(ids: Mapping[str, int], where: str) -> list[int]:
+        """Token id of `<|semantic:i|>` for i = 0..N-1 among `ids` (`where` names them in errors). The model treats
+        ids begin..end as codec codes, so the semantic tokens must be numbered consecutively from `<|semantic:0|>`;
+        the real checkpoints are."""
+        found: dict[int, int] = {}
+        for token, token_id in ids.items():
+            if token.startswith(SEMANTIC_PREFIX):
+                match = SEMANTIC_RE.fullmatch(token)
+                if match is None:
+                    raise CheckpointError(f"malformed semantic token {token!r} in {where}")
+                found[int(match.group(1))] = token_id
+        if not found:
+            raise CheckpointError(f"no <|semantic:N|> tokens in {where}")
+        begin = found.get(0)
+        table = [found.get(i) for i in range(max(found) + 1)]
+        if begin is None or table != list(range(begin, begin + len(table))):
+            raise CheckpointError("semantic tokens must run <|semantic:0|>..<|semantic:N|> with consecutive ids")
+        return table
+
+    @property
+    def im_end_id(self) -> int:
+        return self.special_ids[IM_END_TOKEN]
+
+    @property
+    def semantic_begin_id(self) -> int:
+        """Id of `<|semantic:0|>`; code c of codebook 0 is token semantic_begin_id + c."""
+        return self._semantic_ids[0]
+
+    @property
+    def semantic_end_id(self) -> int:
+        """Id of the last semantic token (inclusive)."""
+        return self._semantic_ids[-1]
+
+    @property
+    def num_semantic(self) -> int:
+        return len(self._semantic_ids)
+
+    def token_id(self, token: str) -> int:
+        """Id of a special token, e.g. `token_id("<|im_end|>")`."""
+        try:
+            return self.special_ids[token]
+        except KeyError:
+            raise KeyError(f"{token!r} is not a special token of this tokenizer") from None
+
+    def is_semantic(self, token_id: int) -> bool:
+        return self.semantic_begin_id <= token_id <= self.semantic_end_id
+
+
+class FishTokenizer(SemanticTokens):
     """BPE + specials with the reference's ids. Immutable after construction; safe to share between threads."""
 
     def __init__(self, ranks: dict[bytes, int], special_tokens: Iterable[str], *, name: str = "fish") -> None:
@@ -123,7 +179,7 @@ class FishTokenizer:
         special_ids = {tok: len(ranks) + i for i, tok in enumerate(special_tokens)}
         #: special token -> id (read-only view).
         self.special_ids: Mapping[str, int] = MappingProxyType(special_ids)
-        self._semantic_ids = self._semantic_table(special_ids)
+        self._semantic_ids = self.semantic_table(special_ids, "the special tokens")
         self._encoding = tiktoken.Encoding(
             name=name, pat_str=FISH_PATTERN, mergeable_ranks=dict(ranks), special_tokens=special_ids
         )
@@ -131,25 +187,6 @@ class FishTokenizer:
         for required in (IM_END_TOKEN, INTERLEAVE_TOKEN):
             if required not in self.special_ids:
                 raise CheckpointError(f"special tokens lack {required}")
-
-    @staticmethod
-    def _semantic_table(special_ids: Mapping[str, int]) -> list[int]:
-        """Token id of `<|semantic:i|>` for i = 0..N-1. The model treats ids begin..end as codec codes, so the
-        semantic tokens must be numbered consecutively from `<|semantic:0|>`; the real checkpoints are."""
-        found: dict[int, int] = {}
-        for token, token_id in special_ids.items():
-            if token.startswith(SEMANTIC_PREFIX):
-                match = SEMANTIC_RE.fullmatch(token)
-                if match is None:
-                    raise CheckpointError(f"malformed semantic token {token!r} in the special tokens")
-                found[int(match.group(1))] = token_id
-        if not found:
-            raise CheckpointError("special tokens hold no <|semantic:N|> tokens")
-        begin = found.get(0)
-        table = [found.get(i) for i in range(max(found) + 1)]
-        if begin is None or table != list(range(begin, begin + len(table))):
-            raise CheckpointError("semantic tokens must run <|semantic:0|>..<|semantic:N|> with consecutive ids")
-        return table
 
     # -- loading -----------------------------------------------------------------------------------------------
     @classmethod
@@ -187,36 +224,8 @@ class FishTokenizer:
         return len(self.special_ids)
 
     @property
-    def im_end_id(self) -> int:
-        return self.special_ids[IM_END_TOKEN]
-
-    @property
     def interleave_id(self) -> int:
         return self.special_ids[INTERLEAVE_TOKEN]
-
-    @property
-    def semantic_begin_id(self) -> int:
-        """Id of `<|semantic:0|>`; code c of codebook 0 is token semantic_begin_id + c."""
-        return self._semantic_ids[0]
-
-    @property
-    def semantic_end_id(self) -> int:
-        """Id of the last semantic token (inclusive)."""
-        return self._semantic_ids[-1]
-
-    @property
-    def num_semantic(self) -> int:
-        return len(self._semantic_ids)
-
-    def token_id(self, token: str) -> int:
-        """Id of a special token, e.g. `token_id("<|im_end|>")`."""
-        try:
-            return self.special_ids[token]
-        except KeyError:
-            raise KeyError(f"{token!r} is not a special token of this tokenizer") from None
-
-    def is_semantic(self, token_id: int) -> bool:
-        return self.semantic_begin_id <= token_id <= self.semantic_end_id
 
     # -- text --------------------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:

@@ -28,7 +28,7 @@ from tokenizers import Tokenizer
 
 from shoal.errors import CheckpointError
 
-from .tokenizer import IM_END_TOKEN, SEMANTIC_PREFIX, SEMANTIC_RE
+from .tokenizer import IM_END_TOKEN, SemanticTokens
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -81,7 +81,7 @@ def check_tokenizer_config(tokenizer: Tokenizer, config: Mapping, source: Path) 
             raise CheckpointError(f"{source} names special token {content!r}, which {TOKENIZER_JSON} lacks")
 
 
-class S2Tokenizer:
+class S2Tokenizer(SemanticTokens):
     """`tokenizer.json` with the reference's ids and the engine-facing surface of `FishTokenizer` (encode, decode,
     the semantic range, `<|im_end|>`, vocab_size). Immutable after construction; safe to share between threads."""
 
@@ -95,28 +95,9 @@ class S2Tokenizer:
         #: added token -> id (read-only view): the control, speaker and semantic tokens.
         self.special_ids: Mapping[str, int] = MappingProxyType(added)
         self._vocab_size = max(vocab.values()) + 1
-        self._semantic_ids = self._semantic_table(vocab)
+        self._semantic_ids = self.semantic_table(vocab, "the tokenizer")
         if IM_END_TOKEN not in added:
             raise CheckpointError(f"the tokenizer lacks {IM_END_TOKEN}")
-
-    @staticmethod
-    def _semantic_table(vocab: Mapping[str, int]) -> list[int]:
-        """Token id of `<|semantic:i|>` for i = 0..N-1, which must be consecutive ids (the model treats ids
-        begin..end as codec codes; the reference takes begin and end as the min and max it finds)."""
-        found: dict[int, int] = {}
-        for token, token_id in vocab.items():
-            if token.startswith(SEMANTIC_PREFIX):
-                match = SEMANTIC_RE.fullmatch(token)
-                if match is None:
-                    raise CheckpointError(f"malformed semantic token {token!r} in the tokenizer")
-                found[int(match.group(1))] = token_id
-        if not found:
-            raise CheckpointError("the tokenizer holds no <|semantic:N|> tokens")
-        begin = found.get(0)
-        table = [found.get(i) for i in range(max(found) + 1)]
-        if begin is None or table != list(range(begin, begin + len(table))):
-            raise CheckpointError("semantic tokens must run <|semantic:0|>..<|semantic:N|> with consecutive ids")
-        return table
 
     # -- loading -----------------------------------------------------------------------------------------------
     @classmethod
@@ -139,34 +120,6 @@ class S2Tokenizer:
         """One more than the largest token id. The model's embedding may have more rows (S2-Pro has 155,776 for
         155,774 tokens); it may not have fewer."""
         return self._vocab_size
-
-    @property
-    def im_end_id(self) -> int:
-        return self.special_ids[IM_END_TOKEN]
-
-    @property
-    def semantic_begin_id(self) -> int:
-        """Id of `<|semantic:0|>`; code c of codebook 0 is token semantic_begin_id + c."""
-        return self._semantic_ids[0]
-
-    @property
-    def semantic_end_id(self) -> int:
-        """Id of the last semantic token (inclusive)."""
-        return self._semantic_ids[-1]
-
-    @property
-    def num_semantic(self) -> int:
-        return len(self._semantic_ids)
-
-    def token_id(self, token: str) -> int:
-        """Id of an added token, e.g. `token_id("<|im_start|>")`."""
-        try:
-            return self.special_ids[token]
-        except KeyError:
-            raise KeyError(f"{token!r} is not an added token of this tokenizer") from None
-
-    def is_semantic(self, token_id: int) -> bool:
-        return self.semantic_begin_id <= token_id <= self.semantic_end_id
 
     # -- text --------------------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
