@@ -153,6 +153,12 @@ def speaker_turns(text: str) -> list[str]:
     return [(parts[i] + parts[i + 1]).strip() for i in range(1, len(parts), 2)]
 
 
+def before_first_speaker(text: str) -> str:
+    """The text before the first `<|speaker:N|>` tag ("" when there is no tag): what S2's turns leave out."""
+    parts = SPEAKER_TAG.split(text, maxsplit=1)
+    return parts[0] if len(parts) > 1 else ""
+
+
 def speaker_batches(text: str, chunk_length: int) -> list[str]:
     """S2's segments: the speaker turns grouped in order into batches joined with newlines, a new batch starting
     when the current one holds MAX_SPEAKERS_PER_BATCH turns or the next turn would take it past `chunk_length`

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from shoal.engines.base import Reference, SynthesisRequest
+from shoal.errors import BadRequest
 from shoal.engines.fish import FishEngine
 from shoal.fish.conversation import build_s2_prompt
 from shoal.text import speaker_batches
@@ -213,3 +214,10 @@ def test_condition_on_previous_decides_whether_batches_carry_the_conversation(en
         assert carried == [[], ["<|speaker:0|>One."], ["<|speaker:0|>One.", "<|speaker:1|>Two."]]
     else:
         assert carried == [[], [], []]
+
+
+def test_text_before_the_first_speaker_tag_is_refused_not_dropped(engine):
+    """fish-speech 2.0 drops it silently; shoal says so before anything is queued. Leading whitespace is fine."""
+    with pytest.raises(BadRequest, match="before the first <|speaker:N|> tag"):
+        engine.run(SynthesisRequest(text="Hello. <|speaker:0|>Hi.", seed=1, max_new_tokens=4))
+    assert engine.run(SynthesisRequest(text="  <|speaker:0|>Hi.", seed=1, max_new_tokens=4)).frames_generated

@@ -143,3 +143,9 @@ def test_the_live_socket_speaks_s2_pro_and_carries_the_conversation(server):
     carried, again, alone = live_segments(server, True), live_segments(server, True), live_segments(server, False)
     assert sorted(carried) == [0, 1] and carried == again
     assert carried[0] == alone[0] and carried[1] != alone[1]
+
+
+def test_text_before_the_first_speaker_tag_is_a_400(server):
+    r = fish_tts(server, {"text": "Untagged first. <|speaker:0|>Then a turn."}, "s2-pro")
+    assert r.status_code == 400 and "before the first <|speaker:N|> tag" in r.json()["error"]["message"]
+    assert fish_tts(server, {"text": "Untagged first. <|speaker:0|>Then a turn."}, "s1").status_code == 200

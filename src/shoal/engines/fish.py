@@ -39,7 +39,7 @@ from shoal.fish.runner import ModelRunner
 from shoal.fish.sampling import SamplingParams
 from shoal.fish.tokenizer import FishTokenizer
 from shoal.fish.tokenizer_s2 import S2Tokenizer
-from shoal.text import speaker_batches, split_text
+from shoal.text import before_first_speaker, speaker_batches, split_text
 
 from .base import (LATENCY_FIRST_CHUNK, EngineStats, Progress, Reference, Segment, Sink, Synthesis,
                    SynthesisRequest, run_blocking, synthesize_blocking)
@@ -283,7 +283,12 @@ class FishEngine:
         codes follow the references in the prompt (S1, as the reference's iterative prompt did; S2: every
         earlier segment's, as a conversation), so the voice carries over; `request.previous` (what an earlier
         request spoke) is carried into the first segment's prompt the same way. S1 strips reference transcripts,
-        as S1's reference does; S2 uses them verbatim, as S2's does."""
+        as S1's reference does; S2 uses them verbatim, as S2's does. An S2 text with speaker tags must start with
+        one: the reference silently drops what comes before the first tag, shoal refuses it (BadRequest)."""
+        lead = before_first_speaker(request.text).strip() if self.s2 else ""
+        if lead:
+            raise BadRequest(f"the text before the first <|speaker:N|> tag ({lead[:40]!r}) would not be spoken: "
+                             "S2-Pro speaks speaker turns only, so start the text with a speaker tag or use none")
         references = [(ref.text if self.s2 else ref.text.strip(), self._lookup_reference(ref))
                       for ref in request.references]
         previous = []

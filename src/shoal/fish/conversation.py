@@ -34,9 +34,9 @@ import numpy as np
 from torch import Tensor
 
 from .prompt import Codes, assemble, reference_codes
+from .tokenizer import IM_END_TOKEN as IM_END
 
 IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
 VOICE = "<|voice|>"
 SYSTEM_WITH_REFERENCES = "convert the provided text to speech reference to the following:\n\nText:\n"
 REFERENCE_SPEECH = "\n\nSpeech:\n"
