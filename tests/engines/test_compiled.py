@@ -19,7 +19,7 @@ from shoal.engines.fish import FishEngine
 from shoal.errors import BadRequest
 from shoal.fish.runner import batch_buckets, key_bucket
 
-from support import as_request, as_s2_request, batch_outputs, load_golden, load_requests, s2_fixture_dir, s2_requests
+from support import as_request, as_s2_request, batch_outputs, load_golden, load_requests, s2_requests
 
 pytestmark = pytest.mark.slow
 
@@ -110,10 +110,10 @@ def test_cuda_graphs_need_compile_and_cuda(fixture_dir):
         FishEngine.load(fixture_dir, device="cpu", cuda_graphs=True)
 
 
-def test_compiled_s2_engine_gives_the_golden_codes_alone_and_batched():
+def test_compiled_s2_engine_gives_the_golden_codes_alone_and_batched(s2_fixture_dir):
     """S2 through the compiled step (its own dims: qk-norm, the normed fast-stack input): every golden request's
     codes, alone and all at once four abreast."""
-    fixture = s2_fixture_dir()
+    fixture = s2_fixture_dir
     engine = FishEngine.load(fixture, device="cpu", precision="float32", compile=True, max_batch_size=4)
     try:
         requests = s2_requests(fixture)
