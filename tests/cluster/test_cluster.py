@@ -38,3 +38,53 @@ def test_requests_spread_over_both_replicas(cluster):
             break
         time.sleep(0.5)
     assert len({r["pid"] for r in replicas if r["requests"] > 0}) == 2, replicas
+
+
+def replica_stats(url: str) -> dict:
+    return {r["pid"]: r for r in health(url)["cluster"]["replicas"]}
+
+
+def test_a_voice_saved_through_one_replica_is_used_by_the_other(cluster):
+    from support import tone_clip
+
+    url = cluster["url"]
+    encodes_before = health(url)["counters"]["codec_encodes"]
+    saved = httpx.post(f"{url}/v1/references/add", data={"id": "shared", "text": "A shared voice."},
+                       files={"audio": ("clip.wav", tone_clip(2.0), "audio/wav")}, timeout=120)
+    assert saved.status_code == 200, saved.text
+    before = {pid: r["requests"] for pid, r in replica_stats(url).items()}
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda i: tts(url, seed=i, reference_id="shared"), range(12)))
+    assert [r.status_code for r in responses] == [200] * 12, [r.text for r in responses if r.status_code != 200]
+    own_voice = tts(url, seed=0)
+    assert responses[0].content != own_voice.content  # the voice was used
+    deadline = time.monotonic() + 15
+    while True:
+        after = replica_stats(url)
+        served = [pid for pid, r in after.items() if r["requests"] > before.get(pid, 0)]
+        if len(served) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert len(served) == 2, after  # both replicas served the voice ...
+    assert health(url)["counters"]["codec_encodes"] == encodes_before + 1  # ... encoded once, by one replica
+
+
+def test_a_seeded_request_sounds_the_same_as_through_the_plain_server(cluster):
+    from fastapi.testclient import TestClient
+
+    from shoal.server.app import create_app
+
+    body = {**SPEECH, "seed": 1234, "format": "wav"}
+    through_cluster = httpx.post(f"{cluster['url']}/v1/tts", json=body, timeout=120)
+    assert through_cluster.status_code == 200, through_cluster.text
+    settings = cluster["settings"].model_copy(update={"data_dir": cluster["data_dir"] / "plain"})
+    with TestClient(create_app(settings)) as client:
+        deadline = time.monotonic() + 120
+        while client.get("/v1/health").status_code != 200:
+            assert time.monotonic() < deadline, client.get("/v1/health").text
+            time.sleep(0.2)
+        plain = client.post("/v1/tts", json=body)
+    assert plain.status_code == 200, plain.text
+    a, _ = sf.read(io.BytesIO(through_cluster.content), dtype="float32")
+    b, _ = sf.read(io.BytesIO(plain.content), dtype="float32")
+    assert len(a) > 0 and np.array_equal(a, b)
