@@ -38,6 +38,8 @@ def test_requests_spread_over_both_replicas(cluster):
             break
         time.sleep(0.5)
     assert len({r["pid"] for r in replicas if r["requests"] > 0}) == 2, replicas
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text  # the ingress's /metrics, labelled by replica
+    assert metrics.count('shoal_replica_requests_total{replica="') >= 2, metrics
 
 
 def replica_stats(url: str) -> dict:
