@@ -90,3 +90,23 @@ def test_a_seeded_request_sounds_the_same_as_through_the_plain_server(cluster):
     a, _ = sf.read(io.BytesIO(through_cluster.content), dtype="float32")
     b, _ = sf.read(io.BytesIO(plain.content), dtype="float32")
     assert len(a) > 0 and np.array_equal(a, b)
+
+
+def test_the_live_websocket_speaks_through_the_ingress_with_a_saved_voice(cluster):
+    """Serve's proxy carries the WebSocket; each segment is a request to some replica, the previous segment's
+    codes travel with the next one."""
+    from support import live_send, live_socket, live_until_finish, tone_clip
+
+    url = cluster["url"]
+    saved = httpx.post(f"{url}/v1/references/add", data={"id": "live-voice", "text": "A live voice."},
+                       files={"audio": ("clip.wav", tone_clip(2.0), "audio/wav")}, timeout=120)
+    assert saved.status_code == 200, saved.text
+    with live_socket(url) as ws:
+        live_send(ws, "start", request={"text": "", "format": "pcm", "reference_id": "live-voice",
+                                        "seed": 5, "max_new_tokens": 16, "min_chunk_length": 0})
+        live_send(ws, "text", text="The first sentence. ")
+        live_send(ws, "flush")
+        live_send(ws, "text", text="And the second one.")
+        live_send(ws, "stop")
+        data, finish = live_until_finish(ws)
+    assert finish == {"event": "finish", "reason": "stop"} and len(data) > 0
