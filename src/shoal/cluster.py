@@ -42,7 +42,7 @@ except ImportError as exc:  # pragma: no cover - exercised by the CLI without ra
 from shoal.engines.base import (EngineStats, Progress, Reference, Sink, Synthesis, SynthesisRequest,
                                 run_blocking, synthesize_blocking)
 from shoal.engines.registry import Engines, load_engines
-from shoal.errors import EngineFailure, ShoalError, Unavailable
+from shoal.errors import EngineFailure, ShoalError, Timeout, Unavailable
 from shoal.settings import Settings
 
 log = logging.getLogger("shoal.cluster")
@@ -240,8 +240,11 @@ class RemoteEngine:
     """The Engine protocol over a `DeploymentHandle` to the engine replicas: `submit` streams the request from a
     replica (`handle.options(stream=True)`) and feeds the sink from this engine's own event-loop thread."""
 
-    def __init__(self, handle, info: ModelInfo, board: ReplicaBoard, loop: asyncio.AbstractEventLoop):
+    def __init__(self, handle, info: ModelInfo, board: ReplicaBoard, loop: asyncio.AbstractEventLoop,
+                 start_timeout: float = 600.0):
         self.handle = handle
+        #: How long `submit` waits for a replica to take the request (Serve queues it while all are full).
+        self.start_timeout = start_timeout
         self.name = info.name
         self.sample_rate = info.sample_rate
         self.supports_cloning = info.supports_cloning
@@ -264,15 +267,20 @@ class RemoteEngine:
         cancel = cancel if cancel is not None else threading.Event()
         started: concurrent.futures.Future = concurrent.futures.Future()
         asyncio.run_coroutine_threadsafe(self._pump(request, sink, cancel, stream, progress, started), self.loop)
-        started.result()  # the replica took it, or its refusal (BadRequest...) is raised here, like a local submit
+        try:  # the replica took it, or its refusal (BadRequest...) is raised here, like a local submit
+            started.result(timeout=self.start_timeout)
+        except concurrent.futures.TimeoutError:
+            cancel.set()  # the pump's watcher cancels the queued Serve request
+            raise Timeout(f"no engine replica took the request within {self.start_timeout:g} s") from None
 
     async def _pump(self, request, sink, cancel, stream, progress, started) -> None:
         retried = False
         while True:
             got_audio = False
+            responses = self.handle.options(stream=True).synthesize.remote(
+                self.name, request, stream, progress is not None)
+            watcher = asyncio.ensure_future(_cancel_when_set(cancel, responses))
             try:
-                responses = self.handle.options(stream=True).synthesize.remote(
-                    self.name, request, stream, progress is not None)
                 async for event in responses:
                     kind = event[0]
                     if kind == "audio":
@@ -290,28 +298,29 @@ class RemoteEngine:
                     elif kind == "end":
                         self.board.update(event[1])
                     if cancel.is_set():
-                        responses.cancel()
                         break
-                if not started.done():
-                    started.set_result(None)
-                sink.end(None)
-                return
-            except RayActorError as exc:
-                if not got_audio and not retried and not cancel.is_set():
-                    retried = True
-                    self.board.retries += 1
-                    log.warning("engine replica died before the first audio chunk; retrying once: %s",
-                                str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-                    continue
-                return _fail(started, sink, EngineFailure("the engine replica serving this request stopped "
-                                                          "mid-stream"))
-            except asyncio.CancelledError:
-                return _fail(started, sink, Unavailable("the ingress is shutting down"))
-            except Exception as exc:
+                return _fail(started, sink, None)
+            except BaseException as exc:
+                if cancel.is_set():  # the caller cancelled (client gone, timeout): a quiet end
+                    return _fail(started, sink, None)
+                if isinstance(exc, RayActorError):
+                    if not got_audio and not retried:
+                        retried = True
+                        self.board.retries += 1
+                        log.warning("engine replica died before the first audio chunk; retrying once: %s",
+                                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                        continue
+                    return _fail(started, sink, EngineFailure("the engine replica serving this request stopped "
+                                                              "mid-stream"))
+                if isinstance(exc, asyncio.CancelledError):
+                    _fail(started, sink, Unavailable("the ingress is shutting down"))
+                    raise
                 if isinstance(exc, ShoalError):
                     return _fail(started, sink, exc)
                 log.error("streaming from an engine replica failed: %s", exc)
                 return _fail(started, sink, EngineFailure(f"the engine replica failed: {type(exc).__name__}"))
+            finally:
+                watcher.cancel()
 
     def synthesize(self, request: SynthesisRequest, progress: Progress | None = None,
                    cancel: threading.Event | None = None, stream: bool = True) -> Iterator[np.ndarray]:
@@ -343,11 +352,25 @@ class RemoteEngine:
         return torch.from_numpy(codes)
 
 
-def _fail(started: concurrent.futures.Future, sink: Sink, error: BaseException) -> None:
+def _fail(started: concurrent.futures.Future, sink: Sink, error: BaseException | None) -> None:
+    """End the request: before `started`, through submit (which raises `error`, or returns if None);
+    after it, through the sink."""
     if not started.done():
-        started.set_exception(error)  # submit raises it; the Dispatcher ends the sink itself
+        if error is None:
+            started.set_result(None)
+            sink.end(None)
+        else:
+            started.set_exception(error)  # submit raises it; the Dispatcher ends the sink itself
     else:
         sink.end(error)
+
+
+async def _cancel_when_set(cancel: threading.Event, responses) -> None:
+    """Cancel the Serve stream (and so the replica's generation) as soon as the caller sets `cancel`, even while
+    the request still waits in Serve's queue or for its next chunk."""
+    while not cancel.is_set():
+        await asyncio.sleep(0.05)
+    responses.cancel()
 
 
 def _portable_reference(ref: Reference) -> Reference:
@@ -389,7 +412,8 @@ def remote_engines_loader(handle, board: ReplicaBoard, app_name: str = APP_NAME)
                 log.info("waiting for an engine replica: %s", exc)
                 time.sleep(1.0)
         loop = _LoopThread().loop
-        engines = Engines(engines={name: RemoteEngine(handle, model, board, loop) for name, model in
+        engines = Engines(engines={name: RemoteEngine(handle, model, board, loop, settings.request_timeout)
+                                   for name, model in
                                    info.models.items()},
                           default=info.default, notice=info.notice,
                           checkpoints={k: Path(v) for k, v in info.checkpoints.items()}, aliases=info.aliases,

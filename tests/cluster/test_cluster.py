@@ -110,3 +110,20 @@ def test_the_live_websocket_speaks_through_the_ingress_with_a_saved_voice(cluste
         live_send(ws, "stop")
         data, finish = live_until_finish(ws)
     assert finish == {"event": "finish", "reason": "stop"} and len(data) > 0
+
+
+def test_a_client_that_goes_away_stops_the_generation_on_its_replica(cluster):
+    url = cluster["url"]
+    body = {"input": "Never ends. " * 30, "voice": "default", "response_format": "pcm", "seed": 3,
+            "max_new_tokens": 3000, "chunk_length": 0}
+    with httpx.stream("POST", f"{url}/v1/audio/speech", json=body, timeout=120) as response:
+        assert response.status_code == 200
+        next(response.iter_bytes())  # under way on a replica; then the client leaves
+    deadline = time.monotonic() + 20
+    while True:
+        state = health(url)
+        busy = sum(r["in_flight"] for r in state["cluster"]["replicas"] if r["seconds_since_report"] < 3)
+        if (busy == 0 and state["queue_depth"] == 0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert busy == 0 and state["queue_depth"] == 0, state
