@@ -121,6 +121,14 @@ def settings_from(args: argparse.Namespace):
     return Settings.load(cli={k: v for k, v in vars(args).items() if k in names})
 
 
+def _replicas(value: str) -> str | int:
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"--replicas takes a positive number or auto, not {value!r}")
+    return int(value)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     if args.print_config:
@@ -130,6 +138,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for name, value, source in rows:
             print(f"{name:<{width}}  {value:<{vwidth}}  ({source})")
         return 0
+    if args.replicas is not None:  # Ray only here: the plain `shoal serve` never imports it
+        try:
+            from shoal.cluster import run_local
+        except ImportError:
+            print("shoal serve --replicas needs Ray Serve: install shoal[cluster] (pip install 'shoal[cluster]')",
+                  file=sys.stderr)
+            return 2
+        return run_local(settings, args.replicas)
     from shoal.server.app import serve
 
     return serve(settings)
@@ -191,6 +207,9 @@ def build_parser(lenient: bool = False) -> argparse.ArgumentParser:
     serve.add_argument("--api-key", help="require `Authorization: Bearer KEY` on the API")
     serve.add_argument("--data-dir", help="saved voices and caches (default: the per-user data dir)")
     serve.add_argument("--no-ui", dest="ui", action="store_const", const=False, help="do not serve the web UI")
+    serve.add_argument("--replicas", type=_replicas, metavar="N|auto",
+                       help="serve through Ray Serve with N engine replicas (auto: one per GPU, or 1..2 on CPU); "
+                            "needs shoal[cluster]")
     serve.add_argument("--print-config", action="store_true", help="show the effective settings and exit")
 
     say = command("say", "speak a text into an audio file", cmd_say)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from shoal.errors import CheckpointError
 from shoal.layout import HOW_TO_GET, MODEL_NAMES, checkpoint_kind, checkpoint_search_paths
@@ -35,6 +36,8 @@ class Engines:
     checkpoints: dict[str, Path] = field(default_factory=dict)
     #: Other names a served model answers to -> its model name (`fish` -> the first checkpoint's model).
     aliases: dict[str, str] = field(default_factory=dict)
+    #: Where the engines run on other processes (`shoal.cluster`): their replicas and state, for /v1/health.
+    replicas: Callable[[], dict] | None = None
 
     def get(self, name: str) -> Engine:
         return self.engines[self.aliases.get(name, name)]

@@ -108,10 +108,13 @@ def create_app(settings: Settings, engines_loader: Callable[[Settings], Engines]
         if state.service is None:
             return JSONResponse({"status": "loading"}, status_code=503)
         service: Service = state.service
-        return {"status": "ok", "models": service.model_names, "default_model": service.engines.default,
+        body = {"status": "ok", "models": service.model_names, "default_model": service.engines.default,
                 "queue_depth": service.dispatcher.depth, "notice": service.engines.notice,
                 "counters": service.counters(), "threads": service.thread_layout(),
                 "warnings": service.disk_warnings()}
+        if service.engines.replicas is not None:  # shoal.cluster: the engine replicas behind this ingress
+            body["cluster"] = service.engines.replicas()
+        return body
 
     @app.get("/metrics", summary="Prometheus metrics", dependencies=[Depends(require_api_key)],
              response_class=Response)

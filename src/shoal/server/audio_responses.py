@@ -96,7 +96,8 @@ async def encoded_stream(chunks: AsyncIterator[np.ndarray], job: Job,
                          output: OutputOptions) -> AsyncIterator[bytes]:
     """Encoded bytes as audio arrives, the container's header first.
 
-    Once the response has started, an error can no longer change the status: it is logged and the stream ends.
+    Once the response has started, an error can no longer change the status: it is logged and raised again, so
+    the server breaks the body off (no final chunk) and the client can tell a cut stream from a finished one.
     """
     encoder = OutputEncoder(output, job.engine.sample_rate)
     try:
@@ -109,6 +110,7 @@ async def encoded_stream(chunks: AsyncIterator[np.ndarray], job: Job,
             yield tail
     except ShoalError as exc:
         log.warning("stream ended early: %s", exc)
+        raise
     finally:
         encoder.close()
 

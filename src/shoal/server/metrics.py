@@ -142,6 +142,24 @@ class _ServiceCollector:
                        counters["reference_cache_hits"])
         yield _counter("shoal_reference_cache_misses", "Inline reference clips not in the in-memory cache",
                        counters["reference_cache_misses"])
+        if service.engines.replicas is not None:  # shoal.cluster: each engine replica, labelled by its id
+            yield from _replica_metrics(service.engines.replicas())
+
+
+def _replica_metrics(cluster: dict):
+    requests = CounterMetricFamily("shoal_replica_requests", "Speech requests an engine replica has taken",
+                                   labels=["replica"])
+    in_flight = GaugeMetricFamily("shoal_replica_in_flight", "Requests running on an engine replica (as of its "
+                                  "last report)", labels=["replica"])
+    age = GaugeMetricFamily("shoal_replica_report_age_seconds", "Seconds since an engine replica last reported",
+                            labels=["replica"])
+    for replica in cluster["replicas"]:
+        requests.add_metric([replica["id"]], float(replica["requests"]))
+        in_flight.add_metric([replica["id"]], float(replica["in_flight"]))
+        age.add_metric([replica["id"]], float(replica["seconds_since_report"]))
+    yield from (requests, in_flight, age)
+    yield _counter("shoal_replica_retries", "Requests retried on another replica after theirs died before the "
+                   "first audio chunk", cluster["retries"])
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

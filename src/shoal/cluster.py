@@ -1,0 +1,545 @@
+"""shoal on Ray Serve: one ingress (the same FastAPI app as `shoal serve`) in front of engine replicas.
+
+Two deployments, both built from the one composition root:
+
+- `ShoalEngine`, one replica per device: loads the engines once (`registry.load_engines`, as `shoal serve` does)
+  and streams a request's events (`started`, `audio`, `segment`, `progress`, `error`, `end`) back through a
+  `DeploymentHandle`. It also encodes clips with its codec (saved voices, live references) and reports its stats.
+- `ShoalIngress`: `create_app(settings, loader)` exactly as `shoal serve` builds it, except that its engines
+  loader returns `RemoteEngine`s. Routers, the Service and its Dispatcher, validation, the voice library, the UI
+  and /metrics run unchanged in the ingress; only `Engine.submit` crosses to a replica.
+
+A request that has not produced its first audio chunk when its replica dies is retried once (Serve routes it
+to a live replica); after the first chunk the stream fails, and audio from two replicas is never spliced.
+
+Nothing outside this module imports ray: `shoal serve` without `--replicas` stays Ray-free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import pickle
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+try:
+    import ray
+    from ray import serve
+    from ray.exceptions import RayActorError
+except ImportError as exc:  # pragma: no cover - exercised by the CLI without ray
+    raise ImportError("shoal's cluster mode needs Ray Serve: install shoal[cluster] "
+                      "(pip install 'shoal[cluster]')") from exc
+
+from shoal.engines.base import (EngineStats, Progress, Reference, Sink, Synthesis, SynthesisRequest,
+                                run_blocking, synthesize_blocking)
+from shoal.engines.registry import Engines, load_engines
+from shoal.errors import EngineFailure, ShoalError, Timeout, Unavailable
+from shoal.settings import Settings
+
+log = logging.getLogger("shoal.cluster")
+
+APP_NAME = "shoal"
+ENGINE_DEPLOYMENT = "ShoalEngine"
+INGRESS_DEPLOYMENT = "ShoalIngress"
+#: How often the ingress asks a replica for its stats (/metrics, /v1/health) besides what each stream reports.
+STATS_POLL_SECONDS = 2.0
+#: How long the ingress waits for the first engine replica to describe its models before giving up.
+DESCRIBE_TIMEOUT_SECONDS = 600.0
+#: Ray's object store on a single machine: small enough for Docker's 64 MB /dev/shm (audio chunks are tiny).
+LOCAL_OBJECT_STORE_BYTES = 80 * 1024 * 1024
+
+
+# -- what crosses between the ingress and a replica ------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the ingress needs to know of one engine to stand in for it."""
+
+    name: str
+    sample_rate: int
+    supports_cloning: bool
+    codec_checksum: str | None = None
+    device: str | None = None
+    precision: str | None = None
+
+
+@dataclass(frozen=True)
+class EnginesInfo:
+    """A replica's `Engines`, less the engines themselves."""
+
+    models: dict[str, ModelInfo]
+    default: str
+    notice: str | None
+    checkpoints: dict[str, str]
+    aliases: dict[str, str]
+
+
+def portable(exc: BaseException) -> BaseException:
+    """`exc` if it survives pickling (shoal's errors do), else an EngineFailure with its message."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return EngineFailure(str(exc) or type(exc).__name__)
+
+
+class _QueueSink(Sink):
+    """A replica-side sink: the engine thread posts its events onto the replica's event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def _post(self, event: tuple) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:
+            pass  # the replica's loop is gone: nobody listens any more
+
+    def audio(self, chunk: np.ndarray) -> None:
+        self._post(("audio", np.ascontiguousarray(chunk, np.float32)))
+
+    def segment(self, segment) -> None:
+        self._post(("segment", segment))
+
+    def end(self, error: BaseException | None = None) -> None:
+        self._post(("end", error))
+
+
+# -- the engine deployment -------------------------------------------------------------------------------------
+class EngineReplica:
+    """One replica: the engines of `registry.load_engines`, warmed up, behind a streaming method."""
+
+    def __init__(self, settings: Settings):
+        from shoal.compose import warm_up_engines
+
+        logging.basicConfig(level=settings.log_level.upper())
+        self.settings = settings
+        self.engines: Engines = load_engines(settings)
+        warm_up_engines(self.engines)
+        context = _replica_context()
+        self.replica_id = context or f"local-{uuid.uuid4().hex[:8]}"
+        self.pid = os.getpid()
+        self.requests = 0
+
+    def describe(self) -> EnginesInfo:
+        models = {}
+        for name, engine in self.engines.engines.items():
+            checksum = engine.codec_checksum if hasattr(engine, "encode_audio") else None
+            models[name] = ModelInfo(name, engine.sample_rate, engine.supports_cloning, checksum,
+                                     _text(getattr(engine, "device", None)), _text(getattr(engine, "precision", None)))
+        return EnginesInfo(models, self.engines.default, self.engines.notice,
+                           {k: str(v) for k, v in self.engines.checkpoints.items()}, dict(self.engines.aliases))
+
+    def stats(self) -> dict:
+        return {"replica": self.replica_id, "pid": self.pid, "requests": self.requests, "seen": time.time(),
+                "models": {name: asdict(engine.stats()) for name, engine in self.engines.engines.items()}}
+
+    def encode_audio(self, model: str, audio: np.ndarray) -> np.ndarray:
+        return self.engines.engines[model].encode_audio(audio)
+
+    def encode_reference(self, model: str, reference: Reference) -> np.ndarray:
+        return self.engines.engines[model].encode_reference(reference).numpy()
+
+    async def synthesize(self, model: str, request: SynthesisRequest, stream: bool = True,
+                         with_progress: bool = False):
+        """The request's events: ("started", replica, pid) once the engine took it, then ("audio", chunk),
+        ("segment", Segment), ("progress", done, total) as they come, and ("error", exc) or ("end", stats)."""
+        loop = asyncio.get_running_loop()
+        sink = _QueueSink(loop)
+        cancel = threading.Event()
+        progress = (lambda done, total: sink._post(("progress", done, total))) if with_progress else None
+        engine = self.engines.engines[model]
+        self.requests += 1
+        try:
+            await asyncio.to_thread(engine.submit, request, sink, cancel, stream, progress)
+        except Exception as exc:
+            yield ("error", portable(exc))
+            return
+        yield ("started", self.replica_id, self.pid)
+        try:
+            while True:
+                event = await sink.queue.get()
+                if event[0] == "end":
+                    if event[1] is not None:
+                        yield ("error", portable(event[1]))
+                    else:
+                        yield ("end", self.stats())
+                    return
+                yield event
+        finally:
+            cancel.set()  # the ingress cancelled the stream (client gone) or it ended: stop generating
+
+    def check_health(self) -> None:
+        """Serve's health check: a replica whose engines' threads died is replaced."""
+        for engine in self.engines.engines.values():
+            scheduler = getattr(engine, "scheduler", None)
+            thread = getattr(scheduler, "thread", None) or getattr(scheduler, "_thread", None)
+            if isinstance(thread, threading.Thread) and not thread.is_alive():
+                raise RuntimeError(f"the {engine.name} engine's thread has stopped")
+
+
+def _text(value) -> str | None:
+    return None if value is None else str(value)
+
+
+def _replica_context() -> str | None:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:
+        return None
+
+
+# -- the ingress side --------------------------------------------------------------------------------------------
+class ReplicaBoard:
+    """The latest stats each engine replica reported (with each finished stream, and polled), for /v1/health
+    and /metrics."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.replicas: dict[str, dict] = {}
+        self.retries = 0
+        self.deployment_state: dict | None = None
+
+    def update(self, stats: dict) -> None:
+        with self._lock:
+            known = self.replicas.get(stats["replica"])
+            if known is None or known["seen"] <= stats["seen"]:
+                self.replicas[stats["replica"]] = stats
+
+    def model_stats(self, model: str) -> EngineStats:
+        total = EngineStats()
+        with self._lock:
+            reports = [r["models"].get(model) for r in self.replicas.values()]
+        for report in reports:
+            if report:
+                for f in fields(EngineStats):
+                    setattr(total, f.name, getattr(total, f.name) + report.get(f.name, 0))
+        return total
+
+    def describe(self) -> dict:
+        now = time.time()
+        with self._lock:
+            replicas = [{"id": r["replica"], "pid": r["pid"], "requests": r["requests"],
+                         "seconds_since_report": round(now - r["seen"], 1),
+                         "in_flight": sum(m.get("in_flight", 0) for m in r["models"].values())}
+                        for r in self.replicas.values()]
+        return {"replicas": sorted(replicas, key=lambda r: r["id"]), "retries": self.retries,
+                "deployment": self.deployment_state}
+
+
+class RemoteEngine:
+    """The Engine protocol over a `DeploymentHandle` to the engine replicas: `submit` streams the request from a
+    replica (`handle.options(stream=True)`) and feeds the sink from this engine's own event-loop thread."""
+
+    def __init__(self, handle, info: ModelInfo, board: ReplicaBoard, loop: asyncio.AbstractEventLoop,
+                 start_timeout: float = 600.0):
+        self.handle = handle
+        #: How long `submit` waits for a replica to take the request (Serve queues it while all are full).
+        self.start_timeout = start_timeout
+        self.name = info.name
+        self.sample_rate = info.sample_rate
+        self.supports_cloning = info.supports_cloning
+        self.device = info.device
+        self.precision = info.precision
+        self._codec_checksum = info.codec_checksum
+        self.board = board
+        self.loop = loop
+
+    @property
+    def codec_checksum(self) -> str:
+        if self._codec_checksum is None:
+            raise AttributeError("codec_checksum")
+        return self._codec_checksum
+
+    # -- Engine --------------------------------------------------------------------------------------------------
+    def submit(self, request: SynthesisRequest, sink: Sink, cancel: threading.Event | None = None,
+               stream: bool = True, progress: Progress | None = None) -> None:
+        request = _portable_request(request)
+        cancel = cancel if cancel is not None else threading.Event()
+        started: concurrent.futures.Future = concurrent.futures.Future()
+        asyncio.run_coroutine_threadsafe(self._pump(request, sink, cancel, stream, progress, started), self.loop)
+        try:  # the replica took it, or its refusal (BadRequest...) is raised here, like a local submit
+            started.result(timeout=self.start_timeout)
+        except concurrent.futures.TimeoutError:
+            cancel.set()  # the pump's watcher cancels the queued Serve request
+            raise Timeout(f"no engine replica took the request within {self.start_timeout:g} s") from None
+
+    async def _pump(self, request, sink, cancel, stream, progress, started) -> None:
+        retried = False
+        while True:
+            got_audio = False
+            responses = self.handle.options(stream=True).synthesize.remote(
+                self.name, request, stream, progress is not None)
+            watcher = asyncio.ensure_future(_cancel_when_set(cancel, responses))
+            try:
+                async for event in responses:
+                    kind = event[0]
+                    if kind == "audio":
+                        got_audio = True
+                        sink.audio(event[1])
+                    elif kind == "segment":
+                        sink.segment(event[1])
+                    elif kind == "progress" and progress is not None:
+                        progress(event[1], event[2])
+                    elif kind == "started":
+                        if not started.done():
+                            started.set_result(event[1])
+                    elif kind == "error":
+                        return _fail(started, sink, event[1])
+                    elif kind == "end":
+                        self.board.update(event[1])
+                    if cancel.is_set():
+                        break
+                return _fail(started, sink, None)
+            except BaseException as exc:
+                if cancel.is_set():  # the caller cancelled (client gone, timeout): a quiet end
+                    return _fail(started, sink, None)
+                if isinstance(exc, RayActorError):
+                    if not got_audio and not retried:
+                        retried = True
+                        self.board.retries += 1
+                        log.warning("engine replica died before the first audio chunk; retrying once: %s",
+                                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                        continue
+                    return _fail(started, sink, EngineFailure("the engine replica serving this request stopped "
+                                                              "mid-stream"))
+                if isinstance(exc, asyncio.CancelledError):
+                    _fail(started, sink, Unavailable("the ingress is shutting down"))
+                    raise
+                if isinstance(exc, ShoalError):
+                    return _fail(started, sink, exc)
+                log.error("streaming from an engine replica failed: %s", exc)
+                return _fail(started, sink, EngineFailure(f"the engine replica failed: {type(exc).__name__}"))
+            finally:
+                watcher.cancel()
+
+    def synthesize(self, request: SynthesisRequest, progress: Progress | None = None,
+                   cancel: threading.Event | None = None, stream: bool = True) -> Iterator[np.ndarray]:
+        return synthesize_blocking(self, request, progress=progress, cancel=cancel, stream=stream)
+
+    def run(self, request: SynthesisRequest, progress: Progress | None = None,
+            cancel: threading.Event | None = None) -> Synthesis:
+        if request.seed is None:  # one seed for the whole request, reported back as run_blocking does
+            from dataclasses import replace
+
+            request = replace(request, seed=request.effective_seed())
+        return run_blocking(self, request, progress=progress, cancel=cancel)
+
+    def stats(self) -> EngineStats:
+        return self.board.model_stats(self.name)
+
+    def close(self) -> None:
+        pass
+
+    # -- the codec, for voices and live references ----------------------------------------------------------------
+    def encode_audio(self, audio: np.ndarray) -> np.ndarray:
+        """A clip's codes, computed by one replica (the voice library stores them for every other)."""
+        return self.handle.encode_audio.remote(self.name, np.ascontiguousarray(audio, np.float32)).result()
+
+    def encode_reference(self, reference: Reference):
+        import torch
+
+        codes = self.handle.encode_reference.remote(self.name, _portable_reference(reference)).result()
+        return torch.from_numpy(codes)
+
+
+def _fail(started: concurrent.futures.Future, sink: Sink, error: BaseException | None) -> None:
+    """End the request: before `started`, through submit (which raises `error`, or returns if None);
+    after it, through the sink."""
+    if not started.done():
+        if error is None:
+            started.set_result(None)
+            sink.end(None)
+        else:
+            started.set_exception(error)  # submit raises it; the Dispatcher ends the sink itself
+    else:
+        sink.end(error)
+
+
+async def _cancel_when_set(cancel: threading.Event, responses) -> None:
+    """Cancel the Serve stream (and so the replica's generation) as soon as the caller sets `cancel`, even while
+    the request still waits in Serve's queue or for its next chunk."""
+    while not cancel.is_set():
+        await asyncio.sleep(0.05)
+    responses.cancel()
+
+
+def _portable_reference(ref: Reference) -> Reference:
+    """Paths are the ingress's: a replica may run elsewhere, so the clip travels as bytes."""
+    if ref.audio is None or isinstance(ref.audio, bytes):
+        return ref
+    return Reference(ref.read_bytes(), ref.text, codes=ref.codes, cache=ref.cache)
+
+
+def _portable_request(request: SynthesisRequest) -> SynthesisRequest:
+    from dataclasses import replace
+
+    if all(r.audio is None or isinstance(r.audio, bytes) for r in request.references):
+        return request
+    return replace(request, references=tuple(_portable_reference(r) for r in request.references))
+
+
+class _LoopThread:
+    """An event loop on a daemon thread: the RemoteEngines' streams run there."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="shoal-remote", daemon=True)
+        self.thread.start()
+
+
+def remote_engines_loader(handle, board: ReplicaBoard, app_name: str = APP_NAME):
+    """The ingress's `EnginesLoader`: Engines whose engines are RemoteEngines over `handle`."""
+
+    def load(settings: Settings) -> Engines:
+        deadline = time.monotonic() + DESCRIBE_TIMEOUT_SECONDS
+        while True:
+            try:
+                info: EnginesInfo = handle.describe.remote().result(timeout_s=60)
+                break
+            except Exception as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.info("waiting for an engine replica: %s", exc)
+                time.sleep(1.0)
+        loop = _LoopThread().loop
+        engines = Engines(engines={name: RemoteEngine(handle, model, board, loop, settings.request_timeout)
+                                   for name, model in
+                                   info.models.items()},
+                          default=info.default, notice=info.notice,
+                          checkpoints={k: Path(v) for k, v in info.checkpoints.items()}, aliases=info.aliases,
+                          replicas=board.describe)
+        threading.Thread(target=_poll_stats, args=(handle, board, app_name), name="shoal-replica-stats",
+                         daemon=True).start()
+        return engines
+
+    return load
+
+
+def _poll_stats(handle, board: ReplicaBoard, app_name: str) -> None:
+    while True:
+        try:
+            board.update(handle.stats.remote().result(timeout_s=10))
+        except Exception as exc:
+            log.debug("replica stats: %s", exc)
+        try:
+            status = serve.status().applications[app_name].deployments[ENGINE_DEPLOYMENT]
+            board.deployment_state = {"status": str(status.status.value if hasattr(status.status, "value")
+                                                    else status.status),
+                                      "replica_states": {str(getattr(k, "value", k)): v
+                                                         for k, v in status.replica_states.items()}}
+        except Exception as exc:
+            log.debug("serve status: %s", exc)
+        time.sleep(STATS_POLL_SECONDS)
+
+
+class Ingress:
+    """The ingress deployment: `create_app` with remote engines, built on the replica (nothing is pickled)."""
+
+    def __init__(self, engine_handle, settings: Settings, app_name: str = APP_NAME):
+        self.engine_handle = engine_handle
+        self.settings = settings
+        self.app_name = app_name
+        self.board = ReplicaBoard()
+
+    def __serve_build_asgi_app__(self):
+        from shoal.server.app import create_app
+
+        logging.basicConfig(level=self.settings.log_level.upper())
+        Path(self.settings.data_dir).mkdir(parents=True, exist_ok=True)
+        return create_app(self.settings, remote_engines_loader(self.engine_handle, self.board, self.app_name))
+
+
+# -- building the application -----------------------------------------------------------------------------------
+def count_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:
+        return 0
+
+
+def replica_range(replicas: int | str | None, gpus: int | None = None) -> tuple[int, int]:
+    """(min, max) engine replicas: a number is fixed; `auto` is 1 to the number of GPUs, or 1 to 2 on CPU."""
+    if replicas is None or str(replicas) == "auto":
+        gpus = count_gpus() if gpus is None else gpus
+        return (1, 2) if gpus == 0 else (1, gpus)
+    n = int(replicas)
+    if n < 1:
+        raise ValueError(f"replicas must be a positive number or auto, not {replicas!r}")
+    return n, n
+
+
+def application(settings: Settings, replicas: int | str | None = "auto", app_name: str = APP_NAME):
+    """The Serve application: the ingress bound to the engine deployment, configured from `settings`."""
+    low, high = replica_range(replicas)
+    use_gpu = settings.device not in ("cpu", "mps") and count_gpus() > 0
+    actor_options: dict[str, Any] = {"num_gpus": 1} if use_gpu else {"num_cpus": max(1, settings.torch_threads or 1)}
+    engine_options: dict[str, Any] = dict(name=ENGINE_DEPLOYMENT, ray_actor_options=actor_options,
+                                          max_ongoing_requests=settings.queue_size,
+                                          health_check_period_s=10, graceful_shutdown_timeout_s=settings.shutdown_grace)
+    if low == high:
+        engine_options["num_replicas"] = low
+    else:
+        engine_options["autoscaling_config"] = {
+            "min_replicas": low, "max_replicas": high, "initial_replicas": low,
+            # scale out before a replica's batch is full: its queue is what makes latency grow
+            "target_ongoing_requests": max(1, settings.max_batch_size - 1) if settings.max_batch_size > 1 else 1,
+            "upscale_delay_s": 5, "downscale_delay_s": 120}
+    engine = serve.deployment(**engine_options)(EngineReplica)
+    ingress = serve.deployment(name=INGRESS_DEPLOYMENT, ray_actor_options={"num_cpus": 0},
+                               max_ongoing_requests=max(1000, settings.queue_size * high * 4))(
+        serve.ingress()(Ingress))
+    return ingress.bind(engine.bind(settings), settings, app_name)
+
+
+def build_app(args: dict) -> "serve.Application":
+    """`serve run shoal.cluster:build_app checkpoint=DIR replicas=2` and a Serve config's `import_path`: the
+    application from shoal settings overrides (any Settings field, as strings or values) plus `replicas`."""
+    args = dict(args or {})
+    replicas = args.pop("replicas", "auto")
+    app_name = args.pop("app_name", APP_NAME)
+    settings = Settings.load(cli={k: v for k, v in args.items() if v is not None})
+    return application(settings, replicas, app_name)
+
+
+def start_local_ray(settings: Settings) -> None:
+    """A Ray of this machine only, with an object store that fits Docker's 64 MB /dev/shm."""
+    if ray.is_initialized():
+        return
+    # Ray's minimum store is 75 MB; where /dev/shm is smaller (Docker: 64 MB) Ray puts it under /tmp itself
+    ray.init(include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES, namespace="shoal",
+             logging_level=logging.WARNING)
+
+
+def run_local(settings: Settings, replicas: int | str) -> int:
+    """`shoal serve --replicas N|auto`: a local Ray, the application on settings' host and port, until stopped."""
+    from shoal import __version__
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+    start_local_ray(settings)
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    low, high = replica_range(replicas)
+    serve.run(application(settings, replicas), name=APP_NAME, route_prefix="/", blocking=False)
+    print(f"shoal {__version__} listening on http://{settings.host}:{settings.port} through Ray Serve "
+          f"({low}..{high} engine replicas; API docs at /docs)", flush=True)
+    stop = threading.Event()
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    serve.shutdown()
+    ray.shutdown()
+    return 0
