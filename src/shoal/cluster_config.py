@@ -5,11 +5,14 @@ The file names `shoal.cluster:build_app` as its import path and passes shoal's s
 `deployments` entries set each deployment's options, which override the ones in the code:
 
 - the engine (`ShoalEngine`): one replica per device; `max_ongoing_requests` = SHOAL_QUEUE_SIZE (the cap a
-  single shoal server has before its 429), the autoscaling target = SHOAL_MAX_BATCH_SIZE (scaling starts when
-  replicas on average hold more than a full batch, before their queues fill), a GPU per replica unless
-  SHOAL_DEVICE is cpu;
+  single shoal server has before its 429), the autoscaling target one under SHOAL_MAX_BATCH_SIZE (scaling starts
+  before the replicas' batches fill and their queues grow), a GPU per replica unless SHOAL_DEVICE is cpu;
 - the ingress (`ShoalIngress`): one replica holding the FastAPI app, with room for every engine replica's queue
-  plus the idle live WebSockets, health checks and UI pages (Ray's default of 5 would throttle open streams).
+  several times over (idle live WebSockets, health checks, UI pages; Ray's default of 5 would throttle open
+  streams).
+
+The numbers follow shoal.cluster's own (its draft of `application()`); `engine_options` and `ingress_options` are
+plain dicts that it can take as serve.deployment's keyword arguments, so that the two never disagree.
 
 Paths (checkpoint, data dir) are written as given: they are paths on the cluster's nodes, not checked here.
 The API key is never written into the file: give the cluster SHOAL_API_KEY in its environment (a Secret).
@@ -31,11 +34,12 @@ INGRESS_DEPLOYMENT = "ShoalIngress"
 DEFAULT_SERVE_PORT = 8000
 DEFAULT_MAX_REPLICAS = 4
 #: Seconds of load above the target before a replica is added: short, since a TTS peak is short-lived.
-UPSCALE_DELAY_S = 10.0
-#: Seconds of load below the target before a replica is removed: long, since a new replica reloads the model.
-DOWNSCALE_DELAY_S = 300.0
-#: Ingress slots beyond the engine replicas' queues: idle live WebSockets, health checks, UI pages, voice uploads.
-INGRESS_HEADROOM = 100
+UPSCALE_DELAY_S = 5.0
+#: Seconds of load below the target before a replica is removed: longer, since a new replica reloads the model.
+DOWNSCALE_DELAY_S = 120.0
+HEALTH_CHECK_PERIOD_S = 10.0
+#: The ingress's smallest max_ongoing_requests: open streams, idle live WebSockets, health checks, UI pages.
+INGRESS_MIN_ONGOING = 1000
 #: Settings that are not shoal.cluster:build_app's args: the listening address is Serve's http_options, and the
 #: API key is a secret that belongs in the cluster's environment, not in a config file.
 NOT_ARGS = ("host", "port", "api_key")
@@ -143,26 +147,8 @@ def build_config(settings, replicas: Replicas | None = None, *, gpus_per_replica
     if not 1 <= port <= 65535:
         raise BadRequest(f"--port must be between 1 and 65535, not {port}")
 
-    cap = settings.queue_size
-    engine: dict[str, Any] = {"name": ENGINE_DEPLOYMENT, "max_ongoing_requests": cap}
-    if replicas.count is not None:
-        engine["num_replicas"] = replicas.count
-    else:
-        engine["autoscaling_config"] = {
-            "min_replicas": replicas.minimum,
-            "initial_replicas": max(replicas.minimum, 1),
-            "max_replicas": replicas.maximum,
-            # Never above the cap: a replica can never hold more than max_ongoing_requests.
-            "target_ongoing_requests": min(settings.max_batch_size, cap),
-            "upscale_delay_s": UPSCALE_DELAY_S,
-            "downscale_delay_s": DOWNSCALE_DELAY_S,
-        }
-    # In-flight streams get shoal's own SIGTERM grace before a replica being removed is killed.
-    engine["graceful_shutdown_timeout_s"] = float(settings.shutdown_grace)
-    engine["ray_actor_options"] = {"num_cpus": _number(cpus_per_replica), "num_gpus": _number(gpus_per_replica)}
-    ingress = {"name": INGRESS_DEPLOYMENT, "num_replicas": 1,
-               "max_ongoing_requests": cap * replicas.most + INGRESS_HEADROOM,
-               "ray_actor_options": {"num_cpus": 1, "num_gpus": 0}}
+    engine = engine_options(settings, replicas, gpus=gpus_per_replica, cpus=cpus_per_replica)
+    ingress = ingress_options(settings, replicas)
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": host, "port": port},
@@ -174,6 +160,42 @@ def build_config(settings, replicas: Replicas | None = None, *, gpus_per_replica
             "deployments": [engine, ingress],
         }],
     }
+
+
+def autoscaling_target(settings) -> int:
+    """Ongoing requests per engine replica that autoscaling aims at: one under a full batch, so that a replica is
+    added before the replicas' batches fill and their queues make latency grow; never above the cap."""
+    return min(max(1, settings.max_batch_size - 1), settings.queue_size)
+
+
+def engine_options(settings, replicas: Replicas, *, gpus: float, cpus: float) -> dict[str, Any]:
+    """The ShoalEngine deployment's options (a Serve config's `deployments` entry; also serve.deployment's
+    keyword arguments)."""
+    engine: dict[str, Any] = {"name": ENGINE_DEPLOYMENT, "max_ongoing_requests": settings.queue_size}
+    if replicas.count is not None:
+        engine["num_replicas"] = replicas.count
+    else:
+        engine["autoscaling_config"] = {
+            "min_replicas": replicas.minimum,
+            "initial_replicas": max(replicas.minimum, 1),
+            "max_replicas": replicas.maximum,
+            "target_ongoing_requests": autoscaling_target(settings),
+            "upscale_delay_s": UPSCALE_DELAY_S,
+            "downscale_delay_s": DOWNSCALE_DELAY_S,
+        }
+    engine["health_check_period_s"] = HEALTH_CHECK_PERIOD_S
+    # In-flight streams get shoal's own SIGTERM grace before a replica being removed is killed.
+    engine["graceful_shutdown_timeout_s"] = float(settings.shutdown_grace)
+    engine["ray_actor_options"] = {"num_cpus": _number(cpus), "num_gpus": _number(gpus)}
+    return engine
+
+
+def ingress_options(settings, replicas: Replicas) -> dict[str, Any]:
+    """The ShoalIngress deployment's options: one replica, no GPU nor CPU reserved (it holds no model), room for
+    every engine replica's queue several times over (idle live WebSockets, health checks, UI pages)."""
+    return {"name": INGRESS_DEPLOYMENT, "num_replicas": 1,
+            "max_ongoing_requests": max(INGRESS_MIN_ONGOING, settings.queue_size * replicas.most * 4),
+            "ray_actor_options": {"num_cpus": 0, "num_gpus": 0}}
 
 
 def _number(value: float) -> int | float:

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from shoal.cluster_config import (DOWNSCALE_DELAY_S, ENGINE_DEPLOYMENT, IMPORT_PATH, INGRESS_DEPLOYMENT,
-                                  INGRESS_HEADROOM, UPSCALE_DELAY_S, Replicas, build_config, render)
+                                  INGRESS_MIN_ONGOING, UPSCALE_DELAY_S, Replicas, build_config, render)
 from shoal.errors import BadRequest
 from shoal.settings import Settings
 from support import shoal
@@ -74,12 +74,14 @@ def test_the_engine_options_come_from_the_queue_and_batch_settings():
     assert engine["max_ongoing_requests"] == 24
     assert "num_replicas" not in engine
     assert engine["autoscaling_config"] == {"min_replicas": 2, "initial_replicas": 2, "max_replicas": 6,
-                                            "target_ongoing_requests": 8, "upscale_delay_s": UPSCALE_DELAY_S,
+                                            "target_ongoing_requests": 7, "upscale_delay_s": UPSCALE_DELAY_S,
                                             "downscale_delay_s": DOWNSCALE_DELAY_S}
     assert engine["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 1}
     assert engine["graceful_shutdown_timeout_s"] == 30.0
-    assert ingress["num_replicas"] == 1 and ingress["ray_actor_options"]["num_gpus"] == 0
-    assert ingress["max_ongoing_requests"] == 24 * 6 + INGRESS_HEADROOM  # every engine queue, and more
+    assert ingress["num_replicas"] == 1 and ingress["ray_actor_options"] == {"num_cpus": 0, "num_gpus": 0}
+    assert ingress["max_ongoing_requests"] == max(INGRESS_MIN_ONGOING, 24 * 6 * 4)  # every engine queue, and more
+    bigger = build_config(settings(env={"SHOAL_QUEUE_SIZE": "64"}), Replicas.parse("auto", 1, 8))
+    assert deployments(bigger)[INGRESS_DEPLOYMENT]["max_ongoing_requests"] == 64 * 8 * 4
     validate(config)
 
 
@@ -106,10 +108,12 @@ def test_args_hold_what_was_set_and_never_the_api_key_nor_the_address():
     validate(config)
 
 
-def test_the_target_never_exceeds_the_cap():
-    config = build_config(settings(env={"SHOAL_QUEUE_SIZE": "2", "SHOAL_MAX_BATCH_SIZE": "8"}))
+@pytest.mark.parametrize("queue, batch, target", [("2", "8", 2), ("16", "1", 1), ("16", "2", 1)])
+def test_the_target_is_under_a_full_batch_never_zero_nor_above_the_cap(queue, batch, target):
+    config = build_config(settings(env={"SHOAL_QUEUE_SIZE": queue, "SHOAL_MAX_BATCH_SIZE": batch}))
     engine = deployments(config)[ENGINE_DEPLOYMENT]
-    assert engine["max_ongoing_requests"] == 2 and engine["autoscaling_config"]["target_ongoing_requests"] == 2
+    assert engine["max_ongoing_requests"] == int(queue)
+    assert engine["autoscaling_config"]["target_ongoing_requests"] == target
     validate(config)
 
 
@@ -167,7 +171,7 @@ def test_the_command_reads_dotenv_and_prints_to_stdout(tmp_path):
     assert proc.returncode == 0, proc.stderr
     config = yaml.safe_load(proc.stdout)
     assert app(config)["args"]["data_dir"] == "/from-dotenv"
-    assert deployments(config)[ENGINE_DEPLOYMENT]["autoscaling_config"]["target_ongoing_requests"] == 6
+    assert deployments(config)[ENGINE_DEPLOYMENT]["autoscaling_config"]["target_ongoing_requests"] == 5
 
 
 def test_no_data_dir_is_a_note(tmp_path):
