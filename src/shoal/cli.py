@@ -169,6 +169,45 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def cmd_cluster_config(args: argparse.Namespace) -> int:
+    from shoal.cluster_config import Replicas, build_config, notes, write_config
+
+    replicas = Replicas.parse(args.replicas, args.min_replicas, args.max_replicas)
+    settings = settings_from(args)
+    config = build_config(settings, replicas, gpus_per_replica=args.gpus_per_replica,
+                          cpus_per_replica=args.cpus_per_replica)
+    write_config(config, args.output)
+    for note in notes(settings):
+        print(f"shoal: note: {note}", file=sys.stderr)
+    if args.output not in (None, "-"):
+        print(f"wrote {args.output}: deploy it with `serve deploy {args.output}`", file=sys.stderr)
+    return 0
+
+
+def add_cluster_arguments(cluster: argparse.ArgumentParser) -> None:
+    actions = cluster.add_subparsers(dest="action", required=True, metavar="ACTION")
+    config = actions.add_parser("config", help="write a Ray Serve config (for `serve deploy` or a RayService's "
+                                "serveConfigV2) from shoal's settings", description="Write a Ray Serve config "
+                                "for shoal.cluster:build_app from shoal's settings (flags, SHOAL_* variables, .env). "
+                                "Paths are the cluster nodes' paths.")
+    config.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+    config.set_defaults(func=cmd_cluster_config)
+    config.add_argument("--checkpoint", help="checkpoint directory on the cluster's nodes")
+    config.add_argument("--data-dir", help="data dir on the cluster's nodes, shared by every replica (voices)")
+    config.add_argument("--device", help="auto, cuda, cpu: cpu means no GPU per replica")
+    config.add_argument("--replicas", default="auto", help="engine replicas: a number, or auto (autoscaling "
+                        "between --min-replicas and --max-replicas; default)")
+    config.add_argument("--min-replicas", type=int, help="with --replicas auto: fewest engine replicas (default 1)")
+    config.add_argument("--max-replicas", type=int, help="with --replicas auto: most engine replicas (default 4)")
+    config.add_argument("--gpus-per-replica", type=float, help="GPUs per engine replica (default 1, 0 with "
+                        "--device cpu; fractions share a GPU)")
+    config.add_argument("--cpus-per-replica", type=float, help="CPUs per engine replica (default "
+                        "SHOAL_TORCH_THREADS, else 1)")
+    config.add_argument("--host", help="address Serve's proxy listens on (default 0.0.0.0)")
+    config.add_argument("--port", type=int, help="port Serve's proxy listens on (default 8000)")
+    config.add_argument("-o", "--output", help="file to write (default: standard output)")
+
+
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="checkpoint directory, S1 or S2-Pro: its files say which (default: "
                    "checkpoints/openaudio-s1-mini, then checkpoints/s2-pro, then the same under the data dir)")
@@ -194,7 +233,8 @@ def build_parser(lenient: bool = False) -> argparse.ArgumentParser:
     def command(name: str, help: str, func) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
-        p.set_defaults(func=func)
+        if func is not None:
+            p.set_defaults(func=func)
         return p
 
     serve = command("serve", "run the HTTP server (Fish and OpenAI APIs, web UI)", cmd_serve)
@@ -239,6 +279,9 @@ def build_parser(lenient: bool = False) -> argparse.ArgumentParser:
                           help="hub repository: fishaudio/openaudio-s1-mini (default) or fishaudio/s2-pro (both "
                           "gated: accept the licence, set HF_TOKEN)")
     download.add_argument("--dir", help="where to put it (default checkpoints/<repo name>)")
+    cluster = command("cluster", "run shoal on a Ray cluster: `shoal cluster config` writes its Serve config",
+                      None)
+    add_cluster_arguments(cluster)
     bench = command("bench", "benchmark shoal (and the reference engine side by side)", cmd_bench)
     from shoal.bench import add_bench_arguments
 
