@@ -709,3 +709,22 @@ def test_a_full_disk_between_the_new_cover_and_meta_json_keeps_the_old_cover(lib
     monkeypatch.undo()
     assert len(calls) == 2  # it failed at meta.json, after the cover was written
     assert tree(root) == before and lib.get("v") == voice and lib.cover("v") == (PNG, "image/png")
+
+
+def test_libraries_sharing_a_root_never_serve_stale_codes(root, enc):
+    """Two ingresses (or servers) on one shared data dir, each with its own in-memory codes: what one saves,
+    replaces or deletes, the other sees on its next use, though it still holds the old codes in memory."""
+    one, other = VoiceLibrary(root), VoiceLibrary(root)
+    one.add("v", wav(1.5), TEXT, enc)
+    first = other.codes("v", enc)
+    assert np.array_equal(other.codes("v", enc)[0], first[0]) and other.codes_hits == 1  # now cached there
+    one.add("v", wav(2.5, freq=330.0), "A new take.", enc, overwrite=True)
+    replaced = other.codes("v", enc)
+    assert not np.array_equal(replaced[0], first[0])
+    assert np.array_equal(replaced[0], one.codes("v", enc)[0])
+    assert enc.encode_count == 2  # each take encoded once, by the library that saved it
+    one.delete("v")
+    with pytest.raises(NotFound):
+        other.codes("v", enc)
+    one.add("v", wav(1.5), TEXT, enc)  # the first take again, under the same id: the same codes, served afresh
+    assert np.array_equal(other.codes("v", enc)[0], first[0])

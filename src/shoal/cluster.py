@@ -27,7 +27,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 
@@ -39,6 +39,8 @@ except ImportError as exc:  # pragma: no cover - exercised by the CLI without ra
     raise ImportError("shoal's cluster mode needs Ray Serve: install shoal[cluster] "
                       "(pip install 'shoal[cluster]')") from exc
 
+from shoal.cluster_config import (APP_NAME, ENGINE_DEPLOYMENT, Replicas, engine_options,
+                                  ingress_options)
 from shoal.engines.base import (EngineStats, Progress, Reference, Sink, Synthesis, SynthesisRequest,
                                 run_blocking, synthesize_blocking)
 from shoal.engines.registry import Engines, load_engines
@@ -47,9 +49,8 @@ from shoal.settings import Settings
 
 log = logging.getLogger("shoal.cluster")
 
-APP_NAME = "shoal"
-ENGINE_DEPLOYMENT = "ShoalEngine"
-INGRESS_DEPLOYMENT = "ShoalIngress"
+#: `shoal serve --replicas auto` on a machine without a GPU: at most this many CPU replicas.
+CPU_AUTO_MAX_REPLICAS = 2
 #: How often the ingress asks a replica for its stats (/metrics, /v1/health) besides what each stream reports.
 STATS_POLL_SECONDS = 2.0
 #: How long the ingress waits for the first engine replica to describe its models before giving up.
@@ -469,37 +470,23 @@ def count_gpus() -> int:
         return 0
 
 
-def replica_range(replicas: int | str | None, gpus: int | None = None) -> tuple[int, int]:
-    """(min, max) engine replicas: a number is fixed; `auto` is 1 to the number of GPUs, or 1 to 2 on CPU."""
-    if replicas is None or str(replicas) == "auto":
+def local_replicas(replicas: int | str | None, gpus: int | None = None) -> Replicas:
+    """`--replicas N|auto` on this machine: a number is fixed; `auto` autoscales from 1 to the number of GPUs,
+    or to 2 on a CPU-only machine. BadRequest on anything else."""
+    if replicas is None or str(replicas).strip().lower() == "auto":
         gpus = count_gpus() if gpus is None else gpus
-        return (1, 2) if gpus == 0 else (1, gpus)
-    n = int(replicas)
-    if n < 1:
-        raise ValueError(f"replicas must be a positive number or auto, not {replicas!r}")
-    return n, n
+        return Replicas(minimum=1, maximum=gpus or CPU_AUTO_MAX_REPLICAS)
+    return Replicas.parse(replicas)
 
 
-def application(settings: Settings, replicas: int | str | None = "auto", app_name: str = APP_NAME):
-    """The Serve application: the ingress bound to the engine deployment, configured from `settings`."""
-    low, high = replica_range(replicas)
-    use_gpu = settings.device not in ("cpu", "mps") and count_gpus() > 0
-    actor_options: dict[str, Any] = {"num_gpus": 1} if use_gpu else {"num_cpus": max(1, settings.torch_threads or 1)}
-    engine_options: dict[str, Any] = dict(name=ENGINE_DEPLOYMENT, ray_actor_options=actor_options,
-                                          max_ongoing_requests=settings.queue_size,
-                                          health_check_period_s=10, graceful_shutdown_timeout_s=settings.shutdown_grace)
-    if low == high:
-        engine_options["num_replicas"] = low
-    else:
-        engine_options["autoscaling_config"] = {
-            "min_replicas": low, "max_replicas": high, "initial_replicas": low,
-            # scale out before a replica's batch is full: its queue is what makes latency grow
-            "target_ongoing_requests": max(1, settings.max_batch_size - 1) if settings.max_batch_size > 1 else 1,
-            "upscale_delay_s": 5, "downscale_delay_s": 120}
-    engine = serve.deployment(**engine_options)(EngineReplica)
-    ingress = serve.deployment(name=INGRESS_DEPLOYMENT, ray_actor_options={"num_cpus": 0},
-                               max_ongoing_requests=max(1000, settings.queue_size * high * 4))(
-        serve.ingress()(Ingress))
+def application(settings: Settings, replicas: int | str | Replicas | None = "auto", app_name: str = APP_NAME):
+    """The Serve application: the ingress bound to the engine deployment, with the options that
+    `shoal cluster config` writes (cluster_config.engine_options / ingress_options) for these settings."""
+    spec = replicas if isinstance(replicas, Replicas) else local_replicas(replicas)
+    gpus = 1 if settings.device not in ("cpu", "mps") and count_gpus() > 0 else 0
+    engine = serve.deployment(**engine_options(settings, spec, gpus=gpus, cpus=settings.torch_threads or 1))(
+        EngineReplica)
+    ingress = serve.deployment(**ingress_options(settings, spec))(serve.ingress()(Ingress))
     return ingress.bind(engine.bind(settings), settings, app_name)
 
 
@@ -530,10 +517,11 @@ def run_local(settings: Settings, replicas: int | str) -> int:
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     start_local_ray(settings)
     serve.start(http_options={"host": settings.host, "port": settings.port})
-    low, high = replica_range(replicas)
-    serve.run(application(settings, replicas), name=APP_NAME, route_prefix="/", blocking=False)
+    spec = local_replicas(replicas)
+    serve.run(application(settings, spec), name=APP_NAME, route_prefix="/", blocking=False)
+    count = spec.count if spec.count is not None else f"{spec.minimum}..{spec.maximum}"
     print(f"shoal {__version__} listening on http://{settings.host}:{settings.port} through Ray Serve "
-          f"({low}..{high} engine replicas; API docs at /docs)", flush=True)
+          f"({count} engine replicas; API docs at /docs)", flush=True)
     stop = threading.Event()
     import signal
 

@@ -11,8 +11,8 @@ The file names `shoal.cluster:build_app` as its import path and passes shoal's s
   several times over (idle live WebSockets, health checks, UI pages; Ray's default of 5 would throttle open
   streams).
 
-The numbers follow shoal.cluster's own (its draft of `application()`); `engine_options` and `ingress_options` are
-plain dicts that it can take as serve.deployment's keyword arguments, so that the two never disagree.
+`engine_options` and `ingress_options` are plain dicts that shoal.cluster's `application()` passes to
+serve.deployment as keyword arguments, so `shoal serve --replicas` and a deployed config never disagree.
 
 Paths (checkpoint, data dir) are written as given: they are paths on the cluster's nodes, not checked here.
 The API key is never written into the file: give the cluster SHOAL_API_KEY in its environment (a Secret).

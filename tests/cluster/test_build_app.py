@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from shoal.errors import BadRequest
+
 pytestmark = pytest.mark.cluster
 
 
@@ -21,7 +23,7 @@ def test_a_fixed_number_of_replicas_with_the_queue_as_the_cap(tmp_path):
     ingress, engine = engine_deployment(app)
     assert (ingress.name, engine.name) == ("ShoalIngress", "ShoalEngine")
     assert engine.num_replicas == 2 and engine.max_ongoing_requests == 7
-    assert engine.ray_actor_options == {"num_cpus": 1}
+    assert engine.ray_actor_options == {"num_cpus": 1, "num_gpus": 0}
 
 
 def test_auto_scales_one_to_two_cpu_replicas_before_a_batch_is_full(tmp_path):
@@ -38,5 +40,5 @@ def test_auto_scales_one_to_two_cpu_replicas_before_a_batch_is_full(tmp_path):
 def test_replicas_must_be_positive(tmp_path, replicas):
     from shoal.cluster import build_app
 
-    with pytest.raises(ValueError, match="replicas"):
+    with pytest.raises(BadRequest, match="replicas"):
         build_app({"checkpoint": str(tmp_path), "data_dir": str(tmp_path), "replicas": replicas})
