@@ -223,8 +223,12 @@ def test_repeat_sends_one_request_to_a_default_and_a_one_thread_server(fixture_d
     (["--repeat", "3", "--one-process"], "--one-process"),
     (["--live", "--concurrency", "1,4"], "--concurrency"),
     (["--live", "--repeat", "3"], "--repeat"),
+    (["--replicas", "0"], "--replicas"),
+    (["--replicas", "1,two"], "--replicas"),
+    (["--replicas", "1,2", "--live"], "--live"),
+    (["--replicas", "1,2", "--one-process"], "--one-process"),
 ])
-def test_bad_repeat_and_live_options_are_one_line(flags, says, tmp_path):
+def test_bad_repeat_live_and_replicas_options_are_one_line(flags, says, tmp_path):
     proc = shoal("bench", "--out", str(tmp_path), *flags, timeout=60)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()

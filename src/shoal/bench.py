@@ -161,6 +161,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--live", action="store_true", help="bench the live WebSocket (/v1/tts/live): flush to "
                         "first audio with text streamed in a few words every 50 ms, the gaps between segments, beside "
                         "HTTP streaming (shoal only; see shoal/bench_live.py)")
+    parser.add_argument("--replicas", metavar="LIST", help="bench shoal on Ray Serve: the plain server, then "
+                        "`shoal serve --replicas N` for each N in LIST (e.g. 1,2), one torch thread per engine: "
+                        "aggregate throughput at --concurrency (default 16) and the first byte Serve adds "
+                        "(shoal only, needs shoal[cluster]; see shoal/bench_cluster.py)")
     parser.add_argument("--label", help="name of this run in the result files (default: the checkpoint kind)")
     parser.add_argument("--out", metavar="DIR", default=str(DEFAULT_OUT),
                         help=f"where the .md and .json go (default {DEFAULT_OUT})")
@@ -183,6 +187,8 @@ def run_bench(args: argparse.Namespace) -> int:
     try:
         if options["live"]:
             run_live(options)
+        elif options["replicas"]:
+            run_replicas(options)
         else:
             (RepeatBench if options["repeat"] else Bench)(options).run()
     except BenchError as exc:
@@ -201,6 +207,19 @@ def run_live(options: dict) -> None:
         raise BenchError(str(exc)) from None
     print(render_live_markdown(report))
     progress(f"wrote {write_live_report(report, options['out'])}.md and .json")
+
+
+def run_replicas(options: dict) -> None:
+    """`--replicas`: bench_cluster on this run's checkpoint; the report goes where the other runs' go."""
+    from shoal.bench_cluster import render_cluster_markdown, run_cluster_bench, write_cluster_report
+
+    options["out"].mkdir(parents=True, exist_ok=True)
+    try:
+        report = run_cluster_bench(options, Bench(options).checkpoint())
+    except RuntimeError as exc:
+        raise BenchError(str(exc)) from None
+    print(render_cluster_markdown(report))
+    progress(f"wrote {write_cluster_report(report, options['out'])}.md and .json")
 
 
 def resolve_options(args: argparse.Namespace) -> dict:
@@ -244,6 +263,22 @@ def resolve_options(args: argparse.Namespace) -> dict:
         if clashing:
             raise BenchError(f"{clashing[0]} does not apply to --live (live sessions one after another, shoal only)")
         args.no_reference = True
+    replicas = None
+    if getattr(args, "replicas", None) is not None:
+        from shoal.bench_cluster import DEFAULT_CONCURRENCY, parse_replicas
+
+        clashing = [flag for flag, given in (("--one-process", args.one_process), ("--repeat", repeat is not None),
+                                             ("--live", live), ("--setup-reference", args.setup_reference))
+                    if given]
+        if clashing:
+            raise BenchError(f"{clashing[0]} does not apply to --replicas (shoal only, one server at a time)")
+        try:
+            replicas = parse_replicas(args.replicas)
+        except ValueError as exc:
+            raise BenchError(str(exc)) from None
+        if args.concurrency is None:
+            levels = (DEFAULT_CONCURRENCY,)
+        args.no_reference = True
     model = bench_model(args)
     defaults = MODELS[model]
     label = args.label or (Path(args.checkpoint).name if args.checkpoint else
@@ -282,6 +317,9 @@ def resolve_options(args: argparse.Namespace) -> dict:
         "bandwidth_mib": args.bandwidth_mib,
         "repeat": repeat,
         "live": live,
+        "replicas": replicas,
+        # --replicas: requests at once in the throughput rounds (the largest --concurrency level)
+        "cluster_concurrency": max(levels),
         "debug": getattr(args, "debug", False),
     }
 

@@ -504,9 +504,11 @@ def start_local_ray(settings: Settings) -> None:
     """A Ray of this machine only, with an object store that fits Docker's 64 MB /dev/shm."""
     if ray.is_initialized():
         return
-    # Ray's minimum store is 75 MB; where /dev/shm is smaller (Docker: 64 MB) Ray puts it under /tmp itself
-    ray.init(include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES, namespace="shoal",
-             logging_level=logging.WARNING)
+    # Ray's minimum store is 75 MB; where /dev/shm is smaller (Docker: 64 MB) Ray puts it under /tmp itself.
+    # address="local": a Ray of its own, even where another runs on this machine (ray.init() would join that
+    # one); an existing cluster is what `serve run shoal.cluster:build_app` and `serve deploy` are for.
+    ray.init(address="local", include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+             namespace="shoal", logging_level=logging.WARNING)
 
 
 def run_local(settings: Settings, replicas: int | str) -> int:

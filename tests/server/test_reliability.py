@@ -124,6 +124,23 @@ def test_out_of_memory_in_a_batch_is_retried_in_halves_and_every_request_keeps_i
     assert_idle(srv)
 
 
+def test_a_stream_cut_by_a_fault_breaks_its_body_off(make_server):
+    """After the status and the first audio went out, a failure can no longer be a 500: the chunked body is
+    broken off (no final chunk), so the client can tell a cut stream from a finished one."""
+    srv = make_server("--no-ui", env={**FAULTS, "SHOAL_STREAM_FIRST_FRAMES": "1"})  # audio out before the fault
+    received = b""
+    with pytest.raises(httpx.RemoteProtocolError):
+        with srv.client() as c, c.stream("POST", "/v1/tts", json={
+                "text": "Cut [[fault:error]] short.", "streaming": True, "format": "pcm", "seed": 1,
+                "max_new_tokens": 40, "chunk_length": 0}) as response:
+            assert response.status_code == 200
+            for chunk in response.iter_bytes():
+                received += chunk
+    assert len(received) > 0  # the audio before the fault arrived
+    with srv.client() as c:  # and the server goes on serving
+        assert speech(c, "After the cut.", 1, tokens=8).status_code == 200
+
+
 def test_fault_markers_do_nothing_without_the_setting(server):
     with server.client() as c:
         assert speech(c, "Harmless [[fault:error]] text.", 1, tokens=8).status_code == 200
