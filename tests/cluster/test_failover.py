@@ -109,9 +109,9 @@ def test_a_live_websocket_whose_replica_dies_mid_segment_gets_finish_error(clust
         busy, idle = sorted(pids, key=cpu.get, reverse=True)
         assert cpu[busy] > 2 * cpu[idle], cpu  # one replica clearly generates, the other idles
         os.kill(busy, signal.SIGKILL)
-        after_kill = []
-        while (event := live_receive(ws))["event"] == "audio":  # chunks already on their way, then finish
-            after_kill.append(event)
+        killed_at, after_kill = time.monotonic(), []
+        while (event := receive_before(ws, killed_at + FINISH_AFTER_KILL_S))["event"] == "audio":
+            after_kill.append(event)  # chunks already on their way, then finish
         code = live_close_code(ws)
     assert event["event"] == "finish" and event["reason"] == "error", event
     assert "stopped mid-stream" in event["message"], event
@@ -119,6 +119,22 @@ def test_a_live_websocket_whose_replica_dies_mid_segment_gets_finish_error(clust
     after = health(url)  # the ingress still answers, and did not resend the segment to another replica
     assert after["status"] == "ok" and after["cluster"]["retries"] == retries_before, after["cluster"]
     print(f"CPU seconds in a second {cpu}; {len(after_kill)} audio events between the kill and finish: {event}, close {code}")
+
+
+#: A deadline for the session's end once its replica is killed (the ingress learns of it at once), not a speed
+#: check: past it, the segment was resent or the session hangs.
+FINISH_AFTER_KILL_S = 60.0
+
+
+def receive_before(ws, deadline: float) -> dict:
+    import queue
+
+    import ormsgpack
+
+    try:
+        return ormsgpack.unpackb(ws.receive_bytes(timeout=max(0.1, deadline - time.monotonic())))
+    except queue.Empty:
+        pytest.fail(f"no finish event within {FINISH_AFTER_KILL_S:g} s of the kill (audio still coming, or none)")
 
 
 def live_replica_pids(url: str) -> list[int]:
