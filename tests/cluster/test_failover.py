@@ -118,7 +118,8 @@ def test_a_live_websocket_whose_replica_dies_mid_segment_gets_finish_error(clust
     assert code == CLOSE_INTERNAL, code
     after = health(url)  # the ingress still answers, and did not resend the segment to another replica
     assert after["status"] == "ok" and after["cluster"]["retries"] == retries_before, after["cluster"]
-    print(f"CPU seconds in a second {cpu}; {len(after_kill)} audio events between the kill and finish: {event}, close {code}")
+    print(f"CPU seconds in a second {cpu}; {len(after_kill)} audio events between the kill and finish: {event}, "
+          f"close {code}")
 
 
 #: A deadline for the session's end once its replica is killed (the ingress learns of it at once), not a speed
