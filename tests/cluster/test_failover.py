@@ -73,3 +73,83 @@ def test_a_killed_replica_fails_only_its_streams_and_comes_back(cluster):
     print(f"replica back {time.monotonic() - killed_at:.1f} s after the in-flight streams ended")
     assert httpx.get(f"{url}/v1/references/list", timeout=10).json() == voices_before  # no voice lost
     print("outcomes while killed:", outcomes, "seconds:", TIMES[:8])
+
+
+def test_a_live_websocket_whose_replica_dies_mid_segment_gets_finish_error(cluster):
+    """The ingress lives on: the live session ends with `finish` `error` (and a message) and close 1011
+    (generation failed; README, "The live WebSocket"); the segment is not resent to the other replica."""
+    from support import live_close_code, live_receive, live_send, live_socket
+
+    from shoal.live import CLOSE_INTERNAL
+
+    url = cluster["url"]
+    deadline = time.monotonic() + 90  # after the test above, Serve may still be replacing its victim
+    while (running := (health(url)["cluster"].get("deployment") or {}).get("replica_states", {})
+           .get("RUNNING", 0)) < 2 and time.monotonic() < deadline:
+        time.sleep(1.0)
+    assert running == 2, health(url)["cluster"]
+    deadline = time.monotonic() + 30  # both live replicas have reported (their pids)
+    while len(pids := live_replica_pids(url)) < 2 and time.monotonic() < deadline:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda s: stream(url, s, frames=8), range(4)))
+        time.sleep(0.5)
+    assert len(pids) == 2, health(url)["cluster"]
+    retries_before = health(url)["cluster"]["retries"]
+    with live_socket(url) as ws:
+        live_send(ws, "start", request={"text": "", "format": "pcm", "seed": 9, "max_new_tokens": 3000,
+                                        "min_chunk_length": 0})
+        live_send(ws, "text", text="one long segment without a sentence end " * 12)  # one request, one replica
+        live_send(ws, "flush")
+        first = live_receive(ws)
+        assert first["event"] == "audio" and first["audio"], first
+        # Which replica speaks it: /v1/health's in_flight cannot say (Serve routes the ingress's stats polls to
+        # the idle replica, so the busy one's report is as old as its last finished request); the process that
+        # burns CPU can (one torch thread each, nothing else runs on the idle one).
+        cpu = {pid: cpu_seconds_in_a_second(pid) for pid in pids}
+        busy, idle = sorted(pids, key=cpu.get, reverse=True)
+        assert cpu[busy] > 2 * cpu[idle], cpu  # one replica clearly generates, the other idles
+        os.kill(busy, signal.SIGKILL)
+        killed_at, after_kill = time.monotonic(), []
+        while (event := receive_before(ws, killed_at + FINISH_AFTER_KILL_S))["event"] == "audio":
+            after_kill.append(event)  # chunks already on their way, then finish
+        code = live_close_code(ws)
+    assert event["event"] == "finish" and event["reason"] == "error", event
+    assert "stopped mid-stream" in event["message"], event
+    assert code == CLOSE_INTERNAL, code
+    after = health(url)  # the ingress still answers, and did not resend the segment to another replica
+    assert after["status"] == "ok" and after["cluster"]["retries"] == retries_before, after["cluster"]
+    print(f"CPU seconds in a second {cpu}; {len(after_kill)} audio events between the kill and finish: {event}, "
+          f"close {code}")
+
+
+#: A deadline for the session's end once its replica is killed (the ingress learns of it at once), not a speed
+#: check: past it, the segment was resent or the session hangs.
+FINISH_AFTER_KILL_S = 60.0
+
+
+def receive_before(ws, deadline: float) -> dict:
+    import queue
+
+    import ormsgpack
+
+    try:
+        return ormsgpack.unpackb(ws.receive_bytes(timeout=max(0.1, deadline - time.monotonic())))
+    except queue.Empty:
+        pytest.fail(f"no finish event within {FINISH_AFTER_KILL_S:g} s of the kill (audio still coming, or none)")
+
+
+def live_replica_pids(url: str) -> list[int]:
+    """The engine replicas' pids that /v1/health has heard of and whose process still lives (a killed replica's
+    last report stays on the board)."""
+    return [pid for pid in replica_stats(url) if os.path.exists(f"/proc/{pid}")]
+
+
+def cpu_seconds_in_a_second(pid: int) -> float:
+    def used() -> float:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+    before = used()
+    time.sleep(1.0)
+    return used() - before
