@@ -8,7 +8,9 @@ the plain server first, then `shoal serve --replicas N` for each N. Each gets th
   a `DeploymentHandle` stream from the replica);
 - **aggregate throughput**: `concurrency` requests at once (seeds THROUGHPUT_SEED + i, so every configuration
   does the same work), `THROUGHPUT_ROUNDS` times; audio seconds produced per wall second, the median round.
-  Each request's audio is compared with the plain server's: the same bytes mean the same work was done.
+  Each request's audio is compared with the plain server's: the same bytes mean the same work was done;
+- **what one ingress carries**: the CPU seconds that Serve's HTTP proxy and shoal's ingress (the FastAPI app and
+  its relay of the replicas' audio) spent over the throughput rounds, per request.
 
 The figures are ratios within this run (N replicas against 1, the cluster against the plain server), so a busy
 machine shifts both sides. The report goes to `bench/results/<date>-<label>-replicas.md` and `.json`.
@@ -103,8 +105,32 @@ def burst(url: str, model: str, bodies: list[dict]) -> dict:
     return {"wall_s": wall, "audio_s": seconds, "audio_s_per_s": seconds / wall, "digests": digests}
 
 
-def measure(url: str, model: str, options: dict, replicas: int) -> dict:
-    """Warm-up, then the first-byte series and the throughput rounds on one running configuration."""
+def serve_processes(pid: int) -> dict:
+    """Serve's HTTP proxy and shoal's ingress among the processes of the `shoal serve` at `pid` (Ray names its
+    workers after the actor they hold: `ray::ServeReplica:shoal:ShoalIngress`, `ray::ProxyActor`)."""
+    import psutil
+
+    from shoal.cluster_config import INGRESS_DEPLOYMENT
+
+    found = {}
+    for process in psutil.Process(pid).children(recursive=True):
+        try:
+            title = " ".join(process.cmdline())
+        except psutil.Error:
+            continue
+        for role, mark in (("ingress", INGRESS_DEPLOYMENT), ("proxy", "ProxyActor")):
+            if mark in title:
+                found[role] = process
+    return found
+
+
+def cpu_seconds(processes: dict) -> dict[str, float]:
+    return {role: sum(process.cpu_times()[:2]) for role, process in processes.items()}
+
+
+def measure(url: str, model: str, options: dict, replicas: int, pid: int | None = None) -> dict:
+    """Warm-up, then the first-byte series and the throughput rounds on one running configuration; with the pid
+    of a cluster's `shoal serve`, the CPU its proxy and ingress spent over the rounds."""
     from shoal.bench import TEXTS
     from shoal.bench_live import http_first_audio
 
@@ -120,13 +146,17 @@ def measure(url: str, model: str, options: dict, replicas: int) -> dict:
         http_first_audio(url, model, short)
     progress(f"first byte: {FIRST_BYTE_REQUESTS} streamed requests, one at a time")
     first = [http_first_audio(url, model, short) for _ in range(FIRST_BYTE_REQUESTS)]
+    processes = serve_processes(pid) if pid is not None else {}
+    cpu_before = cpu_seconds(processes)
     rounds = []
     for r in range(THROUGHPUT_ROUNDS):
         progress(f"throughput: round {r + 1}/{THROUGHPUT_ROUNDS}, {concurrency} requests at once")
         rounds.append(burst(url, model, bodies))
+    requests = THROUGHPUT_ROUNDS * concurrency
+    cpu_per_request = {role: (used - cpu_before[role]) / requests for role, used in cpu_seconds(processes).items()}
     best = statistics.median(x["audio_s_per_s"] for x in rounds)
     return {"first_byte_s": first, "first_byte_p50_s": statistics.median(first), "rounds": rounds,
-            "audio_s_per_s": best}
+            "audio_s_per_s": best, "cpu_s_per_request": cpu_per_request}
 
 
 def run_configuration(checkpoint: Path, root: Path, model: str, options: dict, replicas: int | None) -> dict:
@@ -146,7 +176,8 @@ def run_configuration(checkpoint: Path, root: Path, model: str, options: dict, r
         if replicas is not None:
             wait_for_replicas(server.url, replicas, START_TIMEOUT_SECONDS)
         ready = time.perf_counter() - t0
-        figures = measure(server.url, model, options, replicas or 1)
+        figures = measure(server.url, model, options, replicas or 1,
+                          server.proc.pid if replicas is not None else None)
     return {"name": name, "replicas": replicas, "ready_s": ready, **figures}
 
 
@@ -201,20 +232,27 @@ def render_cluster_markdown(report: dict) -> str:
         f"({FIRST_BYTE_TOKENS} tokens), time to the first audio byte.",
         "",
         "| configuration | ready | throughput (audio s/s) | × 1 replica | × plain | first byte p50 | added by Serve | "
-        "requests with the plain server's audio |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "requests with the plain server's audio | CPU per request: proxy, ingress |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for run in report["runs"]:
         vs_one = f"{run['throughput_vs_one_replica']:.2f}×" if run["throughput_vs_one_replica"] else "–"
         added = "–" if run["replicas"] is None else f"{run['first_byte_added_ms']:+.0f} ms"
         lines.append(f"| {run['name']} | {run['ready_s']:.0f} s | {run['audio_s_per_s']:.2f} | {vs_one} | "
                      f"{run['throughput_vs_plain']:.2f}× | {run['first_byte_p50_s'] * 1000:.0f} ms | {added} | "
-                     f"{run['same_audio_as_plain']} of {report['concurrency'] * THROUGHPUT_ROUNDS} |")
+                     f"{run['same_audio_as_plain']} of {report['concurrency'] * THROUGHPUT_ROUNDS} | {cpu_cell(run)} |")
     lines += ["", "Rounds (audio s/s) and first-byte series (ms), per configuration:", ""]
     for run in report["runs"]:
         lines.append(f"- {run['name']}: " + ", ".join(f"{r['audio_s_per_s']:.2f}" for r in run["rounds"])
                      + "; " + ", ".join(f"{t * 1000:.0f}" for t in run["first_byte_s"]))
     return "\n".join(lines) + "\n"
+
+
+def cpu_cell(run: dict) -> str:
+    cpu = run["cpu_s_per_request"]
+    if not cpu:
+        return "–"
+    return ", ".join(f"{cpu[role] * 1000:.0f} ms" if role in cpu else "not found" for role in ("proxy", "ingress"))
 
 
 def write_cluster_report(report: dict, out: Path) -> Path:

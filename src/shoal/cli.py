@@ -122,11 +122,14 @@ def settings_from(args: argparse.Namespace):
 
 
 def _replicas(value: str) -> str | int:
-    if value == "auto":
-        return value
-    if not value.isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"--replicas takes a positive number or auto, not {value!r}")
-    return int(value)
+    from shoal.cluster_config import Replicas
+    from shoal.errors import BadRequest
+
+    try:
+        replicas = Replicas.parse(value)
+    except BadRequest as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return "auto" if replicas.count is None else replicas.count
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

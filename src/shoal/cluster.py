@@ -51,8 +51,13 @@ log = logging.getLogger("shoal.cluster")
 
 #: `shoal serve --replicas auto` on a machine without a GPU: at most this many CPU replicas.
 CPU_AUTO_MAX_REPLICAS = 2
-#: How often the ingress asks a replica for its stats (/metrics, /v1/health) besides what each stream reports.
+#: How often a replica's stats reach the ingress (/metrics, /v1/health): every stream carries them this often, and
+#: the ingress polls the deployment as often (Serve routes a poll to the least busy replica, so idle replicas are
+#: the ones polled, and busy ones report through their streams).
 STATS_POLL_SECONDS = 2.0
+#: A replica that has not reported for this long is dropped from /v1/health and /metrics (it is gone: an idle one
+#: is polled every few seconds).
+REPLICA_FORGET_SECONDS = 300.0
 #: How long the ingress waits for the first engine replica to describe its models before giving up.
 DESCRIBE_TIMEOUT_SECONDS = 600.0
 #: Ray's object store on a single machine: small enough for Docker's 64 MB /dev/shm (audio chunks are tiny).
@@ -152,8 +157,9 @@ class EngineReplica:
 
     async def synthesize(self, model: str, request: SynthesisRequest, stream: bool = True,
                          with_progress: bool = False):
-        """The request's events: ("started", replica, pid) once the engine took it, then ("audio", chunk),
-        ("segment", Segment), ("progress", done, total) as they come, and ("error", exc) or ("end", stats)."""
+        """The request's events: ("started", replica, pid) once the engine took it, ("stats", stats) then and
+        every STATS_POLL_SECONDS, ("audio", chunk), ("segment", Segment), ("progress", done, total) as they come,
+        and ("error", exc) or ("end", stats)."""
         loop = asyncio.get_running_loop()
         sink = _QueueSink(loop)
         cancel = threading.Event()
@@ -166,9 +172,20 @@ class EngineReplica:
             yield ("error", portable(exc))
             return
         yield ("started", self.replica_id, self.pid)
+        yield ("stats", self.stats())  # the ingress sees this request in flight here at once
+        reported = time.monotonic()
         try:
             while True:
-                event = await sink.queue.get()
+                try:
+                    wait = max(0.0, reported + STATS_POLL_SECONDS - time.monotonic())
+                    event = await asyncio.wait_for(sink.queue.get(), timeout=wait)
+                except asyncio.TimeoutError:
+                    event = None
+                if time.monotonic() - reported >= STATS_POLL_SECONDS:
+                    reported = time.monotonic()
+                    yield ("stats", self.stats())
+                if event is None:
+                    continue
                 if event[0] == "end":
                     if event[1] is not None:
                         yield ("error", portable(event[1]))
@@ -216,10 +233,22 @@ class ReplicaBoard:
             if known is None or known["seen"] <= stats["seen"]:
                 self.replicas[stats["replica"]] = stats
 
+    def forget(self, replica: str) -> None:
+        """A replica seen to die: its last report no longer describes anything."""
+        with self._lock:
+            self.replicas.pop(replica, None)
+
+    def _current(self) -> list[dict]:
+        """The reports of replicas heard from within REPLICA_FORGET_SECONDS (the caller holds the lock)."""
+        now = time.time()
+        for replica in [r for r, stats in self.replicas.items() if now - stats["seen"] > REPLICA_FORGET_SECONDS]:
+            del self.replicas[replica]
+        return list(self.replicas.values())
+
     def model_stats(self, model: str) -> EngineStats:
         total = EngineStats()
         with self._lock:
-            reports = [r["models"].get(model) for r in self.replicas.values()]
+            reports = [r["models"].get(model) for r in self._current()]
         for report in reports:
             if report:
                 for f in fields(EngineStats):
@@ -232,7 +261,7 @@ class ReplicaBoard:
             replicas = [{"id": r["replica"], "pid": r["pid"], "requests": r["requests"],
                          "seconds_since_report": round(now - r["seen"], 1),
                          "in_flight": sum(m.get("in_flight", 0) for m in r["models"].values())}
-                        for r in self.replicas.values()]
+                        for r in self._current()]
         return {"replicas": sorted(replicas, key=lambda r: r["id"]), "retries": self.retries,
                 "deployment": self.deployment_state}
 
@@ -277,7 +306,7 @@ class RemoteEngine:
     async def _pump(self, request, sink, cancel, stream, progress, started) -> None:
         retried = False
         while True:
-            got_audio = False
+            got_audio, replica = False, None
             responses = self.handle.options(stream=True).synthesize.remote(
                 self.name, request, stream, progress is not None)
             watcher = asyncio.ensure_future(_cancel_when_set(cancel, responses))
@@ -292,11 +321,12 @@ class RemoteEngine:
                     elif kind == "progress" and progress is not None:
                         progress(event[1], event[2])
                     elif kind == "started":
+                        replica = event[1]
                         if not started.done():
-                            started.set_result(event[1])
+                            started.set_result(replica)
                     elif kind == "error":
                         return _fail(started, sink, event[1])
-                    elif kind == "end":
+                    elif kind in ("stats", "end"):
                         self.board.update(event[1])
                     if cancel.is_set():
                         break
@@ -305,6 +335,8 @@ class RemoteEngine:
                 if cancel.is_set():  # the caller cancelled (client gone, timeout): a quiet end
                     return _fail(started, sink, None)
                 if isinstance(exc, RayActorError):
+                    if replica is not None:
+                        self.board.forget(replica)
                     if not got_audio and not retried:
                         retried = True
                         self.board.retries += 1

@@ -30,8 +30,9 @@ def cluster(tmp_path_factory, tiny_checkpoint):
     settings = Settings.load(cli={"checkpoint": tiny_checkpoint, "data_dir": data_dir, "device": "cpu",
                                   "torch_threads": 1, "ui": False, "lite_voice": False, "port": port},
                              env={})
-    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=shoal_cluster.LOCAL_OBJECT_STORE_BYTES,
-             namespace="shoal-tests", logging_level="WARNING")
+    ray.init(address="local", num_cpus=4, include_dashboard=False,
+             object_store_memory=shoal_cluster.LOCAL_OBJECT_STORE_BYTES, namespace="shoal-tests",
+             logging_level="WARNING")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(shoal_cluster.application(settings, replicas=2), name=shoal_cluster.APP_NAME, route_prefix="/")

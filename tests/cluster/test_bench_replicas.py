@@ -29,4 +29,7 @@ def test_bench_replicas_writes_its_table_and_json(cluster, fixture_dir, tmp_path
     # every seeded request sounds the same through Serve as through the plain server
     assert one["same_audio_as_plain"] == 2 * len(one["rounds"])
     assert one["throughput_vs_one_replica"] == 1.0
+    # what one ingress carries: Serve's proxy and shoal's ingress were found and their CPU counted
+    assert set(one["cpu_s_per_request"]) == {"proxy", "ingress"} and min(one["cpu_s_per_request"].values()) > 0
+    assert plain["cpu_s_per_request"] == {}
     assert "| replicas-1 |" in md.read_text() and "| plain |" in md.read_text()

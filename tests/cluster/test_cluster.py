@@ -46,6 +46,30 @@ def replica_stats(url: str) -> dict:
     return {r["pid"]: r for r in health(url)["cluster"]["replicas"]}
 
 
+def test_a_busy_replica_reports_through_its_stream(cluster):
+    """/v1/health and /metrics show the request in flight on the replica that serves it while it runs: the
+    ingress's polls go to the idle replica (Serve routes them to the least busy), so the busy one's figures come
+    with its stream."""
+    url = cluster["url"]
+    body = {"input": "Never ends. " * 30, "voice": "default", "response_format": "pcm", "seed": 4,
+            "max_new_tokens": 3000, "chunk_length": 0}
+    with httpx.stream("POST", f"{url}/v1/audio/speech", json=body, timeout=120) as response:
+        assert response.status_code == 200
+        chunks = response.iter_bytes()
+        next(chunks)
+        deadline = time.monotonic() + 15
+        while True:
+            busy = [r for r in health(url)["cluster"]["replicas"]
+                    if r["in_flight"] > 0 and r["seconds_since_report"] < 5]
+            if busy or time.monotonic() > deadline:
+                break
+            next(chunks, None)  # keep reading, so the replica is not held back by a full pipe
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    assert len(busy) == 1, health(url)["cluster"]
+    replica = busy[0]["id"]
+    assert f'shoal_replica_in_flight{{replica="{replica}"}} 1.0' in metrics, metrics
+
+
 def test_a_voice_saved_through_one_replica_is_used_by_the_other(cluster):
     from support import tone_clip
 

@@ -102,11 +102,11 @@ def test_a_live_websocket_whose_replica_dies_mid_segment_gets_finish_error(clust
         live_send(ws, "flush")
         first = live_receive(ws)
         assert first["event"] == "audio" and first["audio"], first
-        # Which replica speaks it: /v1/health's in_flight cannot say (Serve routes the ingress's stats polls to
-        # the idle replica, so the busy one's report is as old as its last finished request); the process that
-        # burns CPU can (one torch thread each, nothing else runs on the idle one).
-        cpu = {pid: cpu_seconds_in_a_second(pid) for pid in pids}
-        busy, idle = sorted(pids, key=cpu.get, reverse=True)
+        # Which replica speaks it: /v1/health says (a busy replica reports through its streams), and the process
+        # that burns CPU confirms it (one torch thread each, nothing else runs on the idle one).
+        busy = busy_replica(url)
+        cpu = {pid: cpu_seconds(pid, CPU_WINDOW_S) for pid in pids}
+        idle = next(pid for pid in pids if pid != busy)
         assert cpu[busy] > 2 * cpu[idle], cpu  # one replica clearly generates, the other idles
         os.kill(busy, signal.SIGKILL)
         killed_at, after_kill = time.monotonic(), []
@@ -118,6 +118,7 @@ def test_a_live_websocket_whose_replica_dies_mid_segment_gets_finish_error(clust
     assert code == CLOSE_INTERNAL, code
     after = health(url)  # the ingress still answers, and did not resend the segment to another replica
     assert after["status"] == "ok" and after["cluster"]["retries"] == retries_before, after["cluster"]
+    assert busy not in replica_stats(url)  # the dead replica's last report is dropped, not shown as live
     print(f"CPU seconds in a second {cpu}; {len(after_kill)} audio events between the kill and finish: {event}, "
           f"close {code}")
 
@@ -138,18 +139,35 @@ def receive_before(ws, deadline: float) -> dict:
         pytest.fail(f"no finish event within {FINISH_AFTER_KILL_S:g} s of the kill (audio still coming, or none)")
 
 
+def busy_replica(url: str) -> int:
+    """The pid of the one engine replica that /v1/health reports with a request in flight, freshly."""
+    deadline = time.monotonic() + 15
+    while True:
+        busy = [pid for pid, r in replica_stats(url).items() if r["in_flight"] > 0 and r["seconds_since_report"] < 5]
+        if len(busy) == 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert len(busy) == 1, health(url)["cluster"]
+    return busy[0]
+
+
 def live_replica_pids(url: str) -> list[int]:
     """The engine replicas' pids that /v1/health has heard of and whose process still lives (a killed replica's
     last report stays on the board)."""
     return [pid for pid in replica_stats(url) if os.path.exists(f"/proc/{pid}")]
 
 
-def cpu_seconds_in_a_second(pid: int) -> float:
+#: How long the replicas' CPU time is watched before the kill: short, since the segment must still be generating
+#: when the kill comes (this seed and text end after ~160 frames).
+CPU_WINDOW_S = 0.5
+
+
+def cpu_seconds(pid: int, window: float) -> float:
     def used() -> float:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
     before = used()
-    time.sleep(1.0)
+    time.sleep(window)
     return used() - before
