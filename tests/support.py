@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -270,3 +271,21 @@ def live_close_code(ws) -> int:
             ws.receive(timeout=LIVE_RECEIVE_TIMEOUT)
     except WebSocketDisconnect as exc:
         return exc.code
+
+
+def wait_healthy(url: str, timeout: float = 180.0) -> None:
+    """Until `url`/v1/health answers 200 (a server or a Serve application coming up); fails the test after
+    `timeout` seconds."""
+    import httpx
+    import pytest
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/v1/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"{url} did not become healthy in {timeout:g} s")
+        time.sleep(0.5)

@@ -3,19 +3,13 @@ one torch thread each, behind the shoal ingress on a free port."""
 
 from __future__ import annotations
 
-import socket
-import time
-
-import httpx
 import pytest
 
+from shoal.testing import free_port
+
+from support import wait_healthy
+
 ray = pytest.importorskip("ray", reason="the cluster tests need shoal[cluster]")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -37,16 +31,7 @@ def cluster(tmp_path_factory, tiny_checkpoint):
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(shoal_cluster.application(settings, replicas=2), name=shoal_cluster.APP_NAME, route_prefix="/")
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{url}/v1/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("the cluster did not become healthy in 180 s")
-            time.sleep(0.5)
+        wait_healthy(url)
         yield {"url": url, "settings": settings, "data_dir": data_dir}
     finally:
         serve.shutdown()

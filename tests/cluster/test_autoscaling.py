@@ -13,6 +13,8 @@ import pytest
 
 from shoal.cluster_config import ENGINE_DEPLOYMENT, UPSCALE_DELAY_S, autoscaling_target
 
+from support import wait_healthy
+
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 APP = "shoal-autoscale"
@@ -83,15 +85,7 @@ def autoscaled_app(cluster, tiny_checkpoint, tmp_path):
         serve.run(shoal_cluster.application(settings, replicas="auto", app_name=APP), name=APP,
                   route_prefix=PREFIX)
         url = cluster["url"] + PREFIX
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{url}/v1/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the autoscaled application did not become healthy in 180 s"
-            time.sleep(0.5)
+        wait_healthy(url)
         yield url
     finally:
         serve.delete(APP)
