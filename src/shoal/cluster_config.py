@@ -38,6 +38,9 @@ UPSCALE_DELAY_S = 5.0
 #: Seconds of load below the target before a replica is removed: longer, since a new replica reloads the model.
 DOWNSCALE_DELAY_S = 120.0
 HEALTH_CHECK_PERIOD_S = 10.0
+#: Serve's own access log is off: the ingress writes shoal's (`shoal.access`, one line per request), and the
+#: engine replicas' calls (a stream, a stats poll every few seconds) would only repeat it.
+LOGGING = {"enable_access_log": False}
 #: The ingress's smallest max_ongoing_requests: open streams, idle live WebSockets, health checks, UI pages.
 INGRESS_MIN_ONGOING = 1000
 #: Settings that are not shoal.cluster:build_app's args: the listening address is Serve's http_options, and the
@@ -187,6 +190,7 @@ def engine_options(settings, replicas: Replicas, *, gpus: float, cpus: float) ->
     # In-flight streams get shoal's own SIGTERM grace before a replica being removed is killed.
     engine["graceful_shutdown_timeout_s"] = float(settings.shutdown_grace)
     engine["ray_actor_options"] = {"num_cpus": _number(cpus), "num_gpus": _number(gpus)}
+    engine["logging_config"] = dict(LOGGING)
     return engine
 
 
@@ -195,7 +199,7 @@ def ingress_options(settings, replicas: Replicas) -> dict[str, Any]:
     every engine replica's queue several times over (idle live WebSockets, health checks, UI pages)."""
     return {"name": INGRESS_DEPLOYMENT, "num_replicas": 1,
             "max_ongoing_requests": max(INGRESS_MIN_ONGOING, settings.queue_size * replicas.most * 4),
-            "ray_actor_options": {"num_cpus": 0, "num_gpus": 0}}
+            "ray_actor_options": {"num_cpus": 0, "num_gpus": 0}, "logging_config": dict(LOGGING)}
 
 
 def _number(value: float) -> int | float:
