@@ -155,9 +155,12 @@ def serve(settings: Settings) -> int:
     app = create_app(settings)
     print(f"shoal {__version__} listening on http://{settings.host}:{settings.port} (API docs at /docs)",
           flush=True)
+    # h11 and asyncio, named: uvicorn's "auto" takes httptools and uvloop when they are installed (the cluster
+    # extra brings them), and httptools answers a made-up method with a bare 400 instead of the app's JSON 405.
     server = GracefulServer(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                                            access_log=False, timeout_graceful_shutdown=settings.shutdown_grace,
-                                           ws_max_size=settings.live_max_message_bytes * WS_READ_LIMIT_FACTOR))
+                                           ws_max_size=settings.live_max_message_bytes * WS_READ_LIMIT_FACTOR,
+                                           http="h11", loop="asyncio"))
     logging.getLogger("uvicorn.error").addFilter(no_websocket_access_lines)  # after uvicorn's logging setup
     server.run()
     return 0 if server.started else 1
