@@ -379,7 +379,10 @@ def test_clients_that_give_up_while_queued_never_reach_the_model(make_server):
 
     first = threading.Thread(target=long_one)
     first.start()
-    time.sleep(0.3)
+    deadline = time.monotonic() + 60  # the quitters come once the long one holds the only slot, not before
+    while counters(srv)["generated_tokens"] == before:
+        assert time.monotonic() < deadline and first.is_alive(), "the long request never started decoding"
+        time.sleep(0.02)
     quitters = [threading.Thread(target=gives_up, args=(i,)) for i in range(5)]
     for t in quitters:
         t.start()
