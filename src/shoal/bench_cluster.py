@@ -182,13 +182,13 @@ def run_configuration(checkpoint: Path, root: Path, model: str, options: dict, r
 
 
 def run_cluster_bench(options: dict, checkpoint: dict) -> dict:
+    from shoal.cluster_config import NEEDS_RAY
     from shoal.layout import MODEL_NAMES
 
     try:
         import ray  # noqa: F401  (only to fail early: the configurations import it in their own processes)
     except ImportError:
-        raise RuntimeError("--replicas needs Ray Serve: install shoal[cluster] (pip install 'shoal[cluster]')") \
-            from None
+        raise RuntimeError(f"--replicas {NEEDS_RAY}") from None
     model = MODEL_NAMES[options["model"]]
     started = datetime.datetime.now().astimezone()
     load_before = os.getloadavg()

@@ -145,8 +145,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         try:
             from shoal.cluster import run_local
         except ImportError:
-            print("shoal serve --replicas needs Ray Serve: install shoal[cluster] (pip install 'shoal[cluster]')",
-                  file=sys.stderr)
+            from shoal.cluster_config import NEEDS_RAY
+            print(f"shoal serve --replicas {NEEDS_RAY}", file=sys.stderr)
             return 2
         return run_local(settings, args.replicas)
     from shoal.server.app import serve

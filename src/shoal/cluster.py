@@ -36,8 +36,8 @@ try:
     from ray import serve
     from ray.exceptions import RayActorError
 except ImportError as exc:  # pragma: no cover - exercised by the CLI without ray
-    raise ImportError("shoal's cluster mode needs Ray Serve: install shoal[cluster] "
-                      "(pip install 'shoal[cluster]')") from exc
+    from shoal.cluster_config import NEEDS_RAY
+    raise ImportError(f"shoal's cluster mode {NEEDS_RAY}") from exc
 
 from shoal.cluster_config import (APP_NAME, ENGINE_DEPLOYMENT, Replicas, engine_options,
                                   ingress_options)

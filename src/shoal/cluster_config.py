@@ -27,6 +27,8 @@ from typing import Any
 from shoal.errors import BadRequest
 
 IMPORT_PATH = "shoal.cluster:build_app"
+#: What every entry point into the cluster mode says when Ray Serve is not installed.
+NEEDS_RAY = "needs Ray Serve: install shoal[cluster] (pip install 'shoal[cluster]')"
 APP_NAME = "shoal"
 ENGINE_DEPLOYMENT = "ShoalEngine"
 INGRESS_DEPLOYMENT = "ShoalIngress"
