@@ -105,6 +105,22 @@ def test_both_models_at_once_give_what_each_gives_alone(server):
     assert not np.array_equal(*(sf.read(io.BytesIO(alone[m]))[0][:100] for m in bodies))  # two models really
 
 
+def test_the_metrics_model_label_is_the_engine_that_spoke(server):
+    """README, Metrics: `model` is s1, s2-pro or piper, whatever name the request used ("fish" maps to s1)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def spoken() -> dict[str, float]:
+        text = httpx_get(server.url + "/metrics").text
+        return {s.labels["model"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name == "shoal_speech_requests_total" and s.labels["outcome"] == "ok"}
+
+    before = spoken()
+    for header in ("fish", "s2-pro", "piper"):
+        assert fish_tts(server, {"text": "Counted by the engine that spoke."}, header).status_code == 200
+    after = spoken()
+    assert {m: after[m] - before.get(m, 0.0) for m in after} == {"s1": 1, "s2-pro": 1, "piper": 1}
+
+
 def test_a_checkpoint_per_model_only(tmp_path, tiny_checkpoint):
     """Two S1 checkpoints would share one name: loading fails, saying why, and the server says so."""
     with Server(tiny_checkpoint, tmp_path, "--extra-checkpoint", str(tiny_checkpoint)) as srv:
