@@ -46,6 +46,37 @@ def load_golden(fixture_dir: Path, request: dict | str):
     return np.load(fixture_dir / file)
 
 
+#: Each fixture's codec as fish-speech wrote it ("0.1": with the RoPE tables and masks, the S1 fixture's; "2.0":
+#: the weights alone, the S2 fixture's) and in the other layout.
+CODEC_LAYOUTS = {"s1": "0.1", "s2": "2.0"}
+
+
+def with_codec_layout(fixture_dir: Path, layout: str, dest: Path) -> Path:
+    """`dest`: the fixture checkpoint with its codec.pth re-saved in the fish-speech `layout` ("0.1" or "2.0"),
+    the same weights; every other file is a symlink to the fixture's. The fixture's own layout gives the fixture."""
+    import torch
+
+    from shoal.fish.checkpoint import read_codec_config
+    from shoal.fish.codec import Codec
+    from shoal.testing import with_derived_buffers, without_derived_buffers
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for entry in fixture_dir.iterdir():
+        if entry.name != "codec.pth" and not (dest / entry.name).exists():
+            (dest / entry.name).symlink_to(entry)
+    weights = without_derived_buffers(torch.load(fixture_dir / "codec.pth", map_location="cpu", weights_only=True))
+    if layout == "0.1":
+        with torch.device("meta"):
+            model = Codec(read_codec_config(fixture_dir))
+        weights = with_derived_buffers(model, weights)
+    torch.save(weights, dest / "codec.pth")
+    return dest
+
+
+def other_codec_layout(kind: str) -> str:
+    return "2.0" if CODEC_LAYOUTS[kind] == "0.1" else "0.1"
+
+
 def load_codec_golden(fixture_dir: Path) -> dict[str, np.ndarray]:
     """The reference codec on the fixture's reference.wav (codec.npz): its `audio` as loaded, its `codes`, and
     those codes `decoded`."""

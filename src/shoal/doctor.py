@@ -354,18 +354,15 @@ def _check_model(path: Path, tokenizer, weights: list[str]) -> Check:
 
 
 def _check_codec(path: Path) -> Check:
-    from shoal.layout import CODEC_CONFIG_FILE
-    from shoal.fish.codec import CodecConfig, load_codec
+    from shoal.fish.checkpoint import load_checkpoint_codec
 
     try:
-        yaml_path = path / CODEC_CONFIG_FILE
-        config = CodecConfig.from_yaml(yaml_path) if yaml_path.is_file() else CodecConfig()
-        model = load_codec(path / "codec.pth", config, device="meta")
+        model = load_checkpoint_codec(path, device="meta")
     except Exception as exc:
         return Check("codec.pth", FAIL, _one_line(exc), "re-download codec.pth (`shoal download`)")
     params = sum(p.numel() for p in model.parameters())
     return Check("codec.pth", OK, f"every key matches the codec ({params / 1e6:.1f} M parameters, "
-                 f"{config.sample_rate} Hz)")
+                 f"{model.config.sample_rate} Hz); {model.layout()}")
 
 
 # -- runtime -------------------------------------------------------------------------------------------------------

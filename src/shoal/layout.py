@@ -6,7 +6,9 @@ Two kinds of checkpoint directory are served, told apart by their own files (`ch
   tokenizer (`tokenizer.tiktoken` + `special_tokens.json`) and `codec.pth`;
 - "s2" (Fish Audio S2-Pro, fish-speech 2.0): a nested `config.json` (`model_type: fish_qwen3_omni`), safetensors
   shards named by `model.safetensors.index.json`, a Hugging Face tokenizer (`tokenizer.json` +
-  `tokenizer_config.json`) and `codec.pth`.
+  `tokenizer_config.json`) and `codec.pth`. fish-speech 2.0 also loads the weights from a single
+  `model.safetensors` or from `model.pth` (`s2_weight_files`), and its own tools save a flat `dual_ar` config.json
+  beside the Hugging Face tokenizer (its LoRA merge does); both are S2 too.
 """
 
 from __future__ import annotations
@@ -19,7 +21,11 @@ from shoal.errors import CheckpointError
 
 CHECKPOINT_FILES = ("config.json", "model.pth", "tokenizer.tiktoken", "special_tokens.json", "codec.pth")
 S2_WEIGHTS_INDEX = "model.safetensors.index.json"
+#: The official S2 layout (what `shoal download` fetches); the weights may come in other files too (`s2_weight_files`).
 S2_CHECKPOINT_FILES = ("config.json", S2_WEIGHTS_INDEX, "tokenizer.json", "tokenizer_config.json", "codec.pth")
+#: The weight files fish-speech 2.0 looks for after the index, in its order: one safetensors file, then a torch file.
+S2_WEIGHTS_SINGLE = "model.safetensors"
+S2_WEIGHTS_PTH = "model.pth"
 CODEC_CONFIG_FILE = "codec_config.yaml"
 #: config.json's `model_type` of each kind.
 S1_MODEL_TYPE = "dual_ar"
@@ -41,13 +47,16 @@ DEFAULT_CHECKPOINT_NAMES = ("openaudio-s1-mini", "s2-pro")
 
 
 def checkpoint_files(path: str | Path, kind: CheckpointKind) -> list[str]:
-    """Every file a checkpoint of `kind` needs: its fixed set, and for S2 the weight shards its index names (just
-    the fixed set while the index cannot be read; `missing_checkpoint_files` says what is wrong then)."""
+    """Every file a checkpoint of `kind` needs: S1's fixed set; for S2 the fixed set and the weight files it has
+    (`s2_weight_files`; just the index while that cannot be read: `missing_checkpoint_files` says what is wrong)."""
+    if kind == "s1":
+        return list(CHECKPOINT_FILES)
     try:
-        shards = s2_weight_shards(path) if kind == "s2" else []
+        weights = s2_weight_files(path)
     except CheckpointError:
-        shards = []
-    return [*FILES_BY_KIND[kind], *shards]
+        weights = [S2_WEIGHTS_INDEX]
+    at = S2_CHECKPOINT_FILES.index(S2_WEIGHTS_INDEX)
+    return [*S2_CHECKPOINT_FILES[:at], *weights, *S2_CHECKPOINT_FILES[at + 1:]]
 
 
 def checkpoint_search_paths(data_dir: str | Path | None) -> list[Path]:
@@ -73,6 +82,9 @@ def checkpoint_kind(path: str | Path) -> CheckpointKind:
         if model_type not in MODEL_TYPES:
             raise CheckpointError(f"{config} has model_type {model_type!r}: shoal serves "
                                   + " and ".join(f"{t!r} ({k.upper()})" for t, k in MODEL_TYPES.items()))
+        if model_type == S1_MODEL_TYPE and (path / "tokenizer.json").is_file() \
+                and not (path / "tokenizer.tiktoken").is_file():
+            return "s2"  # the flat config fish-speech 2.0's own tools save (its LoRA merge) beside S2's tokenizer
         return MODEL_TYPES[model_type]
     kinds = {kind for kind, files in FILES_BY_KIND.items()
              if any((path / name).is_file() for name in files if name not in ("config.json", "codec.pth"))}
@@ -102,10 +114,19 @@ def s2_weight_shards(path: str | Path) -> list[str]:
     return sorted(set(s2_weight_map(path).values()))
 
 
+def s2_weight_files(path: str | Path) -> list[str]:
+    """The files an S2 checkpoint's weights are read from, chosen as fish-speech 2.0 chooses: the index and the
+    shards it names, else a single `model.safetensors`, else `model.pth`; the index (missing) when there is none."""
+    path = Path(path)
+    if (path / S2_WEIGHTS_INDEX).is_file():
+        return [S2_WEIGHTS_INDEX, *s2_weight_shards(path)]
+    for name in (S2_WEIGHTS_SINGLE, S2_WEIGHTS_PTH):
+        if (path / name).is_file():
+            return [name]
+    return [S2_WEIGHTS_INDEX]
+
+
 def missing_checkpoint_files(path: str | Path, kind: CheckpointKind) -> list[str]:
     """The files of that kind the directory lacks, S2's shards included once its index is readable."""
     path = Path(path)
-    missing = [name for name in FILES_BY_KIND[kind] if not (path / name).is_file()]
-    if kind == "s2" and S2_WEIGHTS_INDEX not in missing:
-        missing += [name for name in s2_weight_shards(path) if not (path / name).is_file()]
-    return missing
+    return [name for name in checkpoint_files(path, kind) if not (path / name).is_file()]

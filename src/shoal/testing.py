@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Iterator
 
@@ -25,7 +26,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from shoal.fish.codec import Codec, CodecConfig, RMSNorm, TransformerConfig, rope_table
+from shoal.fish.codec import DERIVED_BUFFERS, Codec, CodecConfig, RMSNorm, TransformerConfig, rope_table
 from shoal.fish.dual_ar import DualARConfig, DualARTransformer
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -69,11 +70,6 @@ def _random_codec_tensor(model: Codec, key: str, like: Tensor, gen: torch.Genera
     owner_path, _, name = key.rpartition(".")
     owner = model.get_submodule(owner_path)
     shape = like.shape
-    if name == "freqs_cis":
-        c = owner.config
-        return rope_table(c.block_size, c.head_dim, c.rope_base)
-    if name == "causal_mask":
-        return torch.ones(shape, dtype=torch.bool).tril()
     if key == _final_decoder_gain_key(model):  # keeps the pre-tanh signal around std 0.1 to 0.3
         return _uniform(shape, 0.1, 0.2, gen)
     if name in ("original0", "weight_g"):  # weight-norm gain = the norm of each output row of the weight
@@ -99,12 +95,44 @@ def _random_codec_tensor(model: Codec, key: str, like: Tensor, gen: torch.Genera
     raise AssertionError(f"no random rule for codec tensor {key}")  # a new module type needs a rule
 
 
-def random_codec_state_dict(config: CodecConfig | None = None, seed: int = 0) -> dict[str, Tensor]:
-    """A random codec state dict in fish's on-disk format: exactly the keys and order of
-    `DAC.state_dict()`, float32 weights, bf16 `freqs_cis` and bool `causal_mask` buffers, torch's `_metadata`.
+#: The codec layouts fish-speech writes: 0.1.0 keeps the transformers' RoPE tables and causal masks in codec.pth,
+#: 2.x (and so S2-Pro's tooling) builds them at init and saves only the weights.
+CODEC_LAYOUTS = ("0.1", "2.0")
+
+
+def with_derived_buffers(model: Codec, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`state` (a codec's weights) as fish-speech 0.1.0's `DAC.state_dict()` orders it: each transformer's bf16
+    `freqs_cis` and bool `causal_mask` (its own buffers) before its first child's key."""
+    out = OrderedDict()
+    out._metadata = getattr(state, "_metadata", None)  # type: ignore[attr-defined]
+    pending = dict(model.transformers())
+    for key, value in state.items():
+        for owner in [p for p in pending if key.startswith(p + ".")]:
+            transformer = pending.pop(owner)
+            c = transformer.config
+            out[f"{owner}.freqs_cis"] = rope_table(c.block_size, c.head_dim, c.rope_base)
+            out[f"{owner}.causal_mask"] = torch.ones(c.block_size, c.block_size, dtype=torch.bool).tril()
+        out[key] = value
+    return out
+
+
+def without_derived_buffers(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`state` less the codec transformers' derived buffers: what fish-speech 2.x saves of the same codec."""
+    out = OrderedDict((k, v) for k, v in state.items() if k.rpartition(".")[2] not in DERIVED_BUFFERS)
+    out._metadata = getattr(state, "_metadata", None)  # type: ignore[attr-defined]
+    return out
+
+
+def random_codec_state_dict(config: CodecConfig | None = None, seed: int = 0,
+                            layout: str = "0.1") -> dict[str, Tensor]:
+    """A random codec state dict in fish's on-disk format: exactly the keys and order of `DAC.state_dict()` of
+    the fish-speech `layout` ("0.1": float32 weights plus the bf16 `freqs_cis` and bool `causal_mask` buffers;
+    "2.0": the weights alone), with torch's `_metadata`. The weights are the same in both layouts.
 
     `config` defaults to `tiny_codec_config()`; a full-size config works too but takes seconds and ~2 GB.
     """
+    if layout not in CODEC_LAYOUTS:
+        raise ValueError(f"layout must be one of {CODEC_LAYOUTS}, got {layout!r}")
     config = config or tiny_codec_config()
     with torch.device("meta"):
         model = Codec(config)
@@ -112,13 +140,15 @@ def random_codec_state_dict(config: CodecConfig | None = None, seed: int = 0) ->
     state = model.state_dict()  # an OrderedDict carrying `_metadata`, like the one fish saved
     for key, like in state.items():
         state[key] = _random_codec_tensor(model, key, like, gen)
-    return state
+    return with_derived_buffers(model, state) if layout == "0.1" else state
 
 
-def write_tiny_codec(path: str | Path, config: CodecConfig | None = None, seed: int = 0) -> Path:
-    """torch.save a random codec (tiny unless `config` says otherwise) to `path`, as fish saves codec.pth."""
+def write_tiny_codec(path: str | Path, config: CodecConfig | None = None, seed: int = 0,
+                     layout: str = "0.1") -> Path:
+    """torch.save a random codec (tiny unless `config` says otherwise) to `path`, as fish-speech `layout` saves
+    codec.pth."""
     path = Path(path)
-    torch.save(random_codec_state_dict(config, seed), path)
+    torch.save(random_codec_state_dict(config, seed, layout), path)
     return path
 
 

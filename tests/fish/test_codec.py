@@ -9,15 +9,46 @@ import pytest
 import torch
 
 from shoal.errors import CheckpointError
-from shoal.fish.codec import Codec, CodecConfig, load_codec, rope_table, window_mask
-from shoal.testing import random_codec_state_dict, tiny_codec_config, write_tiny_codec
+from shoal.fish.checkpoint import load_checkpoint_codec
+from shoal.fish.codec import (FISH2_BLOCK_SIZES, Codec, CodecConfig, load_codec, reference_codec_config, rope_table,
+                              window_mask)
+from shoal.testing import (random_codec_state_dict, tiny_codec_config, with_derived_buffers, without_derived_buffers,
+                           write_tiny_codec)
 
-from support import load_codec_golden
+from support import load_codec_golden, other_codec_layout, with_codec_layout
+
+#: Each fixture's codec as fish-speech wrote it, and re-saved in the other layout: the goldens hold for all four.
+#: S1 follows fish-speech 0.1.0 (the stored tables are used, missing ones derived); S2 follows 2.0.0 (stored
+#: tables are never read).
+VARIANTS = {"s1-as-written": ("s1", "stored"), "s1-without-buffers": ("s1", "derived"),
+            "s2-as-written": ("s2", "derived"), "s2-with-buffers": ("s2", "ignored")}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def variant(request, fixture_dir, s2_fixture_dir, tmp_path_factory) -> tuple[str, Path, Path]:
+    """(tables, checkpoint, fixture): where the loaded codec's RoPE tables must come from, a checkpoint holding the
+    variant's codec.pth, and the fixture whose goldens it must reproduce."""
+    kind, tables = VARIANTS[request.param]
+    fixture = fixture_dir if kind == "s1" else s2_fixture_dir
+    checkpoint = fixture
+    if request.param.endswith(("without-buffers", "with-buffers")):
+        checkpoint = with_codec_layout(fixture, other_codec_layout(kind), tmp_path_factory.mktemp(request.param))
+    return tables, checkpoint, fixture
+
+
+@pytest.fixture(scope="module")
+def layout_codec(variant) -> Codec:
+    return load_checkpoint_codec(variant[1])
+
+
+@pytest.fixture(scope="module")
+def layout_golden(variant):
+    return load_codec_golden(variant[2])
 
 
 @pytest.fixture(scope="module")
 def codec(fixture_dir) -> Codec:
-    return load_codec(fixture_dir / "codec.pth", CodecConfig.from_yaml(fixture_dir / "codec_config.yaml"))
+    return load_checkpoint_codec(fixture_dir)
 
 
 @pytest.fixture(scope="module")
@@ -85,15 +116,55 @@ def test_config_ignores_training_only_keys():
 # -- loading -------------------------------------------------------------------------------------------------
 
 
-def test_strict_load_of_fixture(codec, fixture_state):
+def test_strict_load_of_fixture(fixture_dir, fixture_state):
+    codec = load_checkpoint_codec(fixture_dir)
     ours = codec.state_dict()
-    assert list(ours) == list(fixture_state)  # same names, same order as the reference's DAC.state_dict()
-    for key, value in fixture_state.items():
-        assert torch.equal(ours[key].to(value.dtype), value), key
+    assert not any(k.rpartition(".")[2] in ("freqs_cis", "causal_mask") for k in ours)  # the weights alone
+    # Same names, same order as the reference's DAC.state_dict() of fish-speech 0.1.0, buffers put back.
+    assert list(with_derived_buffers(codec, ours)) == list(fixture_state)
+    for key, value in ours.items():
+        assert torch.equal(value.to(fixture_state[key].dtype), fixture_state[key]), key
     # The stored RoPE tables are the bf16-rounded float32 angles we compute; the mask is plain tril.
     assert torch.equal(fixture_state["quantizer.pre_module.freqs_cis"], rope_table(512, 64, 10000.0))
     assert torch.equal(fixture_state["encoder.block.4.block.5.freqs_cis"], rope_table(1024, 64, 10000.0))
     assert torch.equal(fixture_state["quantizer.post_module.causal_mask"], torch.ones(512, 512).tril().bool())
+    assert codec.tables == "stored"
+
+
+def test_the_codec_reads_its_tables_as_its_reference_does(layout_codec, variant):
+    tables, checkpoint, _ = variant
+    assert layout_codec.tables == tables
+    assert not any("causal_mask" in name for name, _ in layout_codec.named_buffers())  # no mask is ever allocated
+    for transformer in layout_codec.transformers().values():
+        c = transformer.config
+        assert torch.equal(transformer.freqs_cis, rope_table(c.block_size, c.head_dim, c.rope_base).float())
+
+
+def test_s1_uses_the_stored_table_and_s2_ignores_it(tmp_path, fixture_state):
+    """fish-speech 0.1.0 rotates with the table codec.pth stores; 2.0 builds its own and never reads the file's."""
+    state = dict(fixture_state)
+    state["quantizer.pre_module.freqs_cis"] = state["quantizer.pre_module.freqs_cis"].flip(0)
+    torch.save(state, tmp_path / "codec.pth")
+    s1 = load_codec(tmp_path / "codec.pth", tiny_codec_config(), kind="s1")
+    s2 = load_codec(tmp_path / "codec.pth", tiny_codec_config(), kind="s2")
+    assert torch.equal(s1.quantizer.pre_module.freqs_cis, state["quantizer.pre_module.freqs_cis"].float())
+    assert torch.equal(s2.quantizer.pre_module.freqs_cis, rope_table(512, 64, 10000.0).float())
+    assert (s1.tables, s2.tables) == ("stored", "ignored")
+
+
+def test_derived_tables_are_bit_identical_to_the_references():
+    """fish-speech 2.0 builds every codec table for 327,680 positions; 0.1.0 for block_size. The first block_size
+    rows of the long table are the short one, bit for bit, at any thread count, so the tables shoal derives for
+    its block sizes are the reference's for every position used."""
+    long = rope_table(327680, 64, 10000.0)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, threads):
+            torch.set_num_threads(n)
+            for block in (256, 512, 1024, *FISH2_BLOCK_SIZES.values(), 4096, 16384):
+                assert torch.equal(long[:block], rope_table(block, 64, 10000.0)), (n, block)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("corrupt, message", [
@@ -103,14 +174,48 @@ def test_strict_load_of_fixture(codec, fixture_state):
     (lambda s: s.update({"quantizer.semantic_quantizer.quantizers.0.codebook.weight": torch.zeros(1024, 8)}),
      r"wrong shape: quantizer\.semantic_quantizer\.quantizers\.0\.codebook\.weight \(1024, 8\) "
      r"\(expected \(4096, 8\)\)"),
-    (lambda s: s.pop("quantizer.pre_module.causal_mask"), r"missing: quantizer\.pre_module\.causal_mask"),
+    (lambda s: s.update({"quantizer.freqs_cis": torch.zeros(512, 32, 2)}), r"unexpected: quantizer\.freqs_cis"),
 ])
 def test_mismatched_checkpoint_raises(tmp_path, fixture_state, corrupt, message):
     state = dict(fixture_state)
     corrupt(state)
     torch.save(state, tmp_path / "codec.pth")
-    with pytest.raises(CheckpointError, match=message):
-        load_codec(tmp_path / "codec.pth", tiny_codec_config())
+    for kind in ("s1", "s2"):
+        with pytest.raises(CheckpointError, match=r"^\S+codec\.pth: codec weights do not match the codec config \("
+                                                  + message):
+            load_codec(tmp_path / "codec.pth", tiny_codec_config(), kind=kind)
+
+
+def test_tables_of_another_block_size_fail_for_s1_and_are_ignored_for_s2(tmp_path, fixture_state):
+    """A codec.pth whose stored tables follow another block_size (fish-speech 0.1.0 code, 2.0.0's yaml): 0.1.0's
+    load_state_dict refuses a misshapen buffer, 2.0.0 never reads it."""
+    state = dict(fixture_state)
+    for name in ("pre_module", "post_module"):
+        state[f"quantizer.{name}.freqs_cis"] = rope_table(256, 64, 10000.0)
+        state[f"quantizer.{name}.causal_mask"] = torch.ones(256, 256, dtype=torch.bool).tril()
+    torch.save(state, tmp_path / "codec.pth")
+    with pytest.raises(CheckpointError, match=r"wrong shape: quantizer\.pre_module\.freqs_cis \(256, 32, 2\) "
+                                              r"\(expected \(512, 32, 2\)\), quantizer\.pre_module\.causal_mask"):
+        load_codec(tmp_path / "codec.pth", tiny_codec_config(), kind="s1")
+    codec = load_codec(tmp_path / "codec.pth", tiny_codec_config(), kind="s2")
+    assert codec.tables == "ignored"
+    assert torch.equal(codec.quantizer.pre_module.freqs_cis, rope_table(512, 64, 10000.0).float())
+
+
+def test_a_codec_without_tables_loads_and_keeps_the_weights(tmp_path, fixture_state):
+    torch.save(without_derived_buffers(fixture_state), tmp_path / "codec.pth")
+    codec = load_codec(tmp_path / "codec.pth", tiny_codec_config())
+    assert codec.tables == "derived"
+    assert all(torch.equal(v, fixture_state[k].float()) for k, v in codec.state_dict().items())
+
+
+def test_each_kind_defaults_to_its_references_yaml(fixture_dir, s2_fixture_dir):
+    """No codec_config.yaml: S1 gets fish-speech 0.1.0's modded_dac_vq.yaml, S2 2.0.0's (block sizes halved)."""
+    assert reference_codec_config("s1") == CodecConfig.from_yaml(fixture_dir / "reference_modded_dac_vq.yaml")
+    s2 = CodecConfig.from_yaml(s2_fixture_dir / "reference_modded_dac_vq.yaml")
+    assert reference_codec_config("s2") == s2
+    assert (s2.transformer_block_size, s2.quantizer_transformer.block_size) == (8192, 2048)
+    assert CodecConfig.from_yaml(s2_fixture_dir / "codec_config.yaml").quantizer_transformer.block_size == 256
 
 
 def test_wrong_config_and_unreadable_file_raise(tmp_path, fixture_dir):
@@ -127,24 +232,28 @@ def test_wrong_config_and_unreadable_file_raise(tmp_path, fixture_dir):
     lambda s: {"state_dict": s},
     lambda s: {**{f"generator.{k}": v for k, v in s.items()}, "discriminator.conv.weight": torch.zeros(2)},
 ], ids=["lightning", "gan"])
-def test_wrapped_checkpoints_load_like_the_reference(tmp_path, wrap):
-    state = random_codec_state_dict(seed=3)
+@pytest.mark.parametrize("layout", ["0.1", "2.0"])
+def test_wrapped_checkpoints_load_like_the_reference(tmp_path, wrap, layout):
+    state = random_codec_state_dict(seed=3, layout=layout)
     torch.save(wrap(dict(state)), tmp_path / "codec.pth")
     loaded = load_codec(tmp_path / "codec.pth", tiny_codec_config()).state_dict()
-    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    assert all(torch.equal(loaded[k], state[k]) for k in loaded)
 
 
 # -- parity --------------------------------------------------------------------------------------------------
 
 
-def test_encode_matches_reference_codes(codec, golden):
+def test_encode_matches_reference_codes(layout_codec, layout_golden):
+    """Each fixture's codec, as fish-speech wrote it and re-saved in the other layout, gives its goldens."""
+    codec, golden = layout_codec, layout_golden
     codes = codec.encode(torch.from_numpy(golden["audio"]))
     assert codes.dtype == torch.int64 and codes.shape == (10, 52)
     mismatches = np.argwhere(codes.numpy() != golden["codes"])
     assert len(mismatches) == 0, f"codes differ at [codebook, frame] {mismatches[:10].tolist()}"
 
 
-def test_decode_matches_reference_audio(codec, golden):
+def test_decode_matches_reference_audio(layout_codec, layout_golden):
+    codec, golden = layout_codec, layout_golden
     audio = codec.decode(torch.from_numpy(golden["codes"])).numpy()
     expected = golden["decoded"]
     assert audio.dtype == np.float32 and audio.shape == expected.shape == (52 * 2048,)
@@ -229,7 +338,7 @@ def test_window_mask_sees_itself_and_previous_window_minus_one():
 
 
 def test_bfloat16_runs_with_float32_output(fixture_dir, golden):
-    codec = load_codec(fixture_dir / "codec.pth", tiny_codec_config(), dtype=torch.bfloat16)
+    codec = load_checkpoint_codec(fixture_dir, dtype=torch.bfloat16)
     assert codec.dtype == torch.bfloat16
     codes = codec.encode(torch.from_numpy(golden["audio"][:8192]))
     assert codes.shape == (10, 4) and codes.dtype == torch.int64
@@ -247,7 +356,8 @@ def _layerless(key: str) -> str:
 def test_full_size_builds_on_meta_with_the_fixture_structure(fixture_state):
     with torch.device("meta"):
         codec = Codec(CodecConfig())
-    state = codec.state_dict()
+    assert len(codec.state_dict()) == 535  # the weights; fish-speech 2.x saves these alone
+    state = with_derived_buffers(codec, codec.state_dict())  # 0.1.0's layout, released with S1
     assert {_layerless(k) for k in state} == {_layerless(k) for k in fixture_state}
     assert len(state) == 541  # 535 weights + 3 bf16 RoPE tables + 3 bool masks, as in the released codec.pth
     shapes = {k: tuple(v.shape) for k, v in state.items()}
@@ -286,6 +396,8 @@ def test_write_tiny_codec_round_trip(tmp_path):
     assert not torch.equal(a["decoder.model.0.conv.bias"], other["decoder.model.0.conv.bias"])
     assert a["quantizer.pre_module.freqs_cis"].dtype == torch.bfloat16
     assert a["quantizer.pre_module.causal_mask"].dtype == torch.bool
+    fish2 = random_codec_state_dict(seed=7, layout="2.0")
+    assert list(fish2) == list(without_derived_buffers(a)) and all(torch.equal(fish2[k], a[k]) for k in fish2)
 
     codec = load_codec(path, tiny_codec_config())
     audio = torch.sin(torch.arange(5000) * 0.05) * 0.3

@@ -27,9 +27,9 @@ import torch
 
 from shoal.audio import load_audio
 from shoal.errors import BadRequest, EngineFailure, ShoalError
-from shoal.fish.checkpoint import CODEC_CONFIG_FILE, check_checkpoint_dir, load_dual_ar, load_tokenizer
+from shoal.fish.checkpoint import check_checkpoint_dir, load_checkpoint_codec, load_dual_ar, load_tokenizer
 from shoal.layout import GENERATION_HEADROOM, MODEL_NAMES
-from shoal.fish.codec import Codec, CodecConfig, load_codec
+from shoal.fish.codec import Codec
 from shoal.fish.conversation import build_s2_prompt
 from shoal.fish.dual_ar import DualARTransformer
 from shoal.fish.generate import s2_sampling
@@ -180,10 +180,8 @@ class FishEngine:
             quantize_int8(model)
         if max_seq_len is not None:
             cap_seq_len(model, max_seq_len)
-        codec_yaml = path / CODEC_CONFIG_FILE
-        codec_config = CodecConfig.from_yaml(codec_yaml) if codec_yaml.is_file() else CodecConfig()
         # The codec stays float32: it is a small share of the time and bf16 audibly degrades decoding.
-        codec = load_codec(path / "codec.pth", codec_config, device=dev, dtype=torch.float32)
+        codec = load_checkpoint_codec(path, device=dev, dtype=torch.float32)
         engine = cls(model, codec, tokenizer, checkpoint_dir=path, reference_cache_size=reference_cache_size,
                      max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens,
                      stream_first_frames=stream_first_frames, fault_injection=fault_injection, compile=compile,

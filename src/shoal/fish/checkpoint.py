@@ -26,11 +26,14 @@ from shoal.layout import (  # noqa: F401  (CHECKPOINT_FILES, S2_CHECKPOINT_FILES
     HOW_TO_GET,
     S2_CHECKPOINT_FILES,
     S2_WEIGHTS_INDEX,
+    S2_WEIGHTS_PTH,
     checkpoint_kind,
     missing_checkpoint_files,
+    s2_weight_files,
     s2_weight_map,
 )
 
+from .codec import Codec, CodecConfig, load_codec, reference_codec_config
 from .dual_ar import DualARConfig, DualARTransformer
 from .tokenizer import FishTokenizer
 from .tokenizer_s2 import S2Tokenizer
@@ -107,18 +110,36 @@ def s2_key_names(state: Mapping[str, torch.Tensor]) -> Callable[[str], str]:
     return str
 
 
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file, memory-mapped on the CPU, or CheckpointError."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device="cpu")
+    except Exception as exc:  # safetensors raises its own error types for corrupt files; all mean the same
+        raise CheckpointError(f"cannot read {path}: {str(exc).splitlines()[0]}") from exc
+
+
+def read_s2_weights(checkpoint_dir: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """(state, source): an S2 checkpoint's tensors from the files fish-speech 2.0 would read (`s2_weight_files`:
+    the index's shards, a single `model.safetensors`, or a `model.pth` as its LoRA merge writes, which gets the
+    same unwrapping as S1's)."""
+    first = s2_weight_files(checkpoint_dir)[0]
+    source = checkpoint_dir / first
+    if first == S2_WEIGHTS_INDEX:
+        return read_safetensors_shards(checkpoint_dir), source
+    if first == S2_WEIGHTS_PTH:
+        return normalise_model_keys(read_state_dict(source)), source
+    return read_safetensors(source), source
+
+
 def read_safetensors_shards(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the shards `model.safetensors.index.json` names, memory-mapped on the CPU, under the names
     they are stored with; CheckpointError if a shard cannot be read or does not hold what the index says."""
-    from safetensors.torch import load_file
-
     weight_map = s2_weight_map(checkpoint_dir)
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(set(weight_map.values())):
-        try:
-            tensors = load_file(checkpoint_dir / shard, device="cpu")
-        except Exception as exc:  # safetensors raises its own error types for corrupt files; all mean the same
-            raise CheckpointError(f"cannot read {checkpoint_dir / shard}: {str(exc).splitlines()[0]}") from exc
+        tensors = read_safetensors(checkpoint_dir / shard)
         listed = {k for k, v in weight_map.items() if v == shard}
         if set(tensors) != listed:
             odd = sorted(set(tensors) ^ listed)[0]
@@ -128,11 +149,13 @@ def read_safetensors_shards(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def state_dict_mismatch(module: nn.Module, state: Mapping[str, torch.Tensor],
+def state_dict_mismatch(module: nn.Module | Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
                         key_name: Callable[[str], str] = str) -> str | None:
-    """What keeps `state` from loading strictly into `module`, as one short line (None if nothing). `state` is keyed
-    by `key_name` of the module's names (default: the names themselves), and the line uses the state's names."""
-    expected = {key_name(k): v for k, v in module.state_dict().items()}
+    """What keeps `state` from loading strictly into `module` (or matching the tensors a mapping expects), as one
+    short line (None if nothing). `state` is keyed by `key_name` of the module's names (default: the names
+    themselves), and the line uses the state's names."""
+    wanted = module.state_dict() if isinstance(module, nn.Module) else module
+    expected = {key_name(k): v for k, v in wanted.items()}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
@@ -184,17 +207,34 @@ def check_vocabulary(config: DualARConfig, tokenizer: AnyTokenizer, kind: str) -
 def load_dual_ar(checkpoint_dir: Path, tokenizer: AnyTokenizer, device: torch.device,
                  dtype: torch.dtype) -> DualARTransformer:
     """Build the transformer of either kind on the meta device (no random init of billions of weights) and load it
-    strictly: S1 from `model.pth`, S2 from its safetensors shards under the official names."""
+    strictly: S1 from `model.pth`, S2 from its weight files (`read_s2_weights`) under the official names or the
+    model's own."""
     kind = checkpoint_kind(checkpoint_dir)
     config = read_config(checkpoint_dir)
     check_vocabulary(config, tokenizer, kind)
     with torch.device("meta"):
         model = DualARTransformer(config, tokenizer.semantic_begin_id, tokenizer.semantic_end_id)
     if kind == "s2":
-        state = read_safetensors_shards(checkpoint_dir)
-        strict_load(model, state, checkpoint_dir / S2_WEIGHTS_INDEX, s2_key_names(state))
+        state, source = read_s2_weights(checkpoint_dir)
+        strict_load(model, state, source, s2_key_names(state))
     else:
         strict_load(model, normalise_model_keys(read_state_dict(checkpoint_dir / "model.pth")),
                     checkpoint_dir / "model.pth")
     model.reset_rope()  # the loaded weights are real now; the RoPE buffers are still meta
     return model.to(device=device, dtype=dtype).eval()
+
+
+def read_codec_config(checkpoint_dir: Path) -> CodecConfig:
+    """The checkpoint's `codec_config.yaml`, else the codec its kind's reference builds (`reference_codec_config`)."""
+    yaml_path = checkpoint_dir / CODEC_CONFIG_FILE
+    if yaml_path.is_file():
+        return CodecConfig.from_yaml(yaml_path)
+    return reference_codec_config(checkpoint_kind(checkpoint_dir))
+
+
+def load_checkpoint_codec(checkpoint_dir: Path, device: str | torch.device = "cpu",
+                          dtype: torch.dtype = torch.float32) -> Codec:
+    """The checkpoint's `codec.pth`, loaded strictly against `read_codec_config` and read the way the checkpoint's
+    kind's reference reads it (`shoal.fish.codec.split_derived_buffers`)."""
+    return load_codec(checkpoint_dir / "codec.pth", read_codec_config(checkpoint_dir), device=device, dtype=dtype,
+                      kind=checkpoint_kind(checkpoint_dir))

@@ -13,14 +13,17 @@ incremental: `DecodeStream` pushes codes a few frames at a time through the same
 need of the past (each causal convolution its last inputs, each window-limited transformer its keys and values
 within the window), so every frame goes through the codec once and the audio is the one-shot decode's.
 
-The module tree mirrors the reference's exactly: parameter and buffer names equal the keys of the released
-`codec.pth`, so it loads with `strict=True` and nothing is renamed. Numerics follow the reference operation by
+The module tree mirrors the reference's exactly: parameter names equal the keys of the released `codec.pth`, so it
+loads strictly and nothing is renamed. The codec transformers' RoPE tables and causal masks follow from the config:
+fish-speech 0.1.0 saved them in `codec.pth`, 2.x builds them at init and saves none, and `load_codec` takes either
+file the way the checkpoint's own reference does. Numerics follow the reference operation by
 operation (same op order, same float32 islands), because the golden fixtures demand identical codes and a
 float32 decode that matches to rounding.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -55,7 +58,8 @@ REFERENCE_FRAME_MULTIPLE = 4
 class TransformerConfig:
     """One codec transformer (the inference-relevant fields of fish's `ModelArgs` + the attention window).
 
-    `block_size` only sizes the stored RoPE table and causal mask, so it is also the longest input in frames.
+    `block_size` sizes the RoPE table (and the causal mask fish-speech 0.1.0 stored), so it is also the longest
+    input in frames.
     `window_size` None means plain causal attention; otherwise each position sees itself and the previous
     `window_size - 1` positions.
     """
@@ -696,9 +700,10 @@ class TransformerBlock(nn.Module):
 class WindowLimitedTransformer(nn.Module):
     """Causal transformer over [B, C, T] with attention limited to a window of past frames, final RMSNorm.
 
-    `freqs_cis` (bf16 RoPE table) and `causal_mask` are persistent buffers because fish saves them in
-    codec.pth. The loaded `freqs_cis` is what rotates q/k (as in the reference); `causal_mask` is never read:
-    fish always builds the window mask per call, and so do we.
+    `freqs_cis`, the bf16 RoPE table that rotates q/k, follows from the config, so it is a buffer outside the
+    state_dict, built here as the reference builds it; `load_codec` puts the file's own table in its place where
+    the reference reads it (fish-speech 0.1.0). fish's `causal_mask` is never read (the window mask is built per
+    call, in the reference too), so none is kept.
     """
 
     def __init__(self, c: TransformerConfig) -> None:
@@ -706,8 +711,18 @@ class WindowLimitedTransformer(nn.Module):
         self.config = c
         self.layers = nn.ModuleList(TransformerBlock(c) for _ in range(c.n_layer))
         self.norm = RMSNorm(c.dim, c.norm_eps)
-        self.register_buffer("freqs_cis", rope_table(c.block_size, c.head_dim, c.rope_base))
-        self.register_buffer("causal_mask", torch.ones(c.block_size, c.block_size, dtype=torch.bool).tril())
+        self.register_buffer("freqs_cis", rope_table(c.block_size, c.head_dim, c.rope_base), persistent=False)
+
+    def derived_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shapes fish-speech 0.1.0 stored this transformer's derived buffers with (its `block_size`)."""
+        c = self.config
+        return {"freqs_cis": (c.block_size, c.head_dim // 2, 2), "causal_mask": (c.block_size, c.block_size)}
+
+    def reset_rope(self) -> None:
+        """Compute the RoPE table on the CPU (where the reference builds it), e.g. after a build on the meta device."""
+        c = self.config
+        with torch.device("cpu"):
+            self.freqs_cis = rope_table(c.block_size, c.head_dim, c.rope_base)
 
     def forward(self, x: Tensor) -> Tensor:
         t = x.shape[-1]
@@ -860,7 +875,9 @@ class DownsampleRVQ(nn.Module):
 class Codec(nn.Module):
     """Audio <-> codes. Build it on the meta device and `load_codec` the weights, or use `load_codec` directly.
 
-    Its state_dict keys are the reference's (`encoder.*`, `quantizer.*`, `decoder.*`), buffers included.
+    Its state_dict keys are the reference's (`encoder.*`, `quantizer.*`, `decoder.*`): the weights, without the
+    derived buffers. `tables` says where `load_codec` took the RoPE tables from: "stored" (the file's),
+    "derived" (the file has none) or "ignored" (the file has them, and its reference never reads them).
     """
 
     def __init__(self, config: CodecConfig | None = None) -> None:
@@ -869,6 +886,20 @@ class Codec(nn.Module):
         self.encoder = Encoder(config)
         self.quantizer = DownsampleRVQ(config)
         self.decoder = Decoder(config)
+        self.tables = "derived"
+
+    def transformers(self) -> dict[str, WindowLimitedTransformer]:
+        """The codec's window-limited transformers, by module path."""
+        return {name: m for name, m in self.named_modules() if isinstance(m, WindowLimitedTransformer)}
+
+    def layout(self) -> str:
+        """One line on the layout of the file it was loaded from: where the RoPE tables came from, block sizes."""
+        where = {"stored": "stored in codec.pth (the fish-speech 0.1.0 layout)",
+                 "derived": "derived from the config (the fish-speech 2.x layout: not in codec.pth)",
+                 "ignored": "derived from the config (codec.pth stores them; fish-speech 2.x never reads them)"}
+        c = self.config
+        return (f"RoPE tables {where[self.tables]}; block sizes {c.transformer_block_size} (encoder/decoder), "
+                f"{c.quantizer_transformer.block_size} (quantizer)")
 
     @property
     def device(self) -> torch.device:
@@ -985,6 +1016,21 @@ def push_streams(streams: "list[DecodeStream]", codes: list[Tensor]) -> list[Ten
 # Loading
 # ----------------------------------------------------------------------------------------------------------------
 
+#: fish-speech 2.0.0's modded_dac_vq.yaml halves 0.1.0's block sizes (the codec is otherwise the same).
+FISH2_BLOCK_SIZES = {"transformer_block_size": 8192, "quantizer_block_size": 2048}
+
+
+def reference_codec_config(kind: str = "s1") -> CodecConfig:
+    """The codec a checkpoint without `codec_config.yaml` gets: its reference's `modded_dac_vq.yaml`, fish-speech
+    0.1.0's for S1 (`CodecConfig()`), 2.0.0's for S2 (`FISH2_BLOCK_SIZES`)."""
+    config = CodecConfig()
+    if kind != "s2":
+        return config
+    quantizer = dataclasses.replace(config.quantizer_transformer, block_size=FISH2_BLOCK_SIZES["quantizer_block_size"])
+    return dataclasses.replace(config, transformer_block_size=FISH2_BLOCK_SIZES["transformer_block_size"],
+                               quantizer_transformer=quantizer)
+
+
 
 def unwrap_codec_state_dict(state: Mapping[str, Any]) -> dict[str, Any]:
     """Undo the two wrappings fish's own codec loader accepts (models/dac/inference.py), in the same way:
@@ -1000,21 +1046,60 @@ def unwrap_codec_state_dict(state: Mapping[str, Any]) -> dict[str, Any]:
     return dict(state)
 
 
-def check_codec_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> None:
-    """Raise CheckpointError naming the first missing / unexpected keys and shape mismatches, if any."""
+#: The codec transformers' buffers that follow from the config: fish-speech 0.1.0 saved them, 2.x does not.
+DERIVED_BUFFERS = ("freqs_cis", "causal_mask")
+
+
+def check_codec_state_dict(model: Codec, state: Mapping[str, Tensor], kind: str = "s1") -> None:
+    """Raise CheckpointError naming the first missing / unexpected keys and shape mismatches, if any. The derived
+    buffers may be absent; for S1 one that is present must have fish-speech 0.1.0's shape (its `load_state_dict`
+    refuses any other), for S2 anything stored under their names is left alone (2.0.0 never reads it)."""
     from .checkpoint import state_dict_mismatch
 
-    problems = state_dict_mismatch(model, state)
+    expected = dict(model.state_dict())
+    for owner, transformer in model.transformers().items():
+        for name, shape in transformer.derived_shapes().items():
+            key = f"{owner}.{name}"
+            if key in state:
+                expected[key] = state[key] if kind == "s2" else torch.empty(shape, device="meta")
+    problems = state_dict_mismatch(expected, state)
     if problems:
         raise CheckpointError(f"codec weights do not match the codec config ({problems})")
 
 
-def load_codec(path: str | Path, config: CodecConfig | None = None, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32) -> Codec:
-    """Load a fish `codec.pth` strictly (every key, buffer and shape must match `config`) and cast it.
+def split_derived_buffers(model: Codec, state: Mapping[str, Tensor],
+                          kind: str = "s1") -> tuple[dict[str, Tensor], dict[str, Tensor], bool]:
+    """(weights, tables, stored): the file's state (checked by `check_codec_state_dict`) without the derived
+    buffers, the RoPE tables to use in place of the computed ones (by transformer path), and whether the file held
+    any derived buffer at all.
 
-    The module is built on the meta device and the memory-mapped tensors are assigned, so nothing is allocated
-    twice; floating tensors (the bf16 RoPE tables included) are then cast to `dtype`, the bool masks stay bool.
+    Each kind follows its reference's loader (both load with `strict=False`): "s1", fish-speech 0.1.0, keeps the
+    buffers persistent, so the stored table is the one that rotates and a missing one is built from the config;
+    "s2", fish-speech 2.0, keeps them out of the state_dict, so whatever the file stores under those names is
+    never read.
+    """
+    transformers = model.transformers()
+    weights, tables = {}, {}
+    stored = False
+    for key, value in state.items():
+        owner, _, name = key.rpartition(".")
+        if owner not in transformers or name not in DERIVED_BUFFERS:
+            weights[key] = value
+            continue
+        stored = True
+        if kind == "s1" and name == "freqs_cis":
+            tables[owner] = value
+    return weights, tables, stored
+
+
+def load_codec(path: str | Path, config: CodecConfig | None = None, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32, kind: str = "s1") -> Codec:
+    """Load a fish `codec.pth` strictly (every weight and shape must match `config`) and cast it.
+
+    The derived buffers (RoPE tables, causal masks) may be in the file or not: `kind`, the checkpoint's ("s1" or
+    "s2"), decides what their presence means, as its reference does (`split_derived_buffers`). The module is built
+    on the meta device and the memory-mapped tensors are assigned, so nothing is allocated twice; floating
+    tensors (the bf16 RoPE tables included) are then cast to `dtype`. No causal mask is ever allocated.
     """
     path = Path(path)
     try:
@@ -1029,8 +1114,15 @@ def load_codec(path: str | Path, config: CodecConfig | None = None, device: str 
     with torch.device("meta"):
         model = Codec(config)
     try:
-        check_codec_state_dict(model, state)
+        check_codec_state_dict(model, state, kind)
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
-    model.load_state_dict(state, strict=True, assign=True)
+    weights, tables, stored = split_derived_buffers(model, state, kind)
+    model.load_state_dict(weights, strict=True, assign=True)
+    for name, transformer in model.transformers().items():
+        if name in tables:
+            transformer.freqs_cis = tables[name]
+        elif torch.device(device).type != "meta":
+            transformer.reset_rope()
+    model.tables = "stored" if tables else "ignored" if stored and kind == "s2" else "derived"
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)

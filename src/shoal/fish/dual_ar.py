@@ -157,6 +157,8 @@ class DualARConfig:
     use_gradient_checkpointing: bool = True
     initializer_range: float = 0.02
     is_reward_model: bool = False
+    # fish-speech 2.0's flat args carry it (its LoRA merge saves them); its model never reads it.
+    audio_embed_dim: int | None = None
 
     def __post_init__(self) -> None:
         if self.model_type != S1_MODEL_TYPE:

@@ -12,8 +12,9 @@ Run with the python of the venv that setup.sh builds (regenerate.sh does all of 
    through transformers' `Qwen2TokenizerFast` (which writes `tokenizer_config.json` naming the class); a
    `DualARTransformer` built from the nested `config.json` by fish's own `_from_fish_qwen3_omni`, given random
    but non-degenerate weights from a seeded generator, cast to bfloat16 and written under the official key names
-   in two safetensors shards plus `model.safetensors.index.json`; the tiny codec (`codec.pth`,
-   `codec_config.yaml`) copied from tests/fixtures/fish-s1-tiny; the reference clips. Then the reference loads it
+   in two safetensors shards plus `model.safetensors.index.json`; the tiny codec written by fish-speech 2.0's own
+   `DAC.state_dict()` (`write_codec`: the weights of tests/fixtures/fish-s1-tiny's codec, no RoPE tables or masks)
+   with `codec_config.yaml` (this folder's: 2.0.0's yaml scaled down); the reference clips. Then the reference loads it
    and every parameter of the model and the codec is checked to come from the files;
 2. the golden outputs, through the engine exactly as fish's API server runs it (`launch_thread_safe_queue`,
    the codec through `load_model`, `TTSInferenceEngine.inference(ServeTTSRequest(...))`), with fish's
@@ -21,7 +22,9 @@ Run with the python of the venv that setup.sh builds (regenerate.sh does all of 
    what passes through them, and the engine's `decode_vq_tokens` wrapped to record the codes it gets and to hand
    the codec a copy (see the README: on CPU the codec's in-place clamp would otherwise race with the generation
    thread). Teacher-forced logits come from `forward_generate` over each recorded prompt;
-3. the determinism checks: all requests again in fresh processes without the recording wrappers, twice in order
+3. `lora-merged/`: the checkpoint fish-speech's LoRA-merge tool writes from this one (`write_lora_merged`), with
+   the merged model's teacher-forced logits;
+4. the determinism checks: all requests again in fresh processes without the recording wrappers, twice in order
    and once in reverse order. Results go to determinism.json.
 
 Everything is float32 on CPU at 2 torch threads, compile=False. Rebuilding gives the same bytes.
@@ -335,10 +338,36 @@ def write_checkpoint(out: Path, clip: Path) -> dict:
     model = DualARTransformer(args)
     init_model_weights(model, WEIGHT_SEED, tokenizer["ids"]["<|im_end|>"])
     size = write_weights(out, model)
-    for name in ("codec.pth", "codec_config.yaml"):
-        shutil.copyfile(S1_FIXTURE / name, out / name)
-    return {"weight_seed": WEIGHT_SEED, "im_end_gain": IM_END_GAIN, "tokenizer": {k: v for k, v in tokenizer.items()
+    codec = write_codec(out)
+    return {"codec": codec, "weight_seed": WEIGHT_SEED, "im_end_gain": IM_END_GAIN, "tokenizer": {k: v for k, v in tokenizer.items()
                                                                                  if k != "ids"}, "weights": size}
+
+
+def write_codec(out: Path) -> dict:
+    """codec.pth as fish-speech 2.0.0 writes it: its own `DAC`, built from this folder's codec_config.yaml (2.0.0's
+    `modded_dac_vq.yaml` scaled down), given the weights of the S1 fixture's codec (so that both fixtures share
+    one codec's numerics) and saved with `DAC.state_dict()`: the weights alone, since 2.0's RoPE tables and
+    causal masks are non-persistent buffers. The S1 file's tables and masks are the only keys the DAC leaves."""
+    import fish_speech
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    shutil.copyfile(HERE / s2ref.CODEC_YAML, out / s2ref.CODEC_YAML)
+    # fish's own full-size yaml, which shoal's default codec config for S2 checkpoints must equal
+    shutil.copyfile(Path(fish_speech.__file__).parent / "configs" / "modded_dac_vq.yaml",
+                    out / "reference_modded_dac_vq.yaml")
+    dac = instantiate(OmegaConf.load(out / s2ref.CODEC_YAML))
+    weights = torch.load(S1_FIXTURE / "codec.pth", map_location="cpu", weights_only=True)
+    result = dac.load_state_dict(weights, strict=False)
+    left = set(result.unexpected_keys) - s2ref.non_persistent_buffers(dac)
+    if result.missing_keys or left:
+        raise SystemExit(f"the S1 codec's weights do not fit the S2 codec config: missing {result.missing_keys[:5]}, "
+                         f"unexpected {sorted(left)[:5]}")
+    state = dac.state_dict()
+    torch.save(state, out / "codec.pth")
+    return {"written_by": "fish_speech.models.dac.modded_dac.DAC.state_dict()", "keys": len(state),
+            "weights_from": "tests/fixtures/fish-s1-tiny/codec.pth",
+            "s1_keys_not_saved": sorted(result.unexpected_keys)}
 
 
 def verify_checkpoint(out: Path) -> dict:
@@ -470,6 +499,49 @@ def teacher_forced(model, prompt: np.ndarray, every_position: bool):
     if every_position:
         return result.logits[0].float().numpy(), hidden[0].float().numpy()
     return result.logits[0, -1].float().numpy(), hidden[0, -1].float().numpy()
+
+
+LORA_MERGED = "lora-merged"
+LORA_SEED = 11
+LORA_LOGIT_ROWS = 8  # the last prompt positions whose teacher-forced logits are kept (size)
+
+
+def write_lora_merged(out: Path) -> dict:
+    """`lora-merged/`: what fish-speech's own LoRA-merge tool (`tools/llama/merge_lora.py`, its `merge` command
+    with the `r_8_alpha_16` config) writes from this checkpoint and a LoRA of seeded random weights (saved as
+    training saves one: a Lightning "state_dict" with "model."-prefixed `lora_*` keys): `config.json` (fish's flat
+    `dual_ar` args), `model.pth` (its own key names) and the tokenizer files, but no codec; and `logits.npz`, the
+    merged model's teacher-forced logits over the `single` request's prompt, loaded back by the reference as its
+    `init_model` loads a checkpoint (float32, caches set up)."""
+    import tempfile
+
+    from fish_speech.models.text2semantic.llama import BaseTransformer
+    from fish_speech.models.text2semantic.lora import LoraConfig
+    from tools.llama import merge_lora
+
+    wrapped = BaseTransformer.from_pretrained(str(out), load_weights=True,
+                                              lora_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.01))
+    gen = torch.Generator().manual_seed(LORA_SEED)
+    lora = {f"model.{k}": (torch.randn(v.shape, generator=gen) * 0.05).to(v.dtype)
+            for k, v in wrapped.state_dict().items() if "lora" in k}
+    target = out / LORA_MERGED
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save({"state_dict": lora}, Path(tmp) / "lora.ckpt")
+        merge_lora.merge.callback(lora_config="r_8_alpha_16", base_weight=str(out),
+                                  lora_weight=str(Path(tmp) / "lora.ckpt"), output=str(target))
+    merged = BaseTransformer.from_pretrained(str(target), load_weights=True).to(torch.float32).eval()
+    merged.setup_caches(max_batch_size=1, max_seq_len=merged.config.max_seq_len, dtype=torch.float32)  # as init_model
+    prompt = np.load(out / "gen_single.npz")["prompt"]
+    logits, _ = teacher_forced(merged, prompt, every_position=True)
+    positions = np.arange(prompt.shape[-1] - LORA_LOGIT_ROWS, prompt.shape[-1])
+    np.savez(target / "logits.npz", prompt=prompt, positions=positions, logits=logits[positions])
+    written = sorted(p.name for p in target.iterdir())
+    # The tool copies the tokenizer files unchanged; the fixture keeps one copy (the tests put them back).
+    same = [name for name in written if (out / name).is_file() and (out / name).read_bytes() == (target / name).read_bytes()]
+    for name in same:
+        (target / name).unlink()
+    return {"lora_seed": LORA_SEED, "lora_tensors": len(lora), "files_written": written,
+            "left_out_as_identical_to_the_checkpoints": same}
 
 
 def codec_goldens(engine, out: Path) -> dict:
@@ -640,6 +712,7 @@ def main() -> None:
     print(f"checkpoint written to {out} and verified", file=sys.stderr)
     if args.command == "build":
         summary = golden_run(out)
+        info["lora_merged"] = write_lora_merged(out)
         summary["checkpoint"] = info
         (out / "requests.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
         for r in summary["requests"]:
