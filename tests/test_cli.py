@@ -8,13 +8,18 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from support import load_golden, load_request, shoal
+from support import load_golden, load_request, other_codec_layout, shoal, with_codec_layout
 
 
-def test_say_with_the_golden_request_writes_the_golden_codes(fixture_dir, tmp_path):
+@pytest.mark.parametrize("codec", ["as-written", "without-buffers"])
+def test_say_with_the_golden_request_writes_the_golden_codes(fixture_dir, tmp_path, codec):
+    """Also with the codec re-saved without its RoPE tables and masks, as fish-speech 2.x saves one."""
+    checkpoint = fixture_dir
+    if codec == "without-buffers":
+        checkpoint = with_codec_layout(fixture_dir, other_codec_layout("s1"), tmp_path / "ckpt")
     req = load_request(fixture_dir, "b")
     out, codes = tmp_path / "b.wav", tmp_path / "b.npy"
-    proc = shoal("say", req["text"], "-o", str(out), "--checkpoint", str(fixture_dir),
+    proc = shoal("say", req["text"], "-o", str(out), "--checkpoint", str(checkpoint),
                  "--reference-audio", str(fixture_dir / req["reference"]),
                  "--reference-text", req["reference_text"], "--seed", str(req["seed"]),
                  "--temperature", str(req["temperature"]), "--top-p", str(req["top_p"]),
@@ -32,15 +37,20 @@ def test_say_with_the_golden_request_writes_the_golden_codes(fixture_dir, tmp_pa
     assert "real-time factor" in proc.stderr and "generating:" in proc.stderr
 
 
-def test_say_speaks_s2_pro_s_two_speakers_as_the_reference_does(s2_fixture_dir, tmp_path):
-    """An S2 checkpoint, its two-speaker golden request: a --reference-audio/--reference-text pair per speaker."""
+@pytest.mark.parametrize("codec", ["as-written", "with-buffers"])
+def test_say_speaks_s2_pro_s_two_speakers_as_the_reference_does(s2_fixture_dir, tmp_path, codec):
+    """An S2 checkpoint, its two-speaker golden request: a --reference-audio/--reference-text pair per speaker. Also
+    with the codec re-saved with RoPE tables and masks, as fish-speech 0.1.0 saved one."""
     from support import CLIPS, s2_requests, transcript
 
+    checkpoint = s2_fixture_dir
+    if codec == "with-buffers":
+        checkpoint = with_codec_layout(s2_fixture_dir, other_codec_layout("s2"), tmp_path / "ckpt")
     req = next(r for r in s2_requests(s2_fixture_dir) if r["name"] == "two_speakers")
     out, codes = tmp_path / "two.wav", tmp_path / "two.npy"
     refs = [arg for k in req["references"] for arg in ("--reference-audio", str(s2_fixture_dir / CLIPS[k][0]),
                                                        "--reference-text", transcript(s2_fixture_dir, k))]
-    proc = shoal("say", req["text"], "-o", str(out), "--checkpoint", str(s2_fixture_dir), *refs,
+    proc = shoal("say", req["text"], "-o", str(out), "--checkpoint", str(checkpoint), *refs,
                  "--seed", str(req["seed"]), "--temperature", str(req["temperature"]), "--top-p", str(req["top_p"]),
                  "--max-new-tokens", str(req["max_new_tokens"]), "--device", "cpu", "--precision", "float32",
                  "--codes-out", str(codes))

@@ -90,6 +90,8 @@ def test_a_tiny_checkpoint_passes_every_checkpoint_check(checkpoint, tmp_path):
     checks = check_checkpoint(settings(checkpoint, tmp_path))
     assert [c.name for c in checks] == ["checkpoint", "checkpoint config", "model.pth", "codec.pth"]
     assert all(c.status == OK for c in checks), checks
+    assert checks[-1].detail.endswith("RoPE tables stored in codec.pth (the fish-speech 0.1.0 layout); block sizes "
+                                      "1024 (encoder/decoder), 512 (quantizer)"), checks[-1].detail
 
 
 def test_a_missing_codec_fails_naming_it(checkpoint, tmp_path):
@@ -130,6 +132,8 @@ def test_an_s2_checkpoint_passes_every_checkpoint_check(s2_checkpoint, tmp_path)
     assert [c.name for c in checks] == ["checkpoint", "checkpoint config", "2 weight shards", "codec.pth"]
     assert all(c.status == OK for c in checks), checks
     assert "(s2-pro)" in checks[0].detail and "model-00002-of-00002.safetensors" in checks[0].detail
+    assert checks[-1].detail.endswith("RoPE tables derived from the config (the fish-speech 2.x layout: not in "
+                                      "codec.pth); block sizes 512 (encoder/decoder), 256 (quantizer)"), checks[-1].detail
 
 
 def test_an_s2_shard_missing_or_an_lfs_pointer_is_named(s2_checkpoint, tmp_path):

@@ -106,7 +106,8 @@ def flatten_fish_qwen3_omni(data: dict) -> dict:
     flat.update({key: text.get(key) for key in S2_TEXT_KEYS})
     flat.update(scale_codebook_embeddings=True, norm_fastlayer_input=True,
                 semantic_begin_id=data.get("semantic_start_token_id"),
-                semantic_end_id=data.get("semantic_end_token_id"))
+                semantic_end_id=data.get("semantic_end_token_id"),
+                audio_embed_dim=audio.get("text_dim", text.get("dim")))
     flat.update({flat_key: audio.get(key) for key, flat_key in S2_AUDIO_KEYS})
     return {key: value for key, value in flat.items() if value is not None}
 
@@ -157,7 +158,8 @@ class DualARConfig:
     use_gradient_checkpointing: bool = True
     initializer_range: float = 0.02
     is_reward_model: bool = False
-    # fish-speech 2.0's flat args carry it (its LoRA merge saves them); its model never reads it.
+    # The audio projector's width (S2's audio_decoder_config.text_dim; fish-speech 2.0's flat args, which its LoRA
+    # merge saves, carry it): a training module that text-to-speech never builds.
     audio_embed_dim: int | None = None
 
     def __post_init__(self) -> None:
