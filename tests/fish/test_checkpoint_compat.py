@@ -222,3 +222,17 @@ def test_the_other_codec_layout_gives_every_golden_through_the_engine(kind, fixt
             np.testing.assert_allclose(result.audio, audio, atol=1e-4, rtol=0, err_msg=req["name"])
     finally:
         engine.close()
+
+
+def test_a_folder_quantized_by_fish_is_refused_in_one_line(fixture_dir, tmp_path):
+    """fish's `tools/llama/quantize.py` int8 mode stores int8 weights with `scales` beside them (and its loader
+    switches on "int8" in the folder's name); shoal's strict load names the first odd keys instead."""
+    directory = linked_copy(fixture_dir, tmp_path / "checkpoint-int8", ("model.pth",))
+    state = torch.load(fixture_dir / "model.pth", weights_only=True)
+    weight = state["layers.0.attention.wqkv.weight"]
+    state["layers.0.attention.wqkv.weight"] = weight.to(torch.int8)
+    state["layers.0.attention.wqkv.scales"] = torch.ones(weight.shape[0])
+    torch.save(state, directory / "model.pth")
+    with pytest.raises(CheckpointError, match=r"model\.pth does not match the architecture in config\.json "
+                                              r"\(unexpected: layers\.0\.attention\.wqkv\.scales\)$"):
+        model_state(directory)
