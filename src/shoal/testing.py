@@ -26,7 +26,8 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from shoal.fish.codec import DERIVED_BUFFERS, Codec, CodecConfig, RMSNorm, TransformerConfig, rope_table
+from shoal.fish.codec import (DERIVED_BUFFERS, Codec, CodecConfig, RMSNorm, TransformerConfig, reference_codec_config,
+                              rope_table)
 from shoal.fish.dual_ar import DualARConfig, DualARTransformer
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -504,7 +505,7 @@ def write_tiny_s2_checkpoint(directory: str | Path, seed: int = 0, text: dict | 
     write_s2_weights(directory, random_model_state_dict(DualARConfig.from_dict(config), seed, ids["<|im_end|>"]))
     codec_config = tiny_codec_config()
     write_codec_config_yaml(directory / "codec_config.yaml", codec_config)
-    write_tiny_codec(directory / "codec.pth", codec_config, seed=seed)
+    write_tiny_codec(directory / "codec.pth", codec_config, seed=seed, layout="2.0")  # as fish-speech 2.0 saves it
     return directory
 
 
@@ -518,7 +519,7 @@ def write_full_size_s2_checkpoint(directory: str | Path, seed: int = 0) -> Path:
 
     bfloat16 weights like the released ones, in the official layout (two safetensors shards under the official
     names + index), a tokenizer of the real size (`<|im_end|>` at 151,645, the semantic tokens at
-    151,678-155,773) and a codec of the real `modded_dac_vq` size. About 9.1 GB + 1.9 GB on disk and ~12 GB of RAM
+    151,678-155,773) and a codec of the real `modded_dac_vq` size, as fish-speech 2.0.0 builds and saves it. About 9.1 GB + 1.9 GB on disk and ~12 GB of RAM
     to write; nothing is downloaded. Written under a temporary name and renamed into place when complete.
     """
     directory = Path(directory)
@@ -530,7 +531,7 @@ def write_full_size_s2_checkpoint(directory: str | Path, seed: int = 0) -> Path:
         state = random_model_state_dict(DualARConfig.from_dict(S2_PRO_CONFIG), seed, ids["<|im_end|>"])
         write_s2_weights(staging, state)
         del state
-        write_tiny_codec(staging / "codec.pth", CodecConfig(), seed=seed)
+        write_tiny_codec(staging / "codec.pth", reference_codec_config("s2"), seed=seed, layout="2.0")
     return directory
 
 
