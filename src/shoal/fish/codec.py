@@ -23,10 +23,9 @@ float32 decode that matches to rounding.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -1026,10 +1025,9 @@ def reference_codec_config(kind: str = "s1") -> CodecConfig:
     config = CodecConfig()
     if kind != "s2":
         return config
-    quantizer = dataclasses.replace(config.quantizer_transformer, block_size=FISH2_BLOCK_SIZES["quantizer_block_size"])
-    return dataclasses.replace(config, transformer_block_size=FISH2_BLOCK_SIZES["transformer_block_size"],
-                               quantizer_transformer=quantizer)
-
+    quantizer = replace(config.quantizer_transformer, block_size=FISH2_BLOCK_SIZES["quantizer_block_size"])
+    return replace(config, transformer_block_size=FISH2_BLOCK_SIZES["transformer_block_size"],
+                   quantizer_transformer=quantizer)
 
 
 def unwrap_codec_state_dict(state: Mapping[str, Any]) -> dict[str, Any]:
