@@ -19,7 +19,7 @@ from shoal.compose import build_service
 from shoal.engines.registry import Engines, load_engines
 from shoal.server import errors
 from shoal.server.errors import BodyTooLarge
-from shoal.server.deps import rate_limit, require_api_key
+from shoal.server.deps import discovery_key, rate_limit, require_api_key
 from shoal.server.metrics import Metrics, RequestLog
 from shoal.server.ratelimit import RateLimiter
 from shoal.service import Service
@@ -97,6 +97,7 @@ def create_app(settings: Settings, engines_loader: Callable[[Settings], Engines]
     protected = [Depends(require_api_key), Depends(rate_limit)]
     app.include_router(routes_fish.router, dependencies=protected)
     app.include_router(routes_openai.router, dependencies=protected)
+    app.include_router(routes_openai.discovery, dependencies=[Depends(discovery_key), Depends(rate_limit)])
     app.include_router(routes_model.router, dependencies=protected)
     app.include_router(routes_live.router)  # checks the key and the rate on its handshake
 
