@@ -19,7 +19,7 @@ from shoal.compose import build_service
 from shoal.engines.registry import Engines, load_engines
 from shoal.server import errors
 from shoal.server.errors import BodyTooLarge
-from shoal.server.deps import discovery_key, rate_limit, require_api_key
+from shoal.server.deps import discovery_key, rate_limit, require_api_key, service_of
 from shoal.server.metrics import Metrics, RequestLog
 from shoal.server.ratelimit import RateLimiter
 from shoal.service import Service
@@ -77,7 +77,22 @@ def create_app(settings: Settings, engines_loader: Callable[[Settings], Engines]
         thread = threading.Thread(target=_load, args=(app, settings, engines_loader), name="shoal-load",
                                   daemon=True)
         thread.start()
+        wyoming = None
+        if settings.wyoming_port is not None:  # Home Assistant's protocol, on this loop, over the same service
+            from shoal.live import LiveLimits
+            from shoal.wyoming import WyomingServer
+
+            wyoming = WyomingServer(lambda: service_of(app.state), LiveLimits.from_settings(settings), settings.host,
+                                    settings.wyoming_port, zeroconf=settings.wyoming_zeroconf)
+            try:
+                await wyoming.start()
+            except OSError as exc:
+                log.error("cannot serve Wyoming on %s:%d: %s", settings.host, settings.wyoming_port, exc)
+                raise
+            app.state.wyoming = wyoming
         yield
+        if wyoming is not None:
+            await wyoming.stop()
         if app.state.service is not None:
             app.state.service.close()
 
@@ -85,6 +100,7 @@ def create_app(settings: Settings, engines_loader: Callable[[Settings], Engines]
                   description="A voice server for Fish Speech / OpenAudio S1 checkpoints.")
     app.state.settings = settings
     app.state.service = None
+    app.state.wyoming = None  # the Wyoming server, while one runs (settings.wyoming_port)
     app.state.load_error = None
     app.state.api_key = settings.api_key.get_secret_value() if settings.api_key else None
     app.state.rate_limiter = (RateLimiter(settings.rate_limit, settings.rate_limit_burst)
@@ -154,7 +170,8 @@ def serve(settings: Settings) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     app = create_app(settings)
-    print(f"shoal {__version__} listening on http://{settings.host}:{settings.port} (API docs at /docs)",
+    wyoming = f", Wyoming on tcp://{settings.host}:{settings.wyoming_port}" if settings.wyoming_port else ""
+    print(f"shoal {__version__} listening on http://{settings.host}:{settings.port} (API docs at /docs){wyoming}",
           flush=True)
     # h11 and asyncio, named: uvicorn's "auto" takes httptools and uvloop when they are installed (the cluster
     # extra brings them), and httptools answers a made-up method with a bare 400 instead of the app's JSON 405.
