@@ -310,3 +310,45 @@ def test_zeroconf_advertises_wyoming_tcp():
     assert info.type == "_wyoming._tcp.local." and info.name == "shoal-test._wyoming._tcp.local."
     assert info.port == 10200 and info.parsed_addresses() == ["192.168.1.20"]
     assert advertised_address("127.0.0.1") == "127.0.0.1"
+
+
+# -- in process: what the service is asked --------------------------------------------------------------------------
+
+def test_each_streamed_sentence_carries_the_previous_ones_codes(tiny_checkpoint, tmp_path):
+    """Over a real service on the tiny checkpoint: every prepare() the Wyoming server makes, recorded."""
+    from shoal.compose import build_service
+    from shoal.live import LiveLimits
+    from shoal.settings import Settings
+    from shoal.wyoming import WyomingServer
+
+    settings = Settings.load(cli={"checkpoint": str(tiny_checkpoint), "data_dir": str(tmp_path), "device": "cpu",
+                                  "lite_voice": False}, env={}, dotenv=None)
+    service = build_service(settings, warm_up=False)
+    asked = []
+    prepare = service.prepare
+    service.prepare = lambda params: asked.append(params) or prepare(params)
+
+    async def go():
+        server = WyomingServer(lambda: service, LiveLimits.from_settings(settings), "127.0.0.1", 0)
+        await server.start()
+        try:
+            client = AsyncTcpClient("127.0.0.1", server.port)
+            await client.connect()
+            await client.write_event(SynthesizeStart().event())
+            for piece in ("First sentence here. ", "Second sentence here. ", "Third one."):
+                await client.write_event(SynthesizeChunk(piece).event())
+            await client.write_event(SynthesizeStop().event())
+            while (event := await asyncio.wait_for(client.read_event(), READ_TIMEOUT)).type != "synthesize-stopped":
+                assert event.type != "error", event
+            await client.disconnect()
+        finally:
+            await server.stop()
+
+    try:
+        run(go())
+    finally:
+        service.close(engines=True)
+    assert [p.text.strip() for p in asked] == ["First sentence here.", "Second sentence here.", "Third one."]
+    assert asked[0].previous is None
+    assert [p.previous[0].strip() for p in asked[1:]] == ["First sentence here.", "Second sentence here."]
+    assert all(p.previous[1].shape[1] > 0 for p in asked[1:])
