@@ -264,7 +264,11 @@ class WyomingServer:
         except ImportError:
             log.error("--wyoming-zeroconf needs the zeroconf package (pip install zeroconf); not advertising")
             return
-        info = service_info(self.port, advertised_address(self.host))
+        address = advertised_address(self.host)
+        if address.startswith("127."):
+            log.warning("advertising the loopback address %s: only this machine can use it; serve on --host "
+                        "0.0.0.0 for Home Assistant elsewhere", address)
+        info = service_info(self.port, address)
         try:
             self._zeroconf = AsyncZeroconf()
             await self._zeroconf.async_register_service(info)

@@ -352,3 +352,15 @@ def test_each_streamed_sentence_carries_the_previous_ones_codes(tiny_checkpoint,
     assert asked[0].previous is None
     assert [p.previous[0].strip() for p in asked[1:]] == ["First sentence here.", "Second sentence here."]
     assert all(p.previous[1].shape[1] > 0 for p in asked[1:])
+
+
+def test_a_wyoming_port_in_use_is_one_line_and_exit_1(tmp_path):
+    from support import shoal
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        proc = shoal("serve", "--port", str(free_port()), "--wyoming-port", str(port), "--data-dir",
+                     str(tmp_path / "data"), "--no-ui", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("shoal: error: cannot listen on") and str(port) in lines[0]

@@ -74,9 +74,6 @@ def create_app(settings: Settings, engines_loader: Callable[[Settings], Engines]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        thread = threading.Thread(target=_load, args=(app, settings, engines_loader), name="shoal-load",
-                                  daemon=True)
-        thread.start()
         wyoming = None
         if settings.wyoming_port is not None:  # Home Assistant's protocol, on this loop, over the same service
             from shoal.live import LiveLimits
@@ -90,6 +87,10 @@ def create_app(settings: Settings, engines_loader: Callable[[Settings], Engines]
                 log.error("cannot serve Wyoming on %s:%d: %s", settings.host, settings.wyoming_port, exc)
                 raise
             app.state.wyoming = wyoming
+        # after the Wyoming port is bound: a start-up that fails there leaves no loading thread behind
+        thread = threading.Thread(target=_load, args=(app, settings, engines_loader), name="shoal-load",
+                                  daemon=True)
+        thread.start()
         yield
         if wyoming is not None:
             await wyoming.stop()
@@ -169,6 +170,8 @@ def serve(settings: Settings) -> int:
     `shutdown_grace` seconds, and exit 0."""
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+    if settings.wyoming_port is not None:
+        check_port_free(settings.host, settings.wyoming_port, "the Wyoming port (--wyoming-port)")
     app = create_app(settings)
     wyoming = f", Wyoming on tcp://{settings.host}:{settings.wyoming_port}" if settings.wyoming_port else ""
     print(f"shoal {__version__} listening on http://{settings.host}:{settings.port} (API docs at /docs){wyoming}",
@@ -182,6 +185,19 @@ def serve(settings: Settings) -> int:
     logging.getLogger("uvicorn.error").addFilter(no_websocket_access_lines)  # after uvicorn's logging setup
     server.run()
     return 0 if server.started else 1
+
+
+def check_port_free(host: str, port: int, what: str) -> None:
+    """One clear error before anything starts when `port` cannot be bound (in use, or not ours to take)."""
+    import socket
+
+    from shoal.errors import ShoalError
+
+    try:
+        with socket.create_server((host, port), reuse_port=False) as probe:
+            probe.close()
+    except OSError as exc:
+        raise ShoalError(f"cannot listen on {host}:{port} for {what}: {exc.strerror or exc}") from None
 
 
 def no_websocket_access_lines(record: logging.LogRecord) -> bool:
