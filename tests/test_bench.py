@@ -227,6 +227,8 @@ def test_repeat_sends_one_request_to_a_default_and_a_one_thread_server(fixture_d
     (["--replicas", "1,two"], "--replicas"),
     (["--replicas", "1,2", "--live"], "--live"),
     (["--replicas", "1,2", "--one-process"], "--one-process"),
+    (["--wyoming"], "--wyoming-piper-python"),
+    (["--wyoming", "--wyoming-piper-python", "python3", "--wyoming-rounds", "0"], "--wyoming-rounds"),
 ])
 def test_bad_repeat_live_and_replicas_options_are_one_line(flags, says, tmp_path):
     proc = shoal("bench", "--out", str(tmp_path), *flags, timeout=60)
@@ -274,3 +276,25 @@ def test_live_bench_writes_its_table_and_json(fixture_dir, tmp_path):
     for run in report["runs"]:
         assert run["live"]["audio_s"] > 0 and len(run["live"]["flush_to_first_audio_s"]) == 3
     assert "flush → first audio" in md.read_text()
+
+
+# -- --wyoming ------------------------------------------------------------------------------------------------------
+
+def test_wyoming_report_names_each_target_met_or_missed():
+    from shoal.bench_wyoming import render_markdown
+
+    def result(ttft, total):
+        stat = lambda v: {"mean": v, "median": v, "min": v, "max": v}  # noqa: E731
+        return {"runs": 1, "ok": 1, "errors": [], "ttft_s": stat(ttft), "total_s": stat(total), "rtf": stat(0.1),
+                "audio_s": stat(5.0)}
+
+    report = {"started": "2026-12-08T00:00:00+00:00", "voice": "/x/en_US-joe-medium.onnx", "rounds": 1,
+              "texts": ["a"], "versions": {"wyoming-bench": "x"},
+              "machine": {"cpu": "cpu", "cores": 2, "platform": "linux", "python": "3.11"},
+              "results": {"shoal": {"streaming": result(0.3, 0.9)}, "wyoming-piper": {"streaming": result(0.2, 0.7)}},
+              "targets": {"streaming_first_audio_ratio": 1.5, "streaming_first_audio_met": False,
+                          "streaming_total_ratio": 0.9 / 0.7, "streaming_total_met": False}}
+    text = render_markdown(report)
+    assert "| shoal | streaming | 1/1 | 300 (300) | 900 (900) |" in text
+    assert "first audio: shoal / wyoming-piper = 1.50 (target <= 1.00): MISSED" in text
+    assert "total time: shoal / wyoming-piper = 1.29 (target <= 1.20): MISSED" in text

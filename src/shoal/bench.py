@@ -161,6 +161,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--live", action="store_true", help="bench the live WebSocket (/v1/tts/live): flush to "
                         "first audio with text streamed in a few words every 50 ms, the gaps between segments, beside "
                         "HTTP streaming (shoal only; see shoal/bench_live.py)")
+    parser.add_argument("--wyoming", action="store_true", help="bench shoal's Wyoming server on the bundled "
+                        "piper voice beside wyoming-piper on the same voice file, both modes, measured by "
+                        "wyoming-bench (see shoal/bench_wyoming.py); needs --wyoming-piper-python")
+    parser.add_argument("--wyoming-piper-python", metavar="PYTHON", help="with --wyoming: the python of a "
+                        "virtual environment with wyoming-piper installed (its piper-tts pin may clash with shoal's)")
+    parser.add_argument("--wyoming-rounds", type=int, default=5, metavar="N", help="with --wyoming: rounds over "
+                        "wyoming-bench's four texts (default 5)")
     parser.add_argument("--replicas", metavar="LIST", help="bench shoal on Ray Serve: the plain server, then "
                         "`shoal serve --replicas N` for each N in LIST (e.g. 1,2), one torch thread per engine: "
                         "aggregate throughput at --concurrency (default 16) and the first byte Serve adds "
@@ -180,6 +187,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 def run_bench(args: argparse.Namespace) -> int:
     from shoal.errors import BadRequest, EngineFailure
 
+    if getattr(args, "wyoming", False):
+        return run_wyoming(args)
     try:
         options = resolve_options(args)
     except BenchError as exc:
@@ -193,6 +202,27 @@ def run_bench(args: argparse.Namespace) -> int:
             (RepeatBench if options["repeat"] else Bench)(options).run()
     except BenchError as exc:
         raise EngineFailure(str(exc)) from None
+    return 0
+
+
+def run_wyoming(args: argparse.Namespace) -> int:
+    """`--wyoming`: bench_wyoming (no checkpoint: the bundled piper voice on both servers)."""
+    from shoal.errors import BadRequest, EngineFailure
+
+    if not args.wyoming_piper_python:
+        raise BadRequest("--wyoming needs --wyoming-piper-python: the python of a venv with wyoming-piper "
+                         "(python -m venv /tmp/wp-venv && /tmp/wp-venv/bin/pip install wyoming-piper)")
+    if args.wyoming_rounds < 1:
+        raise BadRequest("--wyoming-rounds must be at least 1")
+    try:
+        from shoal.bench_wyoming import render_markdown, run_wyoming_bench
+    except ImportError as exc:
+        raise BadRequest(f"--wyoming needs wyoming-bench (the test extra): {exc}") from None
+    try:
+        report = run_wyoming_bench(args.wyoming_rounds, args.wyoming_piper_python, Path(args.out))
+    except RuntimeError as exc:
+        raise EngineFailure(str(exc)) from None
+    print(render_markdown(report))
     return 0
 
 

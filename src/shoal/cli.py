@@ -253,6 +253,10 @@ def build_parser(lenient: bool = False) -> argparse.ArgumentParser:
     serve.add_argument("--replicas", type=_replicas, metavar="N|auto",
                        help="serve through Ray Serve with N engine replicas (auto: one per GPU, or 1..2 on CPU); "
                             "needs shoal[cluster]")
+    serve.add_argument("--wyoming-port", type=int, metavar="PORT", help="also serve the Wyoming protocol (Home "
+                       "Assistant) on this TCP port, same process and voices (default: off; 10200 is usual)")
+    serve.add_argument("--wyoming-zeroconf", action="store_const", const=True, help="advertise the Wyoming server "
+                       "over mDNS (_wyoming._tcp) for Home Assistant's discovery; needs the zeroconf package")
     serve.add_argument("--print-config", action="store_true", help="show the effective settings and exit")
 
     say = command("say", "speak a text into an audio file", cmd_say)

@@ -19,8 +19,8 @@ import asyncio
 import logging
 import time
 from contextlib import aclosing
-from dataclasses import dataclass, replace
-from typing import Callable, Protocol
+from dataclasses import dataclass, field, replace
+from typing import AsyncIterator, Callable, Protocol
 
 import ormsgpack
 
@@ -120,16 +120,73 @@ _CLOSE = object()  # the outbox's last item: close the socket
 
 
 @dataclass(eq=False)
-class _Utterance:
-    """One start ... stop on a session: its request, its encoder, its text not yet segmented, and its segments
-    to speak (None after the last one: stop)."""
+class Utterance:
+    """Text that arrives over time, spoken as one utterance: its request, its text not yet segmented, and its
+    segments to speak (None after the last one: stop). The live WebSocket and the Wyoming server's
+    synthesize-start ... synthesize-stop (`shoal.wyoming`) both feed one and `speak` it."""
 
     params: SpeechParams
-    encoder: OutputEncoder
     segmenter: SentenceSegmenter
-    pending: asyncio.Queue
+    pending: asyncio.Queue = field(default_factory=asyncio.Queue)
     stopping: bool = False  # stop received: no more text
     speaking: bool = False  # a segment is being generated
+
+    @classmethod
+    def of(cls, params: SpeechParams) -> "Utterance":
+        return cls(params, SentenceSegmenter(params.min_chunk_length))
+
+    def push(self, text: object, limits: LiveLimits, chars_before: int) -> int:
+        """Take a piece of text: complete segments go to `pending`. Returns the connection's characters so far
+        (`chars_before` plus this text's); LiveError past the live limits or for text that is not a string."""
+        if not isinstance(text, str):
+            raise LiveError("text must be a string", CLOSE_INVALID_PAYLOAD, "bad_input")
+        check_speakable("text", text)
+        chars = chars_before + len(text)
+        if chars > limits.max_text_chars:
+            raise LiveError(f"more than {limits.max_text_chars} characters of text on this connection",
+                            CLOSE_POLICY, "limit")
+        for segment in self.segmenter.push(text):
+            self.pending.put_nowait(segment)
+        if len(self.segmenter.buffer) > limits.max_buffered_chars:
+            raise LiveError(f"more than {limits.max_buffered_chars} characters buffered without a sentence "
+                            "end; send flush", CLOSE_POLICY, "limit")
+        return chars
+
+    def flush(self) -> None:
+        segment = self.segmenter.flush()
+        if segment is not None:
+            self.pending.put_nowait(segment)
+
+    def stop(self) -> None:
+        """No more text: what is buffered becomes the last segment."""
+        self.flush()
+        self.stopping = True
+        self.pending.put_nowait(None)
+
+    @property
+    def generating(self) -> bool:
+        return self.speaking or not self.pending.empty()
+
+
+async def speak(service: Service, u: Utterance) -> AsyncIterator[tuple[str, int, object]]:
+    """Speak an utterance's segments in order as they come, each a request of its own through the service; from
+    the second on, each carries the previous segment's text and codes (`SynthesisRequest.previous`). Yields
+    ("start", index, job) once a segment is submitted, ("audio", index, float32 chunk) as it is decoded and
+    ("end", index, job) once it is spoken; returns after the last. Closing the generator cancels the segment
+    being spoken at its next step."""
+    previous = None
+    index = -1  # the segment being spoken, from 0 in each utterance
+    while (text := await u.pending.get()) is not None:
+        u.speaking, index = True, index + 1
+        job = await asyncio.to_thread(service.prepare, replace(u.params, text=text, previous=previous))
+        yield "start", index, job
+        async with aclosing(service.stream(job)) as chunks:
+            async for chunk in chunks:
+                yield "audio", index, chunk
+        u.speaking = False
+        yield "end", index, job
+        if job.segments and job.segments[-1].codes.shape[1]:
+            previous = (job.segments[-1].text, job.segments[-1].codes)
 
 
 class LiveSession:
@@ -151,7 +208,7 @@ class LiveSession:
         #: segment being spoken at its next chunk, and with it every later segment (none is submitted meanwhile).
         self.outbox: asyncio.Queue = asyncio.Queue(limits.audio_queue)
         self.model: str | None = None
-        self.utterance: _Utterance | None = None
+        self.utterance: Utterance | None = None
         self._speaker: asyncio.Task | None = None  # speaks the latest utterance (`_speak`)
         self.started = time.perf_counter()
         self.submitted = 0  # segments handed to the service
@@ -217,8 +274,7 @@ class LiveSession:
 
     @property
     def _generating(self) -> bool:
-        u = self.utterance
-        return u is not None and (u.speaking or not u.pending.empty())
+        return self.utterance is not None and self.utterance.generating
 
     def _decode(self, message: bytes | str) -> dict:
         if len(message) > self.limits.max_message_bytes:
@@ -252,11 +308,9 @@ class LiveSession:
         if name == "text":
             self._text(u, data.get("text"))
         elif name == "flush":
-            self._flush(u)
+            u.flush()
         else:
-            self._flush(u)
-            u.stopping = True
-            u.pending.put_nowait(None)
+            u.stop()
 
     async def _start(self, request: object) -> None:
         if self.utterance is not None:
@@ -268,59 +322,38 @@ class LiveSession:
             raise LiveError(f"invalid start request: {exc}", CLOSE_INVALID_PAYLOAD, "bad_input") from None
         _, engine, _, _ = await asyncio.to_thread(self.service.resolve_voice, params)  # a bad voice fails now
         params = await asyncio.to_thread(self.service.encode_references, params)  # once, not per segment
-        u = _Utterance(params, OutputEncoder(output, engine.sample_rate), SentenceSegmenter(params.min_chunk_length),
-                       asyncio.Queue())
+        u = Utterance.of(params)
         self.utterance = u
-        self._speaker = asyncio.create_task(self._speak(u))
+        self._speaker = asyncio.create_task(self._speak(u, OutputEncoder(output, engine.sample_rate)))
         if params.text:  # the SDK sends an empty one; any text here comes first
             self._text(u, params.text)
 
-    def _text(self, u: _Utterance, text: object) -> None:
-        if not isinstance(text, str):
-            raise LiveError("text must be a string", CLOSE_INVALID_PAYLOAD, "bad_input")
-        check_speakable("text", text)
-        self.text_chars += len(text)
-        if self.text_chars > self.limits.max_text_chars:
-            raise LiveError(f"more than {self.limits.max_text_chars} characters of text on this connection",
-                            CLOSE_POLICY, "limit")
-        for segment in u.segmenter.push(text):
-            u.pending.put_nowait(segment)
-        if len(u.segmenter.buffer) > self.limits.max_buffered_chars:
-            raise LiveError(f"more than {self.limits.max_buffered_chars} characters buffered without a sentence "
-                            "end; send flush", CLOSE_POLICY, "limit")
-
-    def _flush(self, u: _Utterance) -> None:
-        segment = u.segmenter.flush()
-        if segment is not None:
-            u.pending.put_nowait(segment)
+    def _text(self, u: Utterance, text: object) -> None:
+        self.text_chars = u.push(text, self.limits, self.text_chars)
 
     # -- speaking --------------------------------------------------------------------------------------------
-    async def _speak(self, u: _Utterance) -> None:
+    async def _speak(self, u: Utterance, encoder: OutputEncoder) -> None:
         """Speak the utterance's segments in order, then finish it."""
-        previous = None
-        index = -1  # the segment being spoken, from 0 in each utterance
+        index = 0
         try:
-            while (text := await u.pending.get()) is not None:
-                u.speaking, index = True, index + 1
-                job = await asyncio.to_thread(self.service.prepare, replace(u.params, text=text, previous=previous))
-                self.submitted += 1
-                async with aclosing(self.service.stream(job)) as chunks:
-                    async for chunk in chunks:
-                        await self._audio(await asyncio.to_thread(u.encoder.push, chunk), index)
-                self.segments += 1
-                self.audio_seconds += job.audio_seconds
-                if self.on_segment is not None:
-                    self.on_segment(job)
-                u.speaking = False
-                if job.segments and job.segments[-1].codes.shape[1]:
-                    previous = (job.segments[-1].text, job.segments[-1].codes)
-            await self._audio(u.encoder.finish(), max(index, 0))
+            async with aclosing(speak(self.service, u)) as spoken:
+                async for kind, index, value in spoken:
+                    if kind == "start":
+                        self.submitted += 1
+                    elif kind == "audio":
+                        await self._audio(await asyncio.to_thread(encoder.push, value), index)
+                    else:
+                        self.segments += 1
+                        self.audio_seconds += value.audio_seconds
+                        if self.on_segment is not None:
+                            self.on_segment(value)
+            await self._audio(encoder.finish(), index)
             self.utterance = None  # before finish is queued: the client may start again once it reads it
             await self.outbox.put(FINISH_STOP)
         except Exception as exc:
             self._fail(error_close(exc, "live generation failed"))
         finally:
-            u.encoder.close()
+            encoder.close()
 
     async def _audio(self, data: bytes, segment: int) -> None:
         """An `audio` event; `segment` (an extension, which Fish's clients ignore) is the index of the segment

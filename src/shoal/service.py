@@ -25,6 +25,7 @@ from shoal.errors import BadRequest, Busy, EngineFailure, NotFound, ShoalError, 
 from shoal.files import low_space_warning
 from shoal.params import CHUNK_LENGTH, MAX_NEW_TOKENS, REPETITION_PENALTY, SPEED, TEMPERATURE, TOP_P
 from shoal.settings import Settings
+from shoal.text import SPEAKER_TAG
 from shoal.voices import Details, Voice, VoiceLibrary, new_voice_id
 
 log = logging.getLogger("shoal.service")
@@ -35,6 +36,12 @@ OPENAI_MODEL_ALIASES = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 BUSY_RETRY_AFTER_SECONDS = 1.0
 #: The voice name for "no cloning: the model's own voice".
 DEFAULT_VOICE = "default"
+#: OpenAI's voice names: clients such as Open WebUI fall back to `alloy`. Each means the default voice (the
+#: `default_voice` setting, else the model's own) unless `voice_map` says otherwise or a saved voice has the name.
+OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse",
+                 "marin", "cedar")
+#: The model whose text takes inline tags (`[whisper]`): an OpenAI `instructions` becomes its leading tag.
+INSTRUCTIONS_MODEL = "s2-pro"
 #: How `find_voices` may order voices: sort_by -> (Voice attribute, newest first). shoal counts no uses, so
 #: the Fish API's popularity orders (task_count, its default, and score) list the newest voices first.
 VOICE_SORTS = {"created_at": ("created", True), "updated_at": ("updated", True), "task_count": ("created", True),
@@ -64,6 +71,7 @@ class SpeechParams:
     condition_on_previous: bool = True
     min_chunk_length: int = 0
     previous: tuple[str, np.ndarray] | None = None  # what was spoken just before (SynthesisRequest.previous)
+    instructions: str | None = None  # OpenAI's delivery instructions: a leading inline tag on S2-Pro
 
 
 @dataclass
@@ -81,10 +89,28 @@ class Job:
     samples: int = 0
     outcome: str = "pending"  # ok | error | cancelled | timeout | busy
     segments: list[Segment] = field(default_factory=list)  # each text segment's codes, once its audio is out
+    ignored: list[str] = field(default_factory=list)  # request fields that had no effect on this model
 
     @property
     def audio_seconds(self) -> float:
         return self.samples / self.engine.sample_rate
+
+
+def with_instructions(text: str, instructions: str | None, model: str) -> tuple[str, list[str]]:
+    """(the text to speak, the fields ignored) for OpenAI's `instructions`: on S2-Pro a leading inline tag
+    (`[be cheerful] Hello.`, after a leading speaker tag if the text starts with one); on a model without inline
+    tags, the text as it is and `instructions` named as ignored."""
+    if not instructions or not instructions.strip():
+        return text, []
+    if model != INSTRUCTIONS_MODEL:
+        return text, ["instructions"]
+    tag = instructions.strip()
+    if any(c in tag for c in "[]") or "<|" in tag:
+        raise BadRequest("instructions may not contain square brackets or <| |> tags: they become one inline tag")
+    match = SPEAKER_TAG.match(text)
+    if match:
+        return f"{match.group(1)}[{tag}] {text[match.end():].lstrip()}", []
+    return f"[{tag}] {text}", []
 
 
 class Dispatcher:
@@ -306,6 +332,36 @@ class Service:
             names += [v.id for v in self.voices.list()]
         return names
 
+    def describe_voices(self, model: str | None = None) -> list[dict]:
+        """The voices a request may name, as OpenAI-style clients list them: `id` (what `voice` takes), `name`
+        (the saved voice's title, else its id), and a saved voice's record or `builtin: true`."""
+        saved = {v.id: v for v in self.voices.list()}
+        out = []
+        for voice_id in self.voice_names(model):
+            if voice_id in saved:
+                record = saved[voice_id].to_dict()
+                out.append({**record, "id": voice_id, "name": saved[voice_id].details.title or voice_id})
+            else:
+                out.append({"id": voice_id, "name": voice_id, "builtin": True})
+        return out
+
+    def voice_aliases(self) -> dict[str, str | None]:
+        """Voice names that stand for another voice: every OpenAI name (None: the default voice), then the
+        `voice_map` setting laid over them."""
+        return {**dict.fromkeys(OPENAI_VOICES), **self.settings.voice_map}
+
+    def map_voice(self, name: str | None) -> str | None:
+        """The voice a request's name means: a saved voice by that name as it is, else its `voice_aliases`
+        entry (None: the default voice), else the name as given (unknown names fail in `resolve_voice`)."""
+        aliases = self.voice_aliases()
+        if not name or name not in aliases:
+            return name
+        try:
+            self.voices.get(name)
+            return name
+        except (NotFound, BadRequest):
+            return aliases[name]
+
     def list_voices(self) -> list[Voice]:
         return self.voices.list()
 
@@ -362,20 +418,21 @@ class Service:
         if len(params.text) > self.settings.max_text_length:
             raise BadRequest(f"text is {len(params.text)} characters; the limit is {self.settings.max_text_length}")
         model, engine, references, voice = self.resolve_voice(params)
+        text, ignored = with_instructions(params.text, params.instructions, model)
         request = SynthesisRequest(
-            text=params.text, references=references, seed=params.seed, temperature=params.temperature,
+            text=text, references=references, seed=params.seed, temperature=params.temperature,
             top_p=params.top_p, repetition_penalty=params.repetition_penalty,
             max_new_tokens=params.max_new_tokens, chunk_length=params.chunk_length, speed=params.speed,
             latency=params.latency, condition_on_previous=params.condition_on_previous,
             min_chunk_length=params.min_chunk_length, previous=params.previous)
-        return Job(model, engine, request, voice=voice)
+        return Job(model, engine, request, voice=voice, ignored=ignored)
 
     def resolve_voice(self, params: SpeechParams) -> tuple[str, Engine, tuple[Reference, ...], str | None]:
         """(model, engine, references, voice name) of a request: BadRequest for an unknown model or voice, or
         references the model cannot use. The live WebSocket checks its `start` with it before any text."""
         model, engine = self.resolve_model(params.model)
         references: list[Reference] = []
-        voice = params.voice or self.settings.default_voice
+        voice = self.map_voice(params.voice) or self.settings.default_voice
         if voice and voice != DEFAULT_VOICE:
             try:
                 saved = self.voices.get(voice)

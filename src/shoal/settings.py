@@ -68,6 +68,15 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="require `Authorization: Bearer KEY` on the API")
     data_dir: Path = Field(default_factory=default_data_dir, description="saved voices and caches")
     ui: bool = Field(True, description="serve the web UI at /")
+    public_discovery: bool = Field(False, description="let `GET /v1/audio/voices` and `GET /v1/audio/models` "
+                                   "answer without the API key (Open WebUI lists voices without sending it); "
+                                   "speech and voice changes still need it")
+    wyoming_port: int | None = Field(None, ge=1, le=65535, description="also serve the Wyoming protocol (Home "
+                                     "Assistant) on this TCP port, on the same host, engines and voices "
+                                     "(default: off)")
+    wyoming_zeroconf: bool = Field(False, description="with wyoming_port, advertise the Wyoming server over "
+                                   "mDNS (`_wyoming._tcp`) so Home Assistant discovers it; needs the "
+                                   "`zeroconf` package")
     # Limits
     queue_size: int = Field(16, ge=1, description="requests waiting or running before 429")
     request_timeout: float = Field(600.0, gt=0, description="seconds one request may take")
@@ -116,6 +125,10 @@ class Settings(BaseSettings):
                                       "model names (the `model` header) -> the served model each means, as JSON "
                                       "or `name=model,...`; a target that is not served means the default model")
     default_voice: str | None = Field(None, description="saved voice used when a request names none")
+    voice_map: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict, description="voice names -> the "
+                                      "voice each means (a saved voice or `default`), as JSON or `name=voice,...`, "
+                                      "laid over the built-in map in which every OpenAI voice name (alloy, ash, "
+                                      "..., cedar) means the default voice; a saved voice of the same name wins")
     lite_voice: bool = Field(True, description="also load the bundled piper voice (the fallback when no "
                              "checkpoint is found); false saves its start-up time and memory")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log verbosity")
@@ -123,7 +136,7 @@ class Settings(BaseSettings):
     fault_injection: bool = Field(False, description="testing only: a request whose text contains "
                                   "[[fault:error]] or [[fault:oom]] fails inside generation")
 
-    @field_validator("model_map", mode="before")
+    @field_validator("model_map", "voice_map", mode="before")
     @classmethod
     def _pairs(cls, value: Any) -> Any:
         """`s2-pro=s1,drama-3=s1`, or a JSON object."""
@@ -131,11 +144,11 @@ class Settings(BaseSettings):
             try:
                 return json.loads(value)
             except ValueError as exc:
-                raise ValueError(f"model_map is not valid JSON: {exc}") from None
+                raise ValueError(f"not valid JSON: {exc}") from None
         if isinstance(value, str):
             pairs = [item.partition("=") for item in value.split(",") if item.strip()]
             if any(not sep or not k.strip() or not v.strip() for k, sep, v in pairs):
-                raise ValueError("write the map as name=model pairs separated by commas, or as a JSON object")
+                raise ValueError("write the map as name=value pairs separated by commas, or as a JSON object")
             return {k.strip(): v.strip() for k, _, v in pairs}
         return value
 

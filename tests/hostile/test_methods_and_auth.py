@@ -19,7 +19,7 @@ from hostile_media import silent_flac
 ROUTES = {  # path -> methods it takes
     "/v1/tts": {"POST"}, "/v1/audio/speech": {"POST"}, "/v1/references/add": {"POST"},
     "/v1/references/delete": {"POST"}, "/v1/references/update": {"POST"}, "/v1/references/list": {"GET"},
-    "/v1/models": {"GET"}, "/v1/audio/voices": {"GET"}, "/v1/health": {"GET", "POST"},
+    "/v1/models": {"GET"}, "/v1/audio/voices": {"GET"}, "/v1/audio/models": {"GET"}, "/v1/health": {"GET", "POST"},
     "/openapi.json": {"GET"}, "/docs": {"GET"}, "/redoc": {"GET"}, "/model": {"GET", "POST"},
     "/model/x": {"GET", "PATCH", "DELETE"}, "/model/x/cover": {"GET"}, "/model/x/samples/1": {"GET"},
 }
@@ -197,6 +197,7 @@ BAD_AUTH = {
 PROTECTED = [("POST", "/v1/tts", {"json": {"text": "Hi.", "max_new_tokens": 4}}),
              ("POST", "/v1/audio/speech", {"json": {"input": "Hi.", "max_new_tokens": 4, "response_format": "pcm"}}),
              ("GET", "/v1/references/list", {}), ("GET", "/v1/models", {}), ("GET", "/v1/audio/voices", {}),
+             ("GET", "/v1/audio/models", {}),
              ("GET", "/metrics", {}),
              ("POST", "/v1/references/delete", {"json": {"reference_id": "x"}}),
              ("POST", "/v1/references/add", {"data": {"id": "x", "text": "t"}, "files": {"audio": ("a.wav", b"RIFF")}}),

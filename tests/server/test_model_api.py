@@ -97,7 +97,8 @@ def test_a_new_voice_speaks_at_once_through_both_apis_from_all_its_clips(server)
         assert fish.content == openai.content  # the same voice through either API
         assert fish.content != alone.content  # the second clip is part of the prompt
         assert c.get("/v1/health").json()["counters"]["codec_encodes"] == encodes  # codes made at upload only
-        assert both in c.get("/v1/audio/voices").json()["voices"]
+        listed = {v["id"]: v for v in c.get("/v1/audio/voices").json()["voices"]}
+        assert listed[both]["name"] == "Speaker" and len(listed[both]["clips"]) == 2
     # and a voice saved through /v1/references is a /model voice too
     with server.client() as c:
         r = c.post("/v1/references/add", data={"id": "from-references", "text": "Hello."},

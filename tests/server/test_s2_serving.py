@@ -165,3 +165,19 @@ def test_text_before_the_first_speaker_tag_is_a_400(server):
     r = fish_tts(server, {"text": "Untagged first. <|speaker:0|>Then a turn."}, "s2-pro")
     assert r.status_code == 400 and "before the first <|speaker:N|> tag" in r.json()["error"]["message"]
     assert fish_tts(server, {"text": "Untagged first. <|speaker:0|>Then a turn."}, "s1").status_code == 200
+
+
+@pytest.mark.parametrize("text, tagged", [("Hello there.", "[whisper softly] Hello there."),
+                                          ("<|speaker:0|>Hello there.", "<|speaker:0|>[whisper softly] Hello there.")])
+def test_openai_instructions_become_a_leading_inline_tag_on_s2_pro(server, text, tagged):
+    with server.client() as c:
+        told = c.post("/v1/audio/speech", json={"model": "s2-pro", "input": text, "instructions": "whisper softly",
+                                                "response_format": "wav", **FAST})
+        spelled = c.post("/v1/audio/speech", json={"model": "s2-pro", "input": tagged, "response_format": "wav",
+                                                   **FAST})
+        plain = c.post("/v1/audio/speech", json={"model": "s2-pro", "input": text, "response_format": "wav", **FAST})
+        bad = c.post("/v1/audio/speech", json={"model": "s2-pro", "input": text, "instructions": "a] [b", **FAST})
+    assert told.status_code == spelled.status_code == 200, told.text
+    assert "x-shoal-ignored-fields" not in told.headers
+    assert told.content == spelled.content and told.content != plain.content
+    assert bad.status_code == 400 and "square brackets" in bad.json()["error"]["message"]

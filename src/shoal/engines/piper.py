@@ -77,6 +77,9 @@ class PiperEngine:
         self.voice = voice
         self.model_path = model_path
         self.sample_rate = int(voice.config.sample_rate)
+        #: The voice's language as Wyoming names it (espeak's `en-us` -> `en_US`), for `shoal.wyoming`'s info.
+        lang, _, region = str(getattr(voice.config, "espeak_voice", "") or "en").partition("-")
+        self.languages = [f"{lang}_{region.upper()}" if region else lang]
         # The engine thread: requests run one after another (onnxruntime uses the cores within each).
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shoal-piper")
         self._in_flight = 0

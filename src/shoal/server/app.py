@@ -19,7 +19,7 @@ from shoal.compose import build_service
 from shoal.engines.registry import Engines, load_engines
 from shoal.server import errors
 from shoal.server.errors import BodyTooLarge
-from shoal.server.deps import rate_limit, require_api_key
+from shoal.server.deps import discovery_key, rate_limit, require_api_key, service_of
 from shoal.server.metrics import Metrics, RequestLog
 from shoal.server.ratelimit import RateLimiter
 from shoal.service import Service
@@ -74,10 +74,26 @@ def create_app(settings: Settings, engines_loader: Callable[[Settings], Engines]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        wyoming = None
+        if settings.wyoming_port is not None:  # Home Assistant's protocol, on this loop, over the same service
+            from shoal.live import LiveLimits
+            from shoal.wyoming import WyomingServer
+
+            wyoming = WyomingServer(lambda: service_of(app.state), LiveLimits.from_settings(settings), settings.host,
+                                    settings.wyoming_port, zeroconf=settings.wyoming_zeroconf)
+            try:
+                await wyoming.start()
+            except OSError as exc:
+                log.error("cannot serve Wyoming on %s:%d: %s", settings.host, settings.wyoming_port, exc)
+                raise
+            app.state.wyoming = wyoming
+        # after the Wyoming port is bound: a start-up that fails there leaves no loading thread behind
         thread = threading.Thread(target=_load, args=(app, settings, engines_loader), name="shoal-load",
                                   daemon=True)
         thread.start()
         yield
+        if wyoming is not None:
+            await wyoming.stop()
         if app.state.service is not None:
             app.state.service.close()
 
@@ -85,6 +101,7 @@ def create_app(settings: Settings, engines_loader: Callable[[Settings], Engines]
                   description="A voice server for Fish Speech / OpenAudio S1 checkpoints.")
     app.state.settings = settings
     app.state.service = None
+    app.state.wyoming = None  # the Wyoming server, while one runs (settings.wyoming_port)
     app.state.load_error = None
     app.state.api_key = settings.api_key.get_secret_value() if settings.api_key else None
     app.state.rate_limiter = (RateLimiter(settings.rate_limit, settings.rate_limit_burst)
@@ -97,6 +114,7 @@ def create_app(settings: Settings, engines_loader: Callable[[Settings], Engines]
     protected = [Depends(require_api_key), Depends(rate_limit)]
     app.include_router(routes_fish.router, dependencies=protected)
     app.include_router(routes_openai.router, dependencies=protected)
+    app.include_router(routes_openai.discovery, dependencies=[Depends(discovery_key), Depends(rate_limit)])
     app.include_router(routes_model.router, dependencies=protected)
     app.include_router(routes_live.router)  # checks the key and the rate on its handshake
 
@@ -152,8 +170,11 @@ def serve(settings: Settings) -> int:
     `shutdown_grace` seconds, and exit 0."""
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+    if settings.wyoming_port is not None:
+        check_port_free(settings.host, settings.wyoming_port, "the Wyoming port (--wyoming-port)")
     app = create_app(settings)
-    print(f"shoal {__version__} listening on http://{settings.host}:{settings.port} (API docs at /docs)",
+    wyoming = f", Wyoming on tcp://{settings.host}:{settings.wyoming_port}" if settings.wyoming_port else ""
+    print(f"shoal {__version__} listening on http://{settings.host}:{settings.port} (API docs at /docs){wyoming}",
           flush=True)
     # h11 and asyncio, named: uvicorn's "auto" takes httptools and uvloop when they are installed (the cluster
     # extra brings them), and httptools answers a made-up method with a bare 400 instead of the app's JSON 405.
@@ -164,6 +185,19 @@ def serve(settings: Settings) -> int:
     logging.getLogger("uvicorn.error").addFilter(no_websocket_access_lines)  # after uvicorn's logging setup
     server.run()
     return 0 if server.started else 1
+
+
+def check_port_free(host: str, port: int, what: str) -> None:
+    """One clear error before anything starts when `port` cannot be bound (in use, or not ours to take)."""
+    import socket
+
+    from shoal.errors import ShoalError
+
+    try:
+        with socket.create_server((host, port), reuse_port=False) as probe:
+            probe.close()
+    except OSError as exc:
+        raise ShoalError(f"cannot listen on {host}:{port} for {what}: {exc.strerror or exc}") from None
 
 
 def no_websocket_access_lines(record: logging.LogRecord) -> bool:

@@ -13,7 +13,11 @@ from shoal.service import Service
 
 
 def get_service(request: HTTPConnection) -> Service:
-    state = request.app.state
+    return service_of(request.app.state)
+
+
+def service_of(state) -> Service:
+    """The app's service (`app.state`), or Unavailable while the engines load or after they failed to."""
     if state.load_error is not None:
         raise Unavailable(f"the engines failed to load: {state.load_error}")
     if state.service is None:
@@ -30,6 +34,12 @@ def require_api_key(request: HTTPConnection) -> None:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
         raise Unauthorized("a valid API key is required: send `Authorization: Bearer <key>`")
+
+
+def discovery_key(request: HTTPConnection) -> None:
+    """The voice and model listings: the API key, unless the `public_discovery` setting opens them."""
+    if not request.app.state.settings.public_discovery:
+        require_api_key(request)
 
 
 def rate_limit(request: HTTPConnection) -> None:

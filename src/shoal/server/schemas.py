@@ -202,7 +202,9 @@ class SpeechRequest(Strict):
     response_format: AudioFormat = "mp3"
     speed: float = field(SPEED)
     stream_format: Literal["audio", "sse"] = "audio"
-    instructions: str | None = None
+    instructions: str | None = Field(None, max_length=500, description="gpt-4o-mini-tts's delivery instructions: "
+                                     "a leading inline tag on S2-Pro; other models ignore them (named in "
+                                     "X-Shoal-Ignored-Fields)")
     # Fish extensions
     seed: int | None = None
     temperature: float = field(TEMPERATURE)
@@ -211,9 +213,3 @@ class SpeechRequest(Strict):
     max_new_tokens: int = field(MAX_NEW_TOKENS)
     chunk_length: int = field(CHUNK_LENGTH)
 
-    @field_validator("instructions")
-    @classmethod
-    def _no_instructions(cls, value: str | None) -> str | None:
-        if value:
-            raise ValueError("instructions are not supported by S1 models; leave them out")
-        return value
