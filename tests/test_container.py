@@ -58,7 +58,6 @@ class Image:
         self.build_seconds = build_seconds
         info = json.loads(buildah("inspect", "--type", "image", tag))
         self.config = info["Docker"]["config"]  # docker format: it keeps HEALTHCHECK
-        self.size = sum(int(layer.get("size", 0)) for layer in info["Docker"].get("layers", []) or []) or None
         self.size_text = buildah("images", "--format", "{{.Size}}", tag)
 
 
@@ -101,9 +100,17 @@ class Container:
         return ["buildah", "run", "--isolation", "chroot", "--user", self.image.config["User"], *volumes,
                 self.name, "--", *command]
 
-    def start(self) -> "Container":
+    def create(self) -> "Container":
         buildah("from", "--pull=never", "--name", self.name, self.image.tag)
-        buildah("config", *(a for k, v in self.env.items() for a in ("--env", f"{k}={v}")), self.name)
+        # buildah 1.28's `run --isolation chroot` leaves the image's VOLUME paths empty instead of bind-mounting
+        # over them when it is given two --volume mounts; the working container drops its VOLUME entries so that
+        # the mounts land there, as `docker run -v` mounts over them. The image itself keeps them.
+        volumes = [a for path in self.image.config.get("Volumes") or {} for a in ("--volume", f"{path}-")]
+        buildah("config", *volumes, *(a for k, v in self.env.items() for a in ("--env", f"{k}={v}")), self.name)
+        return self
+
+    def start(self) -> "Container":
+        self.create()
         command = [*(self.image.config.get("Entrypoint") or []), *(self.image.config.get("Cmd") or [])]
         self.proc = subprocess.Popen(self.run_args(*command), stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + START_TIMEOUT
@@ -167,7 +174,7 @@ def test_image_config(image):
     env = dict(item.split("=", 1) for item in config["Env"])
     assert env["SHOAL_DATA_DIR"] == "/data" and env["SHOAL_HOST"] == "0.0.0.0" and env["SHOAL_PORT"] == "8080"
     assert env["HF_HOME"].startswith("/data/") and env["XDG_CACHE_HOME"].startswith("/data/")
-    print(f"\nimage {image.tag}: {image.size_text} ({image.size or '?'} bytes of layers), "
+    print(f"\nimage {image.tag}: {image.size_text}, "
           f"build-offline took {image.build_seconds:.0f} s", file=sys.__stderr__)
 
 
@@ -181,6 +188,9 @@ def test_image_holds_cpu_torch_and_nothing_of_the_hosts_pip(image, tmp_path):
         assert proc.returncode == 0, proc.stderr
         version, cuda = proc.stdout.split()
         assert version.startswith("2.13.0") and cuda == "None", proc.stdout  # the CPU build, not PyPI's CUDA one
+        login = subprocess.run(["buildah", "run", "--isolation", "chroot", "--user", image.config["User"], name, "--",
+                                "bash", "-lc", "command -v shoal"], capture_output=True, text=True)
+        assert login.stdout.strip() == "/usr/local/bin/shoal", login.stdout + login.stderr  # KubeRay's bash -lc
         pip = subprocess.run(["buildah", "run", "--isolation", "chroot", name, "--", "pip", "config", "list"],
                              capture_output=True, text=True)
         assert pip.returncode == 0 and pip.stdout.strip() == "", pip.stdout + pip.stderr
@@ -258,10 +268,8 @@ def test_saved_voice_survives_a_restart_through_the_data_volume(image, data_dir,
 def test_shoal_download_inside_sees_hf_token(image, data_dir):
     """`shoal download` runs in the image (its arguments replace CMD) and HF_TOKEN reaches huggingface_hub. No
     network here: the hub is unreachable, and the command says so in one line instead of writing anything."""
-    box = Container(image, data_dir, env={"HF_TOKEN": "hf_container_test", "HF_HUB_OFFLINE": "1"})
-    buildah("from", "--pull=never", "--name", box.name, image.tag)
+    box = Container(image, data_dir, env={"HF_TOKEN": "hf_container_test", "HF_HUB_OFFLINE": "1"}).create()
     try:
-        buildah("config", *(a for k, v in box.env.items() for a in ("--env", f"{k}={v}")), box.name)
         token = box.exec("python", "-c", "from huggingface_hub import get_token; print(get_token())")
         assert token.stdout.strip() == "hf_container_test", token.stdout + token.stderr
         proc = box.exec(*image.config["Entrypoint"], "download", "--dir", "/data/checkpoints/s1")
